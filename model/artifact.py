@@ -1,0 +1,122 @@
+"""The model directory: one self-contained, versioned artifact that evaluation and the service load.
+
+Layout::
+
+    DIR/config.json         format version, model version, encoder and training configs, dataset, metrics
+    DIR/vocab.json          external user and item ids (item i is items[i-1]; 0 is padding)
+    DIR/model.safetensors   encoder weights (tensors only: loading never executes code)
+
+A missing or damaged file fails the load with an :class:`ArtifactError` that names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.data import Vocab
+from model.sasrec import EncoderConfig, SASRec
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ArtifactError(RuntimeError):
+    """A model directory that cannot be loaded; the message names the file and the problem."""
+
+
+@dataclass
+class Artifact:
+    encoder: SASRec
+    vocab: Vocab
+    dataset: str
+    model_version: str = ""
+    train_config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _weights_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def save(artifact: Artifact, out_dir: str | os.PathLike[str]) -> Path:
+    """Write the artifact; the model version is derived from the weights, so it changes with them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in artifact.encoder.state_dict().items()}
+    save_file(state, out / WEIGHTS_FILE)
+    artifact.model_version = f"{artifact.dataset}-{_weights_digest(out / WEIGHTS_FILE)}"
+    (out / VOCAB_FILE).write_text(json.dumps(artifact.vocab.to_json()), encoding="utf-8")
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model_version": artifact.model_version,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "dataset": artifact.dataset,
+        "encoder": artifact.encoder.cfg.to_json(),
+        "train": artifact.train_config,
+        "metrics": artifact.metrics,
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+
+
+def _load_encoder(path: Path, cfg: EncoderConfig) -> SASRec:
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path}: unreadable weights ({e})") from None
+    encoder = SASRec(cfg)
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as e:
+        raise ArtifactError(f"{path}: weights do not match the encoder config ({e})") from None
+    return encoder.eval()
+
+
+def load(model_dir: str | os.PathLike[str], device: str = "cpu") -> Artifact:
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: not a model directory")
+    config = _read_json(root / CONFIG_FILE)
+    if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{root / CONFIG_FILE}: unsupported format_version (expected {FORMAT_VERSION})")
+    try:
+        enc_cfg = EncoderConfig(**config["encoder"])
+        vocab = Vocab.from_json(_read_json(root / VOCAB_FILE))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{root}: inconsistent config or vocab ({e})") from None
+    if vocab.n_items != enc_cfg.n_items:
+        raise ArtifactError(
+            f"{root / VOCAB_FILE}: {vocab.n_items} items, but the encoder expects {enc_cfg.n_items}"
+        )
+    encoder = _load_encoder(root / WEIGHTS_FILE, enc_cfg).to(torch.device(device))
+    return Artifact(
+        encoder=encoder,
+        vocab=vocab,
+        dataset=config.get("dataset", ""),
+        model_version=config.get("model_version", ""),
+        train_config=config.get("train", {}),
+        metrics=config.get("metrics", {}),
+    )

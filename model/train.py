@@ -1,0 +1,319 @@
+"""Training the encoder: plain SASRec (full-softmax CE) and DuoRec-style collaborative pre-training.
+
+Objectives (METHODS §1, §2 stage 1):
+
+* ``sasrec``:   L = CE(h Eᵀ, y) over the whole catalogue.
+* ``pretrain``: L = CE(h Eᵀ, y) + λ · InfoNCE(h', h⁺), where h' is a second forward pass of the same
+  batch (another dropout mask) and h⁺ encodes a random other training sample with the same target.
+  InfoNCE is NT-Xent over the 2N stacked vectors with dot-product similarity (DuoRec, Qiu et al. 2022).
+
+Adam, early stopping on a validation metric with patience, the best state kept. A run with a
+``checkpoint_dir`` writes its state after every epoch and resumes from it, so a long run survives
+being stopped. Same seed, same numbers on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from model.data import (
+    IntArray,
+    SameTargetIndex,
+    Samples,
+    Split,
+    all_position_targets,
+    bucket_batches,
+    window_samples,
+)
+from model.evaluate import Metrics, evaluate
+from model.sasrec import SASRec
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("sasrec", "pretrain")
+# prefix: one sample per training prefix, loss at its last position (DuoRec/RecBole).
+# allpos: one window per ≤ L targets, loss at every position (the original SASRec); far fewer encoder
+# passes on long histories.
+SCHEMES = ("prefix", "allpos")
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "pretrain"
+    scheme: str = "prefix"
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 10  # epochs without validation improvement before stopping
+    cl_weight: float = 0.1  # λ of the InfoNCE term
+    temperature: float = 1.0
+    valid_metric: str = "ndcg@10"  # of the unmasked (paper) protocol
+    seed: int = 0
+    device: str = "cpu"
+    eval_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    seconds: float
+    valid: Metrics
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_valid: Metrics
+    history: list[EpochLog] = field(default_factory=list)
+
+    @property
+    def sec_per_epoch(self) -> float:
+        return float(np.median([e.seconds for e in self.history])) if self.history else math.nan
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses
+
+
+def info_nce(a: Tensor, b: Tensor, temperature: float = 1.0) -> Tensor:
+    """NT-Xent: a, b (N, D) are paired views. Each of the 2N rows has its pair as the positive and
+    the other 2N-2 rows as negatives; dot-product similarity divided by the temperature."""
+    n = a.shape[0]
+    z = torch.cat([a, b])  # (2N, D)
+    sim = z @ z.T / temperature  # (2N, 2N)
+    sim.fill_diagonal_(-math.inf)  # a row is never its own negative
+    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(a.device)
+    return F.cross_entropy(sim, labels)
+
+
+def _batch(samples: Samples, idx: IntArray, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs trimmed to the batch's longest sequence: (B, T), lengths (B,), targets (B,)."""
+    t = int(samples.lengths[idx].max())
+    return (
+        torch.from_numpy(samples.inputs[idx, :t]).to(device),
+        torch.from_numpy(samples.lengths[idx]).to(device),
+        torch.from_numpy(samples.targets[idx]).to(device),
+    )
+
+
+def batch_loss(
+    model: SASRec,
+    samples: Samples,
+    idx: IntArray,
+    cfg: TrainConfig,
+    positives: SameTargetIndex | None,
+    rng: np.random.Generator,
+    device: torch.device,
+) -> Tensor:
+    x, lengths, y = _batch(samples, idx, device)
+    if cfg.scheme == "allpos":
+        states = model(x)  # (B, T, D)
+        y_all = torch.from_numpy(
+            all_position_targets(
+                samples.inputs[idx, : x.shape[1]], samples.lengths[idx], samples.targets[idx]
+            )
+        ).to(device)  # (B, T), 0 at padding
+        real = y_all != 0
+        loss = F.cross_entropy(model.scores(states[real]), y_all[real])
+        h = states[torch.arange(len(idx), device=device), lengths - 1]  # (B, D) last positions
+    else:
+        h = model.encode(x, lengths)  # (B, D)
+        loss = F.cross_entropy(model.scores(h), y)
+    if cfg.objective == "pretrain":
+        assert positives is not None
+        x_pos, len_pos, _ = _batch(samples, positives.sample(idx, rng), device)
+        h_view = model.encode(x, lengths)  # same sequences, another dropout mask
+        h_pos = model.encode(x_pos, len_pos)  # same targets, other sequences
+        loss = loss + cfg.cl_weight * info_nce(h_view, h_pos, cfg.temperature)
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: everything needed to continue a run exactly where it stopped
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a run killed mid-write keeps the previous checkpoint
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
+def _history_to_state(history: list[EpochLog]) -> list[dict[str, Any]]:
+    return [asdict(e) for e in history]
+
+
+def _history_from_state(rows: list[dict[str, Any]]) -> list[EpochLog]:
+    return [EpochLog(**r) for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _train_epoch(
+    model: SASRec,
+    split: Split,
+    train_idx: IntArray,
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    positives: SameTargetIndex | None,
+    rng: np.random.Generator,
+    desc: str,
+) -> float:
+    """One pass over ``train_idx`` in length-bucketed batches; returns the mean batch loss."""
+    device = torch.device(cfg.device)
+    model.train()
+    total, n_batches = 0.0, 0
+    batches = [train_idx[b] for b in bucket_batches(split.train.lengths[train_idx], cfg.batch_size, rng)]
+    for idx in tqdm(batches, desc=desc, leave=False, mininterval=2.0):
+        loss = batch_loss(model, split.train, idx, cfg, positives, rng, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        total += float(loss.detach())
+        n_batches += 1
+    return total / max(n_batches, 1)
+
+
+@dataclass
+class _RunState:
+    """What a checkpoint holds beyond model and optimizer weights."""
+
+    result: TrainResult
+    best_state: dict[str, Tensor]
+    next_epoch: int = 1
+    bad_epochs: int = 0
+
+
+def _resume(
+    ckpt: Path | None, model: SASRec, opt: torch.optim.Optimizer, rng: np.random.Generator, run: _RunState
+) -> _RunState:
+    if ckpt is None or (state := _load_checkpoint(ckpt)) is None:
+        return run
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    rng.bit_generator.state = state["numpy_rng"]
+    log.info("resumed from %s after epoch %d", ckpt, state["epoch"])
+    return _RunState(
+        TrainResult(state["best_epoch"], state["best_valid"], _history_from_state(state["history"])),
+        state["best_model"],
+        state["epoch"] + 1,
+        state["bad_epochs"],
+    )
+
+
+def _checkpoint(
+    ckpt: Path, model: SASRec, opt: torch.optim.Optimizer, rng: np.random.Generator, run: _RunState
+) -> None:
+    _save_checkpoint(
+        ckpt,
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "best_model": run.best_state,
+            "best_epoch": run.result.best_epoch,
+            "best_valid": run.result.best_valid,
+            "history": _history_to_state(run.result.history),
+            "epoch": run.next_epoch - 1,
+            "bad_epochs": run.bad_epochs,
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": rng.bit_generator.state,
+        },
+    )
+
+
+def train(model: SASRec, split: Split, cfg: TrainConfig, checkpoint_dir: Path | None = None) -> TrainResult:
+    """Train ``model`` in place; on return it holds the best-validation weights.
+
+    With ``checkpoint_dir``, the state after every epoch is written there and a later call with the
+    same directory continues from it, with the same numbers as an uninterrupted run.
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model.to(cfg.device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    positives = SameTargetIndex(split.train.targets) if cfg.objective == "pretrain" else None
+    train_idx = (
+        window_samples(split.train, model.cfg.max_len)
+        if cfg.scheme == "allpos"
+        else np.arange(len(split.train), dtype=np.int64)
+    )
+    ckpt = checkpoint_dir / "checkpoint.pt" if checkpoint_dir else None
+    run = _resume(ckpt, model, opt, rng, _RunState(TrainResult(0, {}), _clone_state(model)))
+
+    while run.next_epoch <= cfg.epochs and run.bad_epochs < cfg.patience:
+        epoch = run.next_epoch
+        t0 = time.perf_counter()
+        loss = _train_epoch(model, split, train_idx, cfg, opt, positives, rng, f"epoch {epoch}")
+        seconds = time.perf_counter() - t0
+        valid = evaluate_encoder(model, split.valid, split.valid_seen, cfg)
+        run.result.history.append(EpochLog(epoch, loss, seconds, valid))
+        score = valid["unmasked"][cfg.valid_metric]
+        if not run.result.best_valid or score > run.result.best_valid["unmasked"][cfg.valid_metric]:
+            run.result.best_epoch, run.result.best_valid, run.bad_epochs = epoch, valid, 0
+            run.best_state = _clone_state(model)
+        else:
+            run.bad_epochs += 1
+        log.info(
+            "epoch %d loss %.4f %.1fs valid %s %.4f (best %.4f @ %d)",
+            epoch,
+            loss,
+            seconds,
+            cfg.valid_metric,
+            score,
+            run.result.best_valid["unmasked"][cfg.valid_metric],
+            run.result.best_epoch,
+        )
+        run.next_epoch += 1
+        if ckpt is not None:
+            _checkpoint(ckpt, model, opt, rng, run)
+    model.load_state_dict(run.best_state)
+    return run.result
+
+
+def _clone_state(model: SASRec) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def evaluate_encoder(
+    model: SASRec, samples: Samples, seen: tuple[IntArray, IntArray], cfg: TrainConfig
+) -> Metrics:
+    """Full-ranking metrics of a plain encoder (no retrieval) on ``samples``."""
+    model.eval()
+    return evaluate(
+        lambda x, lengths, _idx: model.scores(model.encode(x, lengths)),
+        samples,
+        seen,
+        device=cfg.device,
+        batch_size=cfg.eval_batch_size,
+    )
