@@ -29,7 +29,8 @@ log = logging.getLogger("bench.accuracy")
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "reports"
 RUNS_DIR = REPORTS / "accuracy_runs"
-MODELS_DIR = ROOT / "runs" / "accuracy"
+# Model directories and checkpoints (large, not committed); MEMREC_RUNS_DIR puts them elsewhere.
+MODELS_DIR = Path(os.environ.get("MEMREC_RUNS_DIR", ROOT / "runs")) / "accuracy"
 METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20")
 
 # variant → (objective, scheme); per-prefix samples are the published protocol (DuoRec/RaSeRec).
@@ -81,7 +82,9 @@ def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> 
         log.info("%s exists, skipping", result_file.relative_to(ROOT))
         return result_file
     objective, scheme = VARIANTS[variant]
-    out = (MODELS_DIR / dataset / f"{variant}-seed{seed}").relative_to(ROOT)
+    out = MODELS_DIR / dataset / f"{variant}-seed{seed}"
+    if out.is_relative_to(ROOT):
+        out = out.relative_to(ROOT)
     cmd = [sys.executable, "-m", "model.cli", "train", "--dataset", dataset, "--objective", objective]
     cmd += ["--scheme", scheme, "--seed", str(seed), "--epochs", str(args.epochs)]
     cmd += ["--patience", str(args.patience), "--out", str(out), "--resume"]
@@ -89,7 +92,8 @@ def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> 
         cmd += ["--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    recorded = shlex.join(["memrec", *cmd[3:]])  # as a user types it; data from $MEMREC_DATA_DIR
+    # As a user types it, without machine paths: data from $MEMREC_DATA_DIR, models under runs/.
+    recorded = shlex.join(["memrec", *cmd[3:]]).replace(str(MODELS_DIR), "runs/accuracy")
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     log.info("running %s", recorded)

@@ -5,6 +5,8 @@ Layout::
     DIR/config.json         format version, model version, encoder and training configs, dataset, metrics
     DIR/vocab.json          external user and item ids (item i is items[i-1]; 0 is padding)
     DIR/model.safetensors   encoder weights (tensors only: loading never executes code)
+    DIR/fusion.safetensors  retrieval fusion weights (retrieval-augmented models only)
+    DIR/memory.safetensors  the memory bank: keys, items, users, prefix lengths (same)
 
 A missing or damaged file fails the load with an :class:`ArtifactError` that names the file.
 """
@@ -19,17 +21,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from model.data import Vocab
+from model.fusion import FusionConfig, RetrievalFusion
+from model.memory import MemoryBank
 from model.sasrec import EncoderConfig, SASRec
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
 WEIGHTS_FILE = "model.safetensors"
+FUSION_FILE = "fusion.safetensors"
+MEMORY_FILE = "memory.safetensors"
 
 
 class ArtifactError(RuntimeError):
@@ -44,6 +53,13 @@ class Artifact:
     model_version: str = ""
     train_config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    fusion: RetrievalFusion | None = None
+    bank: MemoryBank | None = None  # training + validation memories, as at test time
+    finetune_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def retrieval(self) -> bool:
+        return self.fusion is not None and self.bank is not None
 
 
 def _weights_digest(path: Path) -> str:
@@ -56,7 +72,22 @@ def save(artifact: Artifact, out_dir: str | os.PathLike[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in artifact.encoder.state_dict().items()}
     save_file(state, out / WEIGHTS_FILE)
-    artifact.model_version = f"{artifact.dataset}-{_weights_digest(out / WEIGHTS_FILE)}"
+    digest = _weights_digest(out / WEIGHTS_FILE)
+    for stale in (FUSION_FILE, MEMORY_FILE):
+        (out / stale).unlink(missing_ok=True)
+    if artifact.fusion is not None and artifact.bank is not None:
+        fusion_state = {k: v.detach().cpu().contiguous() for k, v in artifact.fusion.state_dict().items()}
+        save_file(fusion_state, out / FUSION_FILE)
+        bank = artifact.bank
+        arrays: dict[str, np.ndarray] = {
+            "keys": bank.keys,
+            "items": bank.items,
+            "users": bank.users,
+            "prefix_lens": bank.prefix_lens,
+        }
+        save_numpy(arrays, out / MEMORY_FILE)
+        digest = f"{digest}-{_weights_digest(out / FUSION_FILE)[:6]}"
+    artifact.model_version = f"{artifact.dataset}-{digest}"
     (out / VOCAB_FILE).write_text(json.dumps(artifact.vocab.to_json()), encoding="utf-8")
     config = {
         "format_version": FORMAT_VERSION,
@@ -67,6 +98,9 @@ def save(artifact: Artifact, out_dir: str | os.PathLike[str]) -> Path:
         "train": artifact.train_config,
         "metrics": artifact.metrics,
     }
+    if artifact.fusion is not None:
+        config["fusion"] = artifact.fusion.cfg.to_json()
+        config["finetune"] = artifact.finetune_config
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
     return out
 
@@ -95,6 +129,34 @@ def _load_encoder(path: Path, cfg: EncoderConfig) -> SASRec:
     return encoder.eval()
 
 
+def _load_fusion(path: Path, cfg: FusionConfig) -> RetrievalFusion:
+    try:
+        state = load_file(path) if path.is_file() else None
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path}: unreadable weights ({e})") from None
+    if state is None:
+        raise ArtifactError(f"{path}: missing")
+    fusion = RetrievalFusion(cfg)
+    try:
+        fusion.load_state_dict(state)
+    except RuntimeError as e:
+        raise ArtifactError(f"{path}: weights do not match the fusion config ({e})") from None
+    return fusion.eval()
+
+
+def _load_bank(path: Path, dim: int) -> MemoryBank:
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing")
+    try:
+        arrays = load_numpy(path)
+        keys = arrays["keys"]
+        if keys.ndim != 2 or keys.shape[1] != dim:
+            raise ValueError(f"keys have shape {keys.shape}, expected (N, {dim})")
+        return MemoryBank(keys, arrays["items"], arrays["users"], arrays["prefix_lens"])
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable memory bank ({e})") from None
+
+
 def load(model_dir: str | os.PathLike[str], device: str = "cpu") -> Artifact:
     root = Path(model_dir)
     if not root.is_dir():
@@ -112,6 +174,16 @@ def load(model_dir: str | os.PathLike[str], device: str = "cpu") -> Artifact:
             f"{root / VOCAB_FILE}: {vocab.n_items} items, but the encoder expects {enc_cfg.n_items}"
         )
     encoder = _load_encoder(root / WEIGHTS_FILE, enc_cfg).to(torch.device(device))
+    fusion, bank = None, None
+    if "fusion" in config:
+        try:
+            fusion_cfg = FusionConfig(**config["fusion"])
+        except TypeError as e:
+            raise ArtifactError(f"{root / CONFIG_FILE}: bad fusion config ({e})") from None
+        fusion = _load_fusion(root / FUSION_FILE, fusion_cfg).to(torch.device(device))
+        bank = _load_bank(root / MEMORY_FILE, enc_cfg.dim)
+        if bank.items.max(initial=0) > vocab.n_items or bank.users.max(initial=0) >= max(len(vocab.users), 1):
+            raise ArtifactError(f"{root / MEMORY_FILE}: memory ids outside the vocabulary")
     return Artifact(
         encoder=encoder,
         vocab=vocab,
@@ -119,4 +191,7 @@ def load(model_dir: str | os.PathLike[str], device: str = "cpu") -> Artifact:
         model_version=config.get("model_version", ""),
         train_config=config.get("train", {}),
         metrics=config.get("metrics", {}),
+        fusion=fusion,
+        bank=bank,
+        finetune_config=config.get("finetune", {}),
     )

@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import faiss
 import torch
 
 from model import artifact
-from model.data import DataError, leave_one_out, load_dataset
+from model.data import DataError, Interactions, Split, leave_one_out, load_dataset
+from model.finetune import FinetuneConfig, RetrievalModel, evaluate_on_test, evaluate_retrieval, finetune
+from model.fusion import FusionConfig
 from model.sasrec import EncoderConfig, SASRec
 from model.train import OBJECTIVES, SCHEMES, TrainConfig, evaluate_encoder, train
 
@@ -54,6 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-len", type=int, default=50)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/checkpoint.pt if any")
+    t.add_argument(
+        "--stage",
+        choices=("all", "pretrain", "finetune"),
+        default="all",
+        help="all: pre-train → memory bank → fine-tune; pretrain: the encoder only; "
+        "finetune: memory bank and fusion on the encoder of --from",
+    )
+    t.add_argument(
+        "--from", dest="from_dir", type=Path, help="model directory whose encoder --stage finetune uses"
+    )
+    f = t.add_argument_group("retrieval fusion")
+    f.add_argument("--k", type=int, default=20, help="memories retrieved per query")
+    f.add_argument("--alpha", type=float, default=0.5, help="weight of the encoder state in the mix")
+    f.add_argument("--beta", type=float, default=1.0, help="weight of the seq→tar channel")
+    f.add_argument("--fusion-dropout", type=float, default=0.5)
+    f.add_argument("--residual-norm", action="store_true", help="residual + LayerNorm around cross-attention")
+    f.add_argument("--gate", action="store_true", help="learned capped gate instead of the fixed alpha")
+    f.add_argument("--similarity-bias", action="store_true", help="add retrieval similarity to attention")
+    f.add_argument("--ft-epochs", type=int, default=100)
+    f.add_argument("--ft-patience", type=int, default=10)
+    f.add_argument("--ft-lr", type=float, default=1e-3)
+    f.add_argument("--ft-batch-size", type=int, default=1024)
 
     e = sub.add_parser("evaluate", help="full-ranking test metrics of a model directory")
     e.add_argument("--model", required=True, type=Path, help="model directory written by `memrec train`")
@@ -62,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    data = load_dataset(args.dataset, args.data_dir)
-    split = leave_one_out(data, args.max_len)
+def _pretrain(args: argparse.Namespace, data: Interactions, split: Split) -> tuple[SASRec, dict[str, Any]]:
     enc_cfg = EncoderConfig(
         n_items=data.vocab.n_items, max_len=args.max_len, dropout=args.dropout, attn_dropout=args.dropout
     )
@@ -85,20 +108,82 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         (ckpt_dir / "checkpoint.pt").unlink()
     t0 = time.perf_counter()
     result = train(model, split, cfg, checkpoint_dir=ckpt_dir)
-    test = evaluate_encoder(model, split.test, split.test_seen, cfg)
     metrics = {
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "sec_per_epoch": result.sec_per_epoch,
         "train_seconds": time.perf_counter() - t0,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "valid": result.best_valid,
+        "test": evaluate_encoder(model, split.test, split.test_seen, cfg),
+        "train_config": cfg.to_json(),
+    }
+    return model.cpu(), metrics
+
+
+def _finetune(
+    args: argparse.Namespace, encoder: SASRec, split: Split
+) -> tuple[RetrievalModel, dict[str, Any], FinetuneConfig]:
+    fusion_cfg = FusionConfig(
+        dim=encoder.cfg.dim,
+        n_heads=encoder.cfg.n_heads,
+        inner_dim=encoder.cfg.inner_dim,
+        dropout=args.fusion_dropout,
+        alpha=args.alpha,
+        beta=args.beta,
+        residual_norm=args.residual_norm,
+        gate=args.gate,
+        similarity_bias=args.similarity_bias,
+    )
+    cfg = FinetuneConfig(
+        k=args.k,
+        epochs=args.ft_epochs,
+        patience=args.ft_patience,
+        lr=args.ft_lr,
+        batch_size=args.ft_batch_size,
+        seed=args.seed,
+        device=args.device,
+    )
+    t0 = time.perf_counter()
+    model, result = finetune(encoder, split, fusion_cfg, cfg)
+    full, test = evaluate_on_test(model, split, cfg)
+    metrics = {
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "sec_per_epoch": float(sorted(e.seconds for e in result.history)[len(result.history) // 2]),
+        "train_seconds": time.perf_counter() - t0,
+        "memories": len(full.bank),
         "valid": result.best_valid,
         "test": test,
     }
-    art = artifact.Artifact(model.cpu(), data.vocab, data.name, train_config=cfg.to_json(), metrics=metrics)
+    return full, metrics, cfg
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    data = load_dataset(args.dataset, args.data_dir)
+    if args.stage == "finetune":
+        if args.from_dir is None:
+            raise DataError("--stage finetune needs --from DIR, a model directory with a trained encoder")
+        base = artifact.load(args.from_dir, device=args.device)
+        data = data.with_vocab(base.vocab)
+        encoder, enc_metrics = base.encoder, base.metrics.get("encoder", base.metrics)
+        train_config = base.train_config
+        split = leave_one_out(data, encoder.cfg.max_len)
+    else:
+        split = leave_one_out(data, args.max_len)
+        encoder, enc_metrics = _pretrain(args, data, split)
+        train_config = enc_metrics.pop("train_config")
+    art = artifact.Artifact(encoder, data.vocab, data.name, train_config=train_config)
+    if args.stage == "pretrain":
+        art.metrics = {**enc_metrics, "encoder": dict(enc_metrics)}
+    else:
+        model, ft_metrics, ft_cfg = _finetune(args, encoder.to(args.device), split)
+        art.fusion, art.bank, art.finetune_config = model.fusion.cpu(), model.bank, ft_cfg.to_json()
+        art.encoder = encoder.cpu()
+        art.metrics = {**ft_metrics, "encoder": enc_metrics}
+    art.metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     artifact.save(art, args.out)
     log.info("wrote %s (model version %s)", args.out, art.model_version)
-    return {"model_dir": str(args.out), "model_version": art.model_version, **metrics}
+    return {"model_dir": str(args.out), "model_version": art.model_version, **art.metrics}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,8 +191,17 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     data = load_dataset(args.dataset or art.dataset, args.data_dir).with_vocab(art.vocab)
     split = leave_one_out(data, art.encoder.cfg.max_len)
     samples, seen = (split.test, split.test_seen) if args.split == "test" else (split.valid, split.valid_seen)
-    metrics = evaluate_encoder(art.encoder, samples, seen, TrainConfig(device=args.device))
-    return {"model_version": art.model_version, "dataset": data.name, "split": args.split, **metrics}
+    out: dict[str, Any] = {"model_version": art.model_version, "dataset": data.name, "split": args.split}
+    encoder_metrics = evaluate_encoder(art.encoder, samples, seen, TrainConfig(device=args.device))
+    if art.fusion is not None and art.bank is not None:
+        cfg = FinetuneConfig(**art.finetune_config)
+        model = RetrievalModel(art.encoder, art.fusion, art.bank)
+        queries = model.queries(samples, cfg.k, cfg.fetch_factor, args.device)
+        out.update(evaluate_retrieval(model, queries, samples, seen, args.device))
+        out["encoder"] = encoder_metrics
+    else:
+        out.update(encoder_metrics)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)  # FAISS's OpenMP pool would otherwise take every core
     try:
         out = cmd_train(args) if args.command == "train" else cmd_evaluate(args)
     except (DataError, artifact.ArtifactError) as e:

@@ -63,12 +63,12 @@ class SelfAttention(nn.Module):
 class FeedForward(nn.Module):
     """Position-wise D → inner → D GELU block with dropout and a post-LN residual."""
 
-    def __init__(self, cfg: EncoderConfig) -> None:
+    def __init__(self, dim: int, inner_dim: int, dropout: float, eps: float = 1e-12) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.dim, cfg.inner_dim)
-        self.fc2 = nn.Linear(cfg.inner_dim, cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(dim, inner_dim)
+        self.fc2 = nn.Linear(inner_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
@@ -79,7 +79,7 @@ class Block(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.attn = SelfAttention(cfg)
-        self.ffn = FeedForward(cfg)
+        self.ffn = FeedForward(cfg.dim, cfg.inner_dim, cfg.dropout, cfg.layer_norm_eps)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         out: Tensor = self.ffn(self.attn(x, mask))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from model import artifact
 from model.cli import main
@@ -34,7 +35,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def model_dir(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("model")
-    code = main(["train", "--dataset", str(dataset), "--out", str(out), "--epochs", "3", "--device", "cpu"])
+    args = ["train", "--dataset", str(dataset), "--out", str(out), "--epochs", "3", "--device", "cpu"]
+    code = main([*args, "--stage", "pretrain"])
     assert code == 0
     return out
 
@@ -98,7 +100,67 @@ def test_bad_dataset_is_an_error_not_a_crash(tmp_path: Path, caplog: pytest.LogC
     bad.write_text("u1 a b\n\n")
     with caplog.at_level(logging.ERROR):
         assert main(["train", "--dataset", str(bad), "--out", str(tmp_path / "m"), "--epochs", "1"]) == 2
+    assert not (tmp_path / "m").exists()  # nothing written
     assert "bad.txt:2: empty line" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def rag_dir(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("rag")
+    args = ["train", "--dataset", str(dataset), "--out", str(out), "--epochs", "3", "--device", "cpu"]
+    assert main([*args, "--stage", "all", "--k", "5", "--ft-epochs", "2", "--residual-norm"]) == 0
+    return out
+
+
+def test_full_pipeline_writes_fusion_and_memory_bank(rag_dir: Path, dataset: Path) -> None:
+    names = sorted(p.name for p in rag_dir.iterdir() if p.is_file())
+    assert names == [
+        "config.json",
+        "fusion.safetensors",
+        "memory.safetensors",
+        "model.safetensors",
+        "vocab.json",
+    ]
+    art = artifact.load(rag_dir)
+    assert art.fusion is not None and art.bank is not None and art.fusion.cfg.residual_norm
+    # the bank holds every training and validation pair and no test target
+    lengths = [len(line.split()) - 1 for line in dataset.read_text().splitlines()]
+    assert len(art.bank) == sum(n - 3 for n in lengths) + len(lengths)
+    test_positions = {(u, n - 1) for u, n in enumerate(lengths)}
+    memories = set(zip(art.bank.users.tolist(), art.bank.prefix_lens.tolist(), strict=True))
+    assert not memories & test_positions
+    config = json.loads((rag_dir / "config.json").read_text())
+    assert config["finetune"]["k"] == 5 and config["metrics"]["memories"] == len(art.bank)
+    assert "encoder" in config["metrics"] and "test" in config["metrics"]["encoder"]
+
+
+def test_retrieval_model_reloads_and_reproduces_its_test_metrics(
+    rag_dir: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(rag_dir), "--dataset", str(dataset), "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    saved = json.loads((rag_dir / "config.json").read_text())["metrics"]
+    assert out["unmasked"] == saved["test"]["unmasked"] and out["masked"] == saved["test"]["masked"]
+    assert out["encoder"] == saved["encoder"]["test"]
+
+
+def test_finetune_stage_reuses_an_encoder(model_dir: Path, dataset: Path, tmp_path: Path) -> None:
+    args = ["train", "--dataset", str(dataset), "--out", str(tmp_path), "--device", "cpu"]
+    assert main([*args, "--stage", "finetune", "--from", str(model_dir), "--ft-epochs", "1", "--gate"]) == 0
+    art, base = artifact.load(tmp_path), artifact.load(model_dir)
+    assert art.fusion is not None and art.fusion.cfg.gate
+    assert all(torch.equal(v, base.encoder.state_dict()[k]) for k, v in art.encoder.state_dict().items())
+    assert art.model_version != base.model_version
+
+
+def test_damaged_memory_bank_names_the_file(rag_dir: Path, tmp_path: Path) -> None:
+    for p in rag_dir.iterdir():
+        if p.is_file():
+            (tmp_path / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "memory.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(artifact.ArtifactError, match="memory.safetensors"):
+        artifact.load(tmp_path)
 
 
 @pytest.mark.skipif(not (DATA_DIR / "ml-100k").is_dir(), reason="datasets not present")
@@ -114,7 +176,10 @@ def test_ml100k_one_epoch_learns_something(tmp_path: Path, capsys: pytest.Captur
         "--epochs",
         "2",
     ]
-    assert main([*args, "--scheme", "allpos", "--objective", "sasrec", "--device", "cpu"]) == 0
+    assert (
+        main([*args, "--stage", "pretrain", "--scheme", "allpos", "--objective", "sasrec", "--device", "cpu"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     # 1,682 items: random ranking gives HR@10 ≈ 0.006; two epochs already beat it several times over
     assert out["test"]["unmasked"]["hr@10"] > 0.02

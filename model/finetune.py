@@ -1,0 +1,200 @@
+"""Stage 2 of RaSeRec: retrieval-augmented fine-tuning on top of the frozen encoder (METHODS §2).
+
+The encoder is frozen (dropout off), so every sample's state h and its top-K retrieved memories are
+computed once; an epoch then only runs the fusion module and the output layer. The memory bank holds the
+training pairs while training and validating, and the training + validation pairs at test time (never
+a test target). Early stopping on validation HR@10 (unmasked), the best fusion weights kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from model.data import IntArray, Samples, Split
+from model.evaluate import Metrics, evaluate
+from model.fusion import FusionConfig, RetrievalFusion
+from model.memory import FloatArray, MemoryBank, Retrieved, encode_samples
+from model.sasrec import SASRec
+from model.train import EpochLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    k: int = 20  # memories per query
+    fetch_factor: int = 4  # candidates fetched per kept memory, before the leakage rule
+    epochs: int = 100
+    batch_size: int = 1024
+    lr: float = 1e-3
+    patience: int = 10
+    valid_metric: str = "hr@10"  # of the unmasked protocol
+    seed: int = 0
+    device: str = "cpu"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Queries:
+    """Frozen states of a sample set and their retrieved memories."""
+
+    states: FloatArray  # (N, D)
+    retrieved: Retrieved  # (N, K)
+
+
+@dataclass
+class FinetuneResult:
+    best_epoch: int
+    best_valid: Metrics
+    history: list[EpochLog] = field(default_factory=list)
+
+
+class RetrievalModel:
+    """Frozen encoder + memory bank + fusion: scores for queries whose memories are retrieved."""
+
+    def __init__(self, encoder: SASRec, fusion: RetrievalFusion, bank: MemoryBank) -> None:
+        self.encoder = encoder
+        self.fusion = fusion
+        self.bank = bank
+
+    def memory_tensors(
+        self, retrieved: Retrieved, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Retrieved ids → keys (B, K, D), values (B, K, D), mask (B, K), sims (B, K) on ``device``."""
+        ids = retrieved.ids
+        safe = np.maximum(ids, 0)
+        keys = torch.from_numpy(self.bank.keys[safe]).to(device)
+        item_ids = torch.from_numpy(np.where(ids >= 0, self.bank.items[safe], 0)).to(device)
+        values = self.encoder.item_emb(item_ids)  # frozen table; padding row for empty slots
+        mask = torch.from_numpy(ids >= 0).to(device)
+        sims = torch.from_numpy(np.where(ids >= 0, retrieved.scores, 0.0).astype(np.float32)).to(device)
+        return keys, values, mask, sims
+
+    def scores(self, states: Tensor, retrieved: Retrieved) -> Tensor:
+        """states (B, D) frozen encoder output → scores over all ids (B, n_items + 1)."""
+        keys, values, mask, sims = self.memory_tensors(retrieved, states.device)
+        fused = self.fusion(states, keys, values, mask, sims)
+        return self.encoder.scores(fused)
+
+    def queries(self, samples: Samples, k: int, fetch_factor: int, device: str) -> Queries:
+        states = encode_samples(self.encoder, samples, device)
+        return Queries(states, self.bank.search(states, samples.users, samples.prefix_lens, k, fetch_factor))
+
+
+def _subset(retrieved: Retrieved, idx: IntArray) -> Retrieved:
+    return Retrieved(retrieved.ids[idx], retrieved.scores[idx])
+
+
+def evaluate_retrieval(
+    model: RetrievalModel, queries: Queries, samples: Samples, seen: tuple[IntArray, IntArray], device: str
+) -> Metrics:
+    """Full-ranking metrics of the retrieval-augmented model from precomputed queries."""
+    model.fusion.eval()
+    dev = torch.device(device)
+
+    def score_fn(_x: Tensor, _lengths: Tensor, idx: IntArray) -> Tensor:
+        states = torch.from_numpy(queries.states[idx]).to(dev)
+        return model.scores(states, _subset(queries.retrieved, idx))
+
+    return evaluate(score_fn, samples, seen, device=device)
+
+
+def build_bank(encoder: SASRec, samples: Samples, device: str) -> tuple[MemoryBank, FloatArray]:
+    keys = encode_samples(encoder, samples, device)
+    return MemoryBank.from_samples(keys, samples), keys
+
+
+def finetune(
+    encoder: SASRec, split: Split, fusion_cfg: FusionConfig, cfg: FinetuneConfig
+) -> tuple[RetrievalModel, FinetuneResult]:
+    """Train a fusion module over the frozen ``encoder``; returns the model (training-pair bank)."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    dev = torch.device(cfg.device)
+    encoder.to(dev).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+
+    t0 = time.perf_counter()
+    bank, train_states = build_bank(encoder, split.train, cfg.device)
+    train_q = Queries(
+        train_states,
+        bank.search(train_states, split.train.users, split.train.prefix_lens, cfg.k, cfg.fetch_factor),
+    )
+    fusion = RetrievalFusion(fusion_cfg).to(dev)
+    model = RetrievalModel(encoder, fusion, bank)
+    valid_q = model.queries(split.valid, cfg.k, cfg.fetch_factor, cfg.device)
+    log.info("memory bank: %d memories, states and retrieval in %.1fs", len(bank), time.perf_counter() - t0)
+
+    opt = torch.optim.Adam(fusion.parameters(), lr=cfg.lr)
+    result = FinetuneResult(0, {})
+    best_state = {k: v.detach().clone() for k, v in fusion.state_dict().items()}
+    bad = 0
+    for epoch in range(1, cfg.epochs + 1):
+        if bad >= cfg.patience:
+            break
+        t0 = time.perf_counter()
+        loss = _epoch(model, train_q, split.train.targets, opt, cfg, rng, dev, f"fine-tune {epoch}")
+        seconds = time.perf_counter() - t0
+        valid = evaluate_retrieval(model, valid_q, split.valid, split.valid_seen, cfg.device)
+        result.history.append(EpochLog(epoch, loss, seconds, valid))
+        score = valid["unmasked"][cfg.valid_metric]
+        if not result.best_valid or score > result.best_valid["unmasked"][cfg.valid_metric]:
+            result.best_epoch, result.best_valid, bad = epoch, valid, 0
+            best_state = {k: v.detach().clone() for k, v in fusion.state_dict().items()}
+        else:
+            bad += 1
+        log.info(
+            "fine-tune epoch %d loss %.4f %.1fs valid %s %.4f", epoch, loss, seconds, cfg.valid_metric, score
+        )
+    fusion.load_state_dict(best_state)
+    fusion.eval()
+    return model, result
+
+
+def _epoch(
+    model: RetrievalModel,
+    queries: Queries,
+    targets: IntArray,
+    opt: torch.optim.Optimizer,
+    cfg: FinetuneConfig,
+    rng: np.random.Generator,
+    dev: torch.device,
+    desc: str,
+) -> float:
+    model.fusion.train()
+    perm = rng.permutation(len(targets))
+    total, n = 0.0, 0
+    for s in tqdm(range(0, len(perm), cfg.batch_size), desc=desc, leave=False, mininterval=2.0):
+        idx = perm[s : s + cfg.batch_size]
+        states = torch.from_numpy(queries.states[idx]).to(dev)
+        scores = model.scores(states, _subset(queries.retrieved, idx))
+        loss = F.cross_entropy(scores, torch.from_numpy(targets[idx]).to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        total += float(loss.detach())
+        n += 1
+    return total / max(n, 1) if n else math.nan
+
+
+def evaluate_on_test(
+    model: RetrievalModel, split: Split, cfg: FinetuneConfig
+) -> tuple[RetrievalModel, Metrics]:
+    """Add the validation pairs to the bank (never test targets) and evaluate on the test samples."""
+    valid_bank, _ = build_bank(model.encoder, split.valid, cfg.device)
+    full = RetrievalModel(model.encoder, model.fusion, model.bank.concat(valid_bank))
+    test_q = full.queries(split.test, cfg.k, cfg.fetch_factor, cfg.device)
+    return full, evaluate_retrieval(full, test_q, split.test, split.test_seen, cfg.device)

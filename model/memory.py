@@ -1,0 +1,117 @@
+"""The collaborative memory bank of RaSeRec (Zhao et al. 2024; METHODS §2).
+
+One memory per (prefix → next item) event: key = the frozen encoder's state of the prefix (D), value =
+the next item's id, plus the user and the prefix length. Search is cosine similarity: inner product on
+L2-normalised keys in an exact FAISS index. Attention later uses the raw keys, as the published code does.
+
+The leakage rule: a query of user u with prefix length p may not see u's memories with prefix length ≥ p
+(its own event and its future). The bank fetches ``fetch_factor · K`` candidates, drops those, and
+keeps the best K; a row with fewer survivors is padded with -1 and masked, never an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from model.data import IntArray, Samples, bucket_batches
+from model.sasrec import SASRec
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+
+
+def l2_normalise(x: FloatArray) -> FloatArray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    out: FloatArray = (x / np.maximum(norms, 1e-12)).astype(np.float32)
+    return out
+
+
+@torch.inference_mode()
+def encode_samples(
+    encoder: SASRec, samples: Samples, device: str = "cpu", batch_size: int = 1024
+) -> FloatArray:
+    """The frozen encoder's state for every sample, in sample order: (N, D) float32."""
+    encoder.eval()
+    out = np.zeros((len(samples), encoder.cfg.dim), dtype=np.float32)
+    for idx in bucket_batches(samples.lengths, batch_size, rng=None):
+        t = int(samples.lengths[idx].max())
+        x = torch.from_numpy(samples.inputs[idx, :t]).to(device)
+        lengths = torch.from_numpy(samples.lengths[idx]).to(device)
+        out[idx] = encoder.encode(x, lengths).float().cpu().numpy()
+    return out
+
+
+@dataclass
+class Retrieved:
+    """Top-K memories per query. ``ids`` is -1 where fewer than K memories survived the leakage rule."""
+
+    ids: IntArray  # (B, K) memory ids, -1 = empty slot
+    scores: FloatArray  # (B, K) cosine similarity, -inf at empty slots
+
+    @property
+    def mask(self) -> npt.NDArray[np.bool_]:
+        """(B, K) True where a slot holds a memory."""
+        valid: npt.NDArray[np.bool_] = self.ids >= 0
+        return valid
+
+
+class MemoryBank:
+    """Memories as parallel arrays plus an exact inner-product FAISS index over normalised keys."""
+
+    def __init__(self, keys: FloatArray, items: IntArray, users: IntArray, prefix_lens: IntArray) -> None:
+        n = len(keys)
+        if not (len(items) == len(users) == len(prefix_lens) == n):
+            raise ValueError("keys, items, users and prefix_lens must have the same length")
+        if not np.isfinite(keys).all():
+            raise ValueError("memory keys must be finite")
+        self.keys = np.ascontiguousarray(keys, dtype=np.float32)  # (N, D) raw encoder states
+        self.items = items.astype(np.int64)  # (N,) value item ids
+        self.users = users.astype(np.int64)  # (N,)
+        self.prefix_lens = prefix_lens.astype(np.int64)  # (N,)
+        self.index = faiss.IndexFlatIP(self.keys.shape[1])
+        self.index.add(l2_normalise(self.keys))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def from_samples(cls, keys: FloatArray, samples: Samples) -> MemoryBank:
+        return cls(keys, samples.targets, samples.users, samples.prefix_lens)
+
+    def concat(self, other: MemoryBank) -> MemoryBank:
+        """A new bank holding both sets of memories (e.g. training + validation pairs at test time)."""
+        return MemoryBank(
+            np.concatenate([self.keys, other.keys]),
+            np.concatenate([self.items, other.items]),
+            np.concatenate([self.users, other.users]),
+            np.concatenate([self.prefix_lens, other.prefix_lens]),
+        )
+
+    def search(
+        self, queries: FloatArray, users: IntArray, prefix_lens: IntArray, k: int, fetch_factor: int = 4
+    ) -> Retrieved:
+        """Top-k memories by cosine similarity for each query, after the leakage rule.
+
+        queries: (B, D) raw encoder states; users, prefix_lens: (B,) of the querying samples.
+        """
+        fetch = min(max(k * fetch_factor, k), len(self))
+        scores, ids = self.index.search(l2_normalise(np.asarray(queries, dtype=np.float32)), fetch)  # (B, F)
+        safe = np.maximum(ids, 0)
+        leak = (self.users[safe] == users[:, None]) & (self.prefix_lens[safe] >= prefix_lens[:, None])
+        keep = (ids >= 0) & ~leak
+        # Stable sort moves survivors to the front in similarity order; the first k columns are the answer.
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+        out_ids = np.take_along_axis(np.where(keep, ids, -1), order, axis=1)
+        out_scores = np.take_along_axis(np.where(keep, scores, -np.inf), order, axis=1).astype(np.float32)
+        if out_ids.shape[1] < k:  # a bank smaller than k
+            pad = k - out_ids.shape[1]
+            out_ids = np.pad(out_ids, ((0, 0), (0, pad)), constant_values=-1)
+            out_scores = np.pad(out_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        return Retrieved(out_ids.astype(np.int64), out_scores)

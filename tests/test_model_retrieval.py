@@ -1,0 +1,103 @@
+"""The collaborative memory bank (leakage rule, empty slots) and the fusion module on tiny known cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.fusion import FusionConfig, RetrievalFusion
+from model.memory import MemoryBank
+
+
+def unit(angle_deg: float) -> list[float]:
+    a = np.deg2rad(angle_deg)
+    return [float(np.cos(a)), float(np.sin(a))]
+
+
+@pytest.fixture
+def bank() -> MemoryBank:
+    # Five memories on the unit circle: similarity to a query at 0° falls with the angle.
+    keys = np.array([unit(0), unit(10), unit(20), unit(30), unit(90)], dtype=np.float32) * 3.0  # raw scale
+    items = np.array([11, 12, 13, 14, 15])
+    users = np.array([0, 0, 0, 1, 1])
+    prefix_lens = np.array([1, 2, 3, 1, 2])
+    return MemoryBank(keys, items, users, prefix_lens)
+
+
+def test_search_is_cosine_and_drops_own_future(bank: MemoryBank) -> None:
+    q = np.array([unit(0)], dtype=np.float32) * 0.1  # scale does not matter: cosine
+    # user 0 at prefix 2 may see its own prefix-1 memory (id 0) but not prefixes 2 and 3 (ids 1, 2)
+    r = bank.search(q, users=np.array([0]), prefix_lens=np.array([2]), k=3)
+    assert r.ids.tolist() == [[0, 3, 4]]
+    np.testing.assert_allclose(r.scores[0], [1.0, np.cos(np.deg2rad(30)), 0.0], atol=1e-6)
+    # another user sees everything, best first
+    r = bank.search(q, users=np.array([7]), prefix_lens=np.array([5]), k=3)
+    assert r.ids.tolist() == [[0, 1, 2]]
+
+
+def test_fewer_survivors_than_k_are_padded_and_masked(bank: MemoryBank) -> None:
+    q = np.array([unit(0)], dtype=np.float32)
+    # user 0 at prefix 1 loses all three of its memories; fetch 4·2 = all 5; two survive
+    r = bank.search(q, users=np.array([0]), prefix_lens=np.array([1]), k=4)
+    assert r.ids.tolist() == [[3, 4, -1, -1]]
+    assert r.mask.tolist() == [[True, True, False, False]]
+    assert np.isneginf(r.scores[0, 2:]).all()
+    # a bank smaller than k pads too
+    r = bank.search(q, users=np.array([9]), prefix_lens=np.array([1]), k=8)
+    assert r.ids.shape == (1, 8) and (r.ids[0, 5:] == -1).all()
+
+
+def test_fetch_window_limits_what_survives(bank: MemoryBank) -> None:
+    q = np.array([unit(0)], dtype=np.float32)
+    # k=1, fetch_factor=2 looks at the 2 nearest (ids 0, 1), both leaked for user 0 at prefix 1
+    r = bank.search(q, users=np.array([0]), prefix_lens=np.array([1]), k=1, fetch_factor=2)
+    assert r.ids.tolist() == [[-1]]
+
+
+def test_bank_refuses_bad_input() -> None:
+    with pytest.raises(ValueError, match="same length"):
+        MemoryBank(np.zeros((2, 4), np.float32), np.array([1]), np.array([0, 0]), np.array([1, 2]))
+    with pytest.raises(ValueError, match="finite"):
+        MemoryBank(np.full((1, 4), np.nan, np.float32), np.array([1]), np.array([0]), np.array([1]))
+
+
+def _inputs(b: int = 3, k: int = 4, d: int = 8) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(b, d, generator=g)
+    keys = torch.randn(b, k, d, generator=g)
+    values = torch.randn(b, k, d, generator=g)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True], [False, False, False, False]])
+    sims = torch.rand(b, k, generator=g)
+    return h, keys, values, mask, sims
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"residual_norm": True}, {"gate": True}, {"similarity_bias": True}, {"beta": 0.5}],
+)
+def test_fusion_shapes_masking_and_empty_rows(overrides: dict[str, object]) -> None:
+    torch.manual_seed(0)
+    fusion = RetrievalFusion(FusionConfig(dim=8, inner_dim=16, **overrides)).eval()  # type: ignore[arg-type]
+    h, keys, values, mask, sims = _inputs()
+    out = fusion(h, keys, values, mask, sims)
+    assert out.shape == (3, 8) and torch.isfinite(out).all()
+    torch.testing.assert_close(out[2], h[2])  # no memory at all: ĥ = h
+    assert not torch.allclose(out[:2], h[:2])  # memories change the state
+    # what sits in a masked slot does not matter
+    keys2, values2, sims2 = keys.clone(), values.clone(), sims.clone()
+    keys2[0, 2:] += 100.0
+    values2[0, 2:] -= 50.0
+    sims2[0, 2:] = 0.9
+    torch.testing.assert_close(fusion(h, keys2, values2, mask, sims2)[0], out[0])
+
+
+def test_alpha_one_keeps_h_and_gate_is_capped() -> None:
+    h, keys, values, mask, sims = _inputs()
+    fusion = RetrievalFusion(FusionConfig(dim=8, inner_dim=16, alpha=1.0)).eval()
+    torch.testing.assert_close(fusion(h, keys, values, mask, sims), h)
+    gated = RetrievalFusion(FusionConfig(dim=8, inner_dim=16, gate=True, gate_cap=0.3)).eval()
+    with torch.no_grad():
+        gated.gate.bias.fill_(50.0)  # type: ignore[union-attr]  # saturate: g = cap
+        r = gated.seq_tar(h, keys, values, mask, sims)
+    torch.testing.assert_close(gated(h, keys, values, mask, sims)[:2], (0.7 * h + 0.3 * r)[:2])
