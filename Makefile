@@ -37,6 +37,7 @@ lint: install
 
 bench: install
 	$(PY) -m bench.accuracy --datasets ml-100k beauty --seeds 0 1 2
+	$(PY) -m bench.retrieval --datasets ml-100k beauty --seeds 0 1 2
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--residual-norm", action="store_true", help="residual + LayerNorm around cross-attention")
     f.add_argument("--gate", action="store_true", help="learned capped gate instead of the fixed alpha")
     f.add_argument("--similarity-bias", action="store_true", help="add retrieval similarity to attention")
+    f.add_argument("--adaptive-k", action="store_true", help="RAMRec's entropy rule picks K ≤ --k per query")
+    f.add_argument(
+        "--retrieval", choices=("similarity", "random"), default="similarity", help="random: the control"
+    )
     f.add_argument("--ft-epochs", type=int, default=100)
     f.add_argument("--ft-patience", type=int, default=10)
     f.add_argument("--ft-lr", type=float, default=1e-3)
@@ -140,6 +144,8 @@ def _finetune(
         patience=args.ft_patience,
         lr=args.ft_lr,
         batch_size=args.ft_batch_size,
+        adaptive_k=args.adaptive_k,
+        retrieval=args.retrieval,
         seed=args.seed,
         device=args.device,
     )
@@ -195,8 +201,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     encoder_metrics = evaluate_encoder(art.encoder, samples, seen, TrainConfig(device=args.device))
     if art.fusion is not None and art.bank is not None:
         cfg = FinetuneConfig(**art.finetune_config)
-        model = RetrievalModel(art.encoder, art.fusion, art.bank)
-        queries = model.queries(samples, cfg.k, cfg.fetch_factor, args.device)
+        cfg.device = args.device
+        model = RetrievalModel(art.encoder, art.fusion, art.bank, cfg)
+        queries = model.queries(samples)
         out.update(evaluate_retrieval(model, queries, samples, seen, args.device))
         out["encoder"] = encoder_metrics
     else:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from model.adaptive import AdaptiveKConfig, adaptive_k
 from model.data import IntArray, Samples, Split
 from model.evaluate import Metrics, evaluate
 from model.fusion import FusionConfig, RetrievalFusion
@@ -39,11 +40,17 @@ class FinetuneConfig:
     lr: float = 1e-3
     patience: int = 10
     valid_metric: str = "hr@10"  # of the unmasked protocol
+    retrieval: str = "similarity"  # or "random": uniformly drawn memories, the control
+    adaptive_k: bool = False  # RAMRec's entropy rule picks K ≤ k per query
+    k_min: int = 3
     seed: int = 0
     device: str = "cpu"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def adaptive(self) -> AdaptiveKConfig | None:
+        return AdaptiveKConfig(k_base=self.k, k_min=self.k_min, k_max=self.k) if self.adaptive_k else None
 
 
 @dataclass
@@ -61,13 +68,22 @@ class FinetuneResult:
     history: list[EpochLog] = field(default_factory=list)
 
 
+def limit_depth(retrieved: Retrieved, k: IntArray) -> Retrieved:
+    """Keep the first k[i] memories of row i (they are in similarity order); empty the rest."""
+    keep = np.arange(retrieved.ids.shape[1])[None, :] < k[:, None]
+    return Retrieved(np.where(keep, retrieved.ids, -1), np.where(keep, retrieved.scores, -np.inf))
+
+
 class RetrievalModel:
     """Frozen encoder + memory bank + fusion: scores for queries whose memories are retrieved."""
 
-    def __init__(self, encoder: SASRec, fusion: RetrievalFusion, bank: MemoryBank) -> None:
+    def __init__(
+        self, encoder: SASRec, fusion: RetrievalFusion, bank: MemoryBank, cfg: FinetuneConfig
+    ) -> None:
         self.encoder = encoder
         self.fusion = fusion
         self.bank = bank
+        self.cfg = cfg
 
     def memory_tensors(
         self, retrieved: Retrieved, device: torch.device
@@ -88,9 +104,24 @@ class RetrievalModel:
         fused = self.fusion(states, keys, values, mask, sims)
         return self.encoder.scores(fused)
 
-    def queries(self, samples: Samples, k: int, fetch_factor: int, device: str) -> Queries:
-        states = encode_samples(self.encoder, samples, device)
-        return Queries(states, self.bank.search(states, samples.users, samples.prefix_lens, k, fetch_factor))
+    def retrieve(self, states: FloatArray, samples: Samples) -> Retrieved:
+        """Top-k memories of each sample's state, cut to the adaptive depth when that is on."""
+        cfg = self.cfg
+        if cfg.retrieval == "random":
+            rng = np.random.default_rng(cfg.seed)
+            retrieved = self.bank.random(states, samples.users, samples.prefix_lens, cfg.k, rng)
+        else:
+            retrieved = self.bank.search(states, samples.users, samples.prefix_lens, cfg.k, cfg.fetch_factor)
+        adaptive = cfg.adaptive()
+        if adaptive is not None:
+            # The user's memory for the entropy rule: the distinct items of the input window.
+            histories = [row[:n] for row, n in zip(samples.inputs, samples.lengths, strict=True)]
+            retrieved = limit_depth(retrieved, adaptive_k(self.encoder.item_emb.weight, histories, adaptive))
+        return retrieved
+
+    def queries(self, samples: Samples) -> Queries:
+        states = encode_samples(self.encoder, samples, self.cfg.device)
+        return Queries(states, self.retrieve(states, samples))
 
 
 def _subset(retrieved: Retrieved, idx: IntArray) -> Retrieved:
@@ -129,13 +160,10 @@ def finetune(
 
     t0 = time.perf_counter()
     bank, train_states = build_bank(encoder, split.train, cfg.device)
-    train_q = Queries(
-        train_states,
-        bank.search(train_states, split.train.users, split.train.prefix_lens, cfg.k, cfg.fetch_factor),
-    )
     fusion = RetrievalFusion(fusion_cfg).to(dev)
-    model = RetrievalModel(encoder, fusion, bank)
-    valid_q = model.queries(split.valid, cfg.k, cfg.fetch_factor, cfg.device)
+    model = RetrievalModel(encoder, fusion, bank, cfg)
+    train_q = Queries(train_states, model.retrieve(train_states, split.train))
+    valid_q = model.queries(split.valid)
     log.info("memory bank: %d memories, states and retrieval in %.1fs", len(bank), time.perf_counter() - t0)
 
     opt = torch.optim.Adam(fusion.parameters(), lr=cfg.lr)
@@ -195,6 +223,6 @@ def evaluate_on_test(
 ) -> tuple[RetrievalModel, Metrics]:
     """Add the validation pairs to the bank (never test targets) and evaluate on the test samples."""
     valid_bank, _ = build_bank(model.encoder, split.valid, cfg.device)
-    full = RetrievalModel(model.encoder, model.fusion, model.bank.concat(valid_bank))
-    test_q = full.queries(split.test, cfg.k, cfg.fetch_factor, cfg.device)
+    full = RetrievalModel(model.encoder, model.fusion, model.bank.concat(valid_bank), cfg)
+    test_q = full.queries(split.test)
     return full, evaluate_retrieval(full, test_q, split.test, split.test_seen, cfg.device)

@@ -115,3 +115,17 @@ class MemoryBank:
             out_ids = np.pad(out_ids, ((0, 0), (0, pad)), constant_values=-1)
             out_scores = np.pad(out_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
         return Retrieved(out_ids.astype(np.int64), out_scores)
+
+    def random(
+        self, queries: FloatArray, users: IntArray, prefix_lens: IntArray, k: int, rng: np.random.Generator
+    ) -> Retrieved:
+        """k memories drawn uniformly at random per query, leakage rule applied: the control that shows
+        whether similarity matters. Scores are the true cosine similarities of the drawn memories."""
+        draw = rng.integers(0, len(self), size=(len(users), 2 * k))  # (B, 2k): spare draws for leaks
+        leak = (self.users[draw] == users[:, None]) & (self.prefix_lens[draw] >= prefix_lens[:, None])
+        order = np.argsort(leak, axis=1, kind="stable")[:, :k]
+        ids = np.take_along_axis(np.where(leak, -1, draw), order, axis=1)
+        q = l2_normalise(np.asarray(queries, dtype=np.float32))
+        keys = l2_normalise(self.keys)[np.maximum(ids, 0)]  # (B, k, D)
+        scores = np.where(ids >= 0, np.einsum("bd,bkd->bk", q, keys), -np.inf).astype(np.float32)
+        return Retrieved(ids.astype(np.int64), scores)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
+from model.adaptive import AdaptiveKConfig, adaptive_k, k_from_entropy, normalised_entropy, recent_distinct
+from model.finetune import limit_depth
 from model.fusion import FusionConfig, RetrievalFusion
-from model.memory import MemoryBank
+from model.memory import MemoryBank, Retrieved
 
 
 def unit(angle_deg: float) -> list[float]:
@@ -101,3 +105,53 @@ def test_alpha_one_keeps_h_and_gate_is_capped() -> None:
         gated.gate.bias.fill_(50.0)  # type: ignore[union-attr]  # saturate: g = cap
         r = gated.seq_tar(h, keys, values, mask, sims)
     torch.testing.assert_close(gated(h, keys, values, mask, sims)[:2], (0.7 * h + 0.3 * r)[:2])
+
+
+def test_entropy_is_high_for_diverse_and_low_for_focused_memories() -> None:
+    diverse = torch.eye(4)[None]  # four orthogonal items: every off-diagonal similarity equal
+    focused = torch.tensor([[[8.0, 0.0], [8.0, 0.1], [0.0, 8.0], [0.1, 8.0]]])  # two tight pairs
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    assert float(normalised_entropy(diverse, mask)) == pytest.approx(1.0)
+    # the softmax mass sits on the 4 within-pair entries of 12 (similarity 64 vs ≤ 0.8): Ĥ ≈ ln 4 / ln 12
+    assert float(normalised_entropy(focused, mask)) == pytest.approx(math.log(4) / math.log(12), abs=1e-3)
+    # fewer than two items: Ĥ = 0.5 by definition; padding rows are ignored
+    padded = torch.cat([torch.eye(4)[None, :1], torch.zeros(1, 3, 4)], dim=1)
+    assert float(normalised_entropy(padded, torch.tensor([[True, False, False, False]]))) == 0.5
+
+
+def test_k_follows_the_published_rule() -> None:
+    cfg = AdaptiveKConfig(k_base=20, k_min=3, k_max=20)
+    h = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.2])
+    n = torch.tensor([100, 100, 36, 2, 400])
+    # int(20·1.5·1) = 30 → 20; int(20·0.5·1) = 10; int(20·1.0·0.6) = 12; n = 2 caps at 2; int(20·0.7) = 14
+    assert k_from_entropy(h, n, cfg).tolist() == [20, 10, 12, 2, 14]
+    # the lower clip: a focused user with a short history still retrieves k_min
+    assert k_from_entropy(torch.tensor([0.0]), torch.tensor([10]), cfg).tolist() == [3]
+
+
+def test_recent_distinct_keeps_the_latest_occurrences() -> None:
+    assert recent_distinct(np.array([5, 6, 5, 7, 6, 8]), capacity=3).tolist() == [7, 6, 8]
+    assert recent_distinct(np.array([5, 6, 5, 7, 6, 8]), capacity=10).tolist() == [5, 7, 6, 8]
+    assert recent_distinct(np.array([5, 6, 5, 7, 6, 8]), capacity=2).tolist() == [6, 8]
+
+
+def test_adaptive_k_over_histories_and_depth_limit() -> None:
+    emb = torch.eye(6) * 5.0  # item i ≥ 1 is the unit vector e_i: every pair orthogonal, Ĥ = 1
+    ks = adaptive_k(emb, [np.array([1, 2, 3, 4, 5]), np.array([2]), np.array([3, 3, 3])], AdaptiveKConfig())
+    # n = 5: int(20·1.5·sqrt(0.05)) = 6 → capped at n = 5; n = 1 → 1; repeats collapse to one item → 1
+    assert ks.tolist() == [5, 1, 1]
+    r = Retrieved(
+        np.array([[4, 2, 9, -1], [1, 0, 3, 5]]), np.array([[0.9, 0.8, 0.7, -np.inf], [0.5, 0.4, 0.3, 0.2]])
+    )
+    cut = limit_depth(r, np.array([2, 3]))
+    assert cut.ids.tolist() == [[4, 2, -1, -1], [1, 0, 3, -1]]
+    assert np.isneginf(cut.scores[0, 2:]).all()
+
+
+def test_random_retrieval_respects_the_leakage_rule(bank: MemoryBank) -> None:
+    rng = np.random.default_rng(0)
+    q = np.array([unit(0)] * 200, dtype=np.float32)
+    r = bank.random(q, users=np.zeros(200, dtype=np.int64), prefix_lens=np.full(200, 2), k=2, rng=rng)
+    drawn = r.ids[r.ids >= 0]
+    assert set(drawn.tolist()) == {0, 3, 4}  # ids 1, 2 are user 0's own future; all others appear
+    np.testing.assert_allclose(r.scores[r.ids == 4], 0.0, atol=1e-6)  # true cosine of what was drawn

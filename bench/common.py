@@ -1,0 +1,143 @@
+"""What the accuracy benchmarks share: the machine record, running `memrec train` in a child process,
+one result file per (dataset, variant, seed), and the mean ± std aggregation over whatever seeds exist."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORTS = ROOT / "reports"
+# Model directories and checkpoints (large, not committed); MEMREC_RUNS_DIR puts them elsewhere.
+RUNS = Path(os.environ.get("MEMREC_RUNS_DIR", ROOT / "runs"))
+METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20")
+PROTOCOLS = ("unmasked", "masked")
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    import torch
+
+    info["torch"] = torch.__version__
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def machine_label(m: dict[str, Any]) -> str:
+    return f"{m['cpu']} ({m['cores']} cores)" + (f" + {m['gpu']}" if "gpu" in m else "")
+
+
+def display_path(path: Path) -> str:
+    """A path as the report shows it: relative to the repository, or under `runs/`."""
+    if path.is_relative_to(ROOT):
+        return str(path.relative_to(ROOT))
+    return str(Path("runs") / path.relative_to(RUNS)) if path.is_relative_to(RUNS) else path.name
+
+
+def train_cli(
+    args: Sequence[str], *, device: str | None, threads: int | None, data_dir: str | None
+) -> tuple[dict[str, Any] | None, str]:
+    """Run `memrec train ARGS` in a child process → (its JSON output or None on failure, the command as
+    a user would type it, without machine paths)."""
+    extra = [*(["--device", device] if device else []), *(["--threads", str(threads)] if threads else [])]
+    cmd = [sys.executable, "-m", "model.cli", "train", *args, *extra]
+    recorded = shlex.join(["memrec", "train", *args, *extra])
+    recorded = recorded.replace(str(RUNS), "runs").replace(str(ROOT) + "/", "")
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    log.info("running %s", recorded)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        log.error("failed with exit code %d: %s", proc.returncode, recorded)
+        return None, recorded
+    out: dict[str, Any] = json.loads(proc.stdout)
+    return out, recorded
+
+
+def write_result(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {**record, "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine()}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def stat(values: list[float]) -> dict[str, Any]:
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return {"mean": float(arr.mean()), "std": std, "seeds": values}
+
+
+def aggregate(runs_dir: Path) -> dict[str, Any]:
+    """Every result file in ``runs_dir`` → {dataset: {variant: entry}} with mean ± std per metric."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for f in sorted(runs_dir.glob("*.json")):
+        r = json.loads(f.read_text())
+        groups.setdefault((r["dataset"], r["variant"]), []).append(r)
+    report: dict[str, Any] = {}
+    for (dataset, variant), rs in sorted(groups.items()):
+        rs.sort(key=lambda r: r["seed"])
+        entry = {k: v for k, v in rs[0].items() if k in ("objective", "scheme", "encoder", "flags")}
+        entry.update(
+            {
+                "seeds": [r["seed"] for r in rs],
+                "test": {p: {m: stat([r["test"][p][m] for r in rs]) for m in METRICS} for p in PROTOCOLS},
+                "valid": {
+                    "unmasked": {
+                        m: stat([r["valid"]["unmasked"][m] for r in rs]) for m in ("ndcg@10", "hr@10")
+                    }
+                },
+                "best_epoch": [r["best_epoch"] for r in rs],
+                "sec_per_epoch": float(np.median([r["sec_per_epoch"] for r in rs])),
+                "peak_rss_mb": float(max(r["peak_rss_mb"] for r in rs)),
+                "machines": sorted({machine_label(r["machine"]) for r in rs}),
+                "commands": [r["command"] for r in rs],
+                "dates": [r["date"] for r in rs],
+            }
+        )
+        report.setdefault(dataset, {})[variant] = entry
+    return report
+
+
+def fmt(s: dict[str, Any]) -> str:
+    return f"{s['mean']:.4f} ± {s['std']:.4f}" if len(s["seeds"]) > 1 else f"{s['mean']:.4f}"
+
+
+def metric_table(rows: list[tuple[str, int, str, dict[str, Any]]]) -> list[str]:
+    """rows of (label, seeds, protocol, {metric: stat or float}) → markdown table lines."""
+    head = "| variant | seeds | protocol | HR@5 | HR@10 | HR@20 | NDCG@5 | NDCG@10 | NDCG@20 |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for label, n, protocol, values in rows:
+        cells = []
+        for m in ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20"):
+            v = values.get(m)
+            cells.append("–" if v is None else fmt(v) if isinstance(v, dict) else f"{v:.4f}")
+        lines.append(f"| {label} | {n if n else '–'} | {protocol} | {' | '.join(cells)} |")
+    return lines
+
+
+def cost_table(variants: dict[str, Any]) -> list[str]:
+    lines = ["| variant | best epochs | s/epoch (median) | peak RSS MB | machine |", "|---|---|---|---|---|"]
+    for name, v in variants.items():
+        cells = [str(v["best_epoch"]), f"{v['sec_per_epoch']:.1f}", f"{v['peak_rss_mb']:.0f}"]
+        lines.append(f"| {name} | {' | '.join(cells)} | {'; '.join(v['machines'])} |")
+    return lines

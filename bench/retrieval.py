@@ -1,0 +1,133 @@
+"""Retrieval ablation: each fusion variant fine-tuned on the same frozen encoder, several seeds.
+
+    python -m bench.retrieval --datasets ml-100k beauty --seeds 0 1 2 --encoder pretrain
+
+For every (dataset, seed) the encoder is the accuracy benchmark's model directory of that seed (trained
+through `bench.accuracy` first if missing); each variant runs `memrec train --stage finetune --from
+ENCODER` into `runs/retrieval/` and leaves one result file in `reports/retrieval_runs/`.
+`reports/retrieval.{json,md}` aggregate whatever result files exist; `pretrain_only` is the encoder's
+own test result, so every row of a dataset shares one encoder per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from bench import accuracy
+from bench.common import REPORTS, RUNS, aggregate, cost_table, metric_table, train_cli, write_result
+
+log = logging.getLogger("bench.retrieval")
+
+RESULTS = REPORTS / "retrieval_runs"
+
+# variant → extra `memrec train --stage finetune` flags. raserec_k20 is the published module (α = 0.5,
+# β = 1, K = 20); the others change one thing each so that each effect is measured on its own.
+VARIANTS: dict[str, list[str]] = {
+    "raserec_k20": [],
+    "residual_norm": ["--residual-norm"],
+    "gate": ["--gate"],
+    "similarity_bias": ["--similarity-bias"],
+    "adaptive_k": ["--adaptive-k"],
+    "random_retrieval": ["--retrieval", "random"],
+}
+
+
+def pretrain_only(dataset: str, seed: int, args: argparse.Namespace) -> bool:
+    """The encoder's own result, copied from the accuracy benchmark (trained there if missing)."""
+    result_file = RESULTS / f"{dataset}.pretrain_only.seed{seed}.json"
+    if result_file.is_file():
+        return True
+    if not accuracy.run_one(dataset, args.encoder, seed, args):
+        return False
+    record = json.loads((accuracy.RESULTS / f"{dataset}.{args.encoder}.seed{seed}.json").read_text())
+    record = {k: v for k, v in record.items() if k not in ("date", "machine")}
+    write_result(result_file, {**record, "variant": "pretrain_only", "encoder": args.encoder})
+    return True
+
+
+def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> bool:
+    result_file = RESULTS / f"{dataset}.{variant}.seed{seed}.json"
+    if result_file.is_file():
+        log.info("%s exists, skipping", result_file.name)
+        return True
+    encoder_dir = RUNS / "accuracy" / dataset / f"{args.encoder}-seed{seed}"
+    out = RUNS / "retrieval" / dataset / f"{args.encoder}-{variant}-seed{seed}"
+    cli_args = ["--dataset", dataset, "--stage", "finetune", "--from", str(encoder_dir), "--out", str(out)]
+    cli_args += ["--seed", str(seed), *VARIANTS[variant]]
+    metrics, command = train_cli(cli_args, device=args.device, threads=args.threads, data_dir=args.data_dir)
+    if metrics is None:
+        return False
+    keys = ("model_version", "best_epoch", "epochs_run", "sec_per_epoch", "peak_rss_mb", "train_seconds")
+    record: dict[str, Any] = {"dataset": dataset, "variant": variant, "seed": seed, "encoder": args.encoder}
+    record |= {"flags": VARIANTS[variant], "command": command, **{k: metrics[k] for k in keys}}
+    record |= {"memories": metrics["memories"], "valid": metrics["valid"], "test": metrics["test"]}
+    write_result(result_file, record)
+    return True
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Retrieval ablation",
+        "",
+        f"Generated {datetime.now(UTC).date().isoformat()} by `python -m bench.retrieval` from the per-seed",
+        "files in `reports/retrieval_runs/` (each holds its exact command, machine, seed and date). Every",
+        "variant of a dataset is fine-tuned on the same frozen encoder per seed; `pretrain_only` is that",
+        "encoder alone. Fine-tuning stops on validation HR@10 (unmasked), patience 10.",
+        "",
+        *accuracy.PROTOCOL_NOTE,
+        "",
+    ]
+    for dataset, variants in report.items():
+        rows = [
+            (name, len(v["seeds"]), p, v["test"][p])
+            for name, v in variants.items()
+            for p in ("unmasked", "masked")
+        ]
+        published = accuracy.PUBLISHED.get(dataset, {}).items()
+        rows += [(f"published {n}", 0, "unmasked", pub) for n, pub in published]
+        lines += [f"## {dataset}", "", *metric_table(rows), "", *cost_table(variants), ""]
+    return "\n".join(lines)
+
+
+def write_report() -> dict[str, Any]:
+    report = aggregate(RESULTS)
+    (REPORTS / "retrieval.json").write_text(json.dumps(report, indent=2) + "\n")
+    (REPORTS / "retrieval.md").write_text(markdown(report))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=["ml-100k", "beauty"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--encoder", default="pretrain", choices=list(accuracy.VARIANTS), help="accuracy variant")
+    p.add_argument("--epochs", type=int, default=200, help="encoder epochs, if it must be trained")
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    failed = 0
+    if not args.report_only:
+        for seed in args.seeds:
+            for dataset in args.datasets:
+                if not pretrain_only(dataset, seed, args):
+                    failed += 1
+                    continue
+                for variant in args.variants:
+                    failed += not run_one(dataset, variant, seed, args)
+                    write_report()
+    write_report()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Benchmark aggregation: per-seed result files → mean ± std and the markdown table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import accuracy
+from bench.common import METRICS, PROTOCOLS, aggregate, display_path
+
+
+def result(seed: int, ndcg10: float) -> dict[str, object]:
+    metrics = {p: dict.fromkeys(METRICS, 0.1) for p in PROTOCOLS}
+    metrics["unmasked"]["ndcg@10"] = ndcg10
+    return {
+        "dataset": "beauty",
+        "variant": "sasrec",
+        "objective": "sasrec",
+        "scheme": "prefix",
+        "seed": seed,
+        "command": "memrec train --dataset beauty",
+        "date": "2026-11-22T00:00:00+00:00",
+        "machine": {"cpu": "cpu", "cores": 2},
+        "best_epoch": 10 + seed,
+        "sec_per_epoch": 20.0 + seed,
+        "peak_rss_mb": 1000.0 + seed,
+        "valid": metrics,
+        "test": metrics,
+    }
+
+
+def test_aggregate_takes_mean_and_sample_std_over_seed_files(tmp_path: Path) -> None:
+    for seed, v in enumerate([0.040, 0.042, 0.047]):
+        (tmp_path / f"beauty.sasrec.seed{seed}.json").write_text(json.dumps(result(seed, v)))
+    entry = aggregate(tmp_path)["beauty"]["sasrec"]
+    ndcg = entry["test"]["unmasked"]["ndcg@10"]
+    assert ndcg["seeds"] == [0.040, 0.042, 0.047]
+    assert ndcg["mean"] == pytest.approx(0.043)
+    assert ndcg["std"] == pytest.approx(0.0036055, abs=1e-6)  # sample std (n-1)
+    assert entry["best_epoch"] == [10, 11, 12] and entry["sec_per_epoch"] == 21.0
+    assert entry["peak_rss_mb"] == 1002.0 and entry["machines"] == ["cpu (2 cores)"]
+    table = accuracy.markdown(aggregate(tmp_path))
+    assert "| sasrec (prefix) | 3 | unmasked | 0.1000 ± 0.0000 | 0.1000 ± 0.0000" in table
+    assert "0.0430 ± 0.0036" in table
+    assert "| published DuoRec | – | unmasked | 0.0541 | 0.0834 | – | 0.0337 | 0.0431 | – |" in table
+
+
+def test_display_paths_hide_the_machine(tmp_path: Path) -> None:
+    from bench.common import ROOT
+
+    assert display_path(ROOT / "reports" / "x.json") == "reports/x.json"
+    assert display_path(tmp_path / "m") == "m"
