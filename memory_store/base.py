@@ -1,0 +1,293 @@
+"""The memory store contract: value types, input validation and the ``MemoryStore`` protocol.
+
+A *collaborative memory* (RaSeRec) is one (prefix → next item) event: a key vector (the encoder output
+of the prefix), the next item, the user, a timestamp and the prefix length. The store L2-normalises
+every key and every query itself, so scores are cosine similarities; callers may pass raw vectors.
+Memory ids are positive int64 allocated by the store, increasing in write order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from memory_store.user_memory import UserMemories
+
+
+@dataclass(frozen=True, slots=True)
+class Interaction:
+    """One accepted user interaction; ``event_id`` makes ingestion idempotent (None: never deduplicated)."""
+
+    user_id: str
+    item_id: int
+    timestamp: float
+    event_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryBatch:
+    """n collaborative memories. Build with :meth:`create`, which validates and normalises."""
+
+    keys: np.ndarray  # (n, dim) float32, unit L2 norm
+    items: np.ndarray  # (n,) int64, >= 1
+    users: tuple[str, ...]  # (n,)
+    timestamps: np.ndarray  # (n,) float64, unix seconds
+    prefix_lens: np.ndarray  # (n,) int32, >= 0
+
+    @classmethod
+    def create(
+        cls,
+        keys: np.ndarray,
+        items: Sequence[int] | np.ndarray,
+        users: Sequence[str],
+        timestamps: Sequence[float] | np.ndarray,
+        prefix_lens: Sequence[int] | np.ndarray,
+        dim: int,
+    ) -> MemoryBatch:
+        unit = normalise_rows(keys, dim, "keys")
+        n = unit.shape[0]
+        items_a = _int_column(items, n, "items", minimum=1)
+        users_t = tuple(users)
+        if len(users_t) != n:
+            raise ValueError(f"users has {len(users_t)} entries, expected {n}")
+        for user in users_t:
+            check_user_id(user)
+        ts = np.asarray(timestamps, dtype=np.float64)
+        if ts.shape != (n,) or not np.isfinite(ts).all():
+            raise ValueError(f"timestamps must be {n} finite numbers, got shape {ts.shape}")
+        lens = _int_column(prefix_lens, n, "prefix_lens", minimum=0).astype(np.int32)
+        return cls(keys=unit, items=items_a, users=users_t, timestamps=ts, prefix_lens=lens)
+
+    def __len__(self) -> int:
+        return int(self.items.shape[0])
+
+    def validated(self, dim: int) -> MemoryBatch:
+        """The batch checked and normalised again (it may have been built without :meth:`create`)."""
+        return MemoryBatch.create(self.keys, self.items, self.users, self.timestamps, self.prefix_lens, dim)
+
+    def take(self, rows: np.ndarray) -> MemoryBatch:
+        """The sub-batch at ``rows`` (an int index array)."""
+        return MemoryBatch(
+            keys=self.keys[rows],
+            items=self.items[rows],
+            users=tuple(self.users[int(r)] for r in rows),
+            timestamps=self.timestamps[rows],
+            prefix_lens=self.prefix_lens[rows],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """Outcome of a write. ``memory_ids[i]`` is the id created for input row i, -1 if none was created
+    (a duplicate event, or an interaction without a memory). ``position`` is the replication-log
+    position of the write ("" if nothing was written), usable with ``wait_applied``."""
+
+    accepted: int
+    duplicates: int
+    memory_ids: np.ndarray  # (n,) int64
+    position: str
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """Top-k per query, best first. Padding where fewer than k memories exist: id -1, score -inf,
+    item 0, user "", prefix_len -1, timestamp nan."""
+
+    ids: np.ndarray  # (B, k) int64
+    scores: np.ndarray  # (B, k) float32 cosine similarity
+    items: np.ndarray  # (B, k) int64
+    users: np.ndarray  # (B, k) object (str)
+    prefix_lens: np.ndarray  # (B, k) int32
+    timestamps: np.ndarray  # (B, k) float64
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationStatus:
+    """Where this process's index stands against the log: ``applied`` and ``last`` are log positions,
+    ``lag_s`` the age of the oldest write not applied yet (0 when caught up)."""
+
+    applied: str
+    last: str
+    pending: int
+    lag_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    backend: str
+    namespace: str
+    memories: int  # collaborative memories held by the store (authoritative count)
+    index_size: int  # vectors in this process's FAISS index
+    index_kind: str  # "flat" or "ivf{nlist}"
+    capacity: int | None
+    replication: ReplicationStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    path: Path
+    position: str
+    memories: int
+
+
+class MemoryStore(Protocol):
+    """What the service uses; both backends implement it and pass one contract test suite."""
+
+    @property
+    def dim(self) -> int: ...
+
+    async def append_interactions(self, events: Sequence[Interaction]) -> IngestResult: ...
+
+    async def ingest(
+        self, events: Sequence[Interaction], keys: np.ndarray, prefix_lens: Sequence[int] | np.ndarray
+    ) -> IngestResult:
+        """Interaction + its new memory (key = encoding of the history before the item), atomically."""
+        ...
+
+    async def histories(self, user_ids: Sequence[str], max_len: int) -> list[list[int]]:
+        """Recent item ids per user, oldest first, at most ``max_len`` each ([] for unknown users)."""
+        ...
+
+    async def add_memories(self, batch: MemoryBatch) -> IngestResult: ...
+
+    async def remove_memories(self, ids: Sequence[int] | np.ndarray) -> int:
+        """Remove memories by id; raises ValueError (and removes nothing) if any id is unknown."""
+        ...
+
+    async def search(self, queries: np.ndarray, k: int) -> SearchResult: ...
+
+    async def update_user_memories(
+        self,
+        user_id: str,
+        items: Sequence[int] | np.ndarray,
+        vectors: np.ndarray,
+        timestamps: Sequence[float] | np.ndarray,
+    ) -> list[int]:
+        """Merge observations into the user's memories; returns the item ids evicted."""
+        ...
+
+    async def user_memories(self, user_ids: Sequence[str]) -> list[UserMemories]: ...
+
+    async def record_user_memory_access(self, user_id: str, items: Sequence[int], ts: float) -> int: ...
+
+    async def wait_applied(self, position: str, timeout_s: float | None = None) -> bool:
+        """Wait until this process's index has applied the log up to ``position``."""
+        ...
+
+    async def replication(self) -> ReplicationStatus: ...
+
+    async def stats(self) -> StoreStats: ...
+
+    async def snapshot(self, path: Path | None = None) -> SnapshotInfo: ...
+
+    async def restore(self, path: Path | None = None) -> SnapshotInfo:
+        """Load a snapshot, then catch up from the log so the result equals the durable state."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def normalise_rows(x: np.ndarray, dim: int, name: str) -> np.ndarray:
+    """(n, dim) float32 rows scaled to unit L2 norm; ValueError on a wrong shape, NaN/inf or zero row."""
+    a = np.asarray(x, dtype=np.float32)
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2 or a.shape[1] != dim:
+        raise ValueError(f"{name} must have shape (n, {dim}), got {np.shape(x)}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    norms = np.linalg.norm(a, axis=1, keepdims=True)
+    if (norms <= 1e-12).any():
+        raise ValueError(f"{name} contains an all-zero vector, which has no direction")
+    return np.ascontiguousarray(a / norms, dtype=np.float32)
+
+
+def check_user_id(user: str) -> None:
+    if not isinstance(user, str) or not user or len(user) > 256:
+        raise ValueError(f"user id must be a non-empty string of at most 256 characters, got {user!r}")
+
+
+def check_events(events: Sequence[Interaction]) -> None:
+    for ev in events:
+        check_user_id(ev.user_id)
+        if isinstance(ev.item_id, bool) or not isinstance(ev.item_id, int | np.integer) or ev.item_id < 1:
+            raise ValueError(f"item id must be an int >= 1, got {ev.item_id!r}")
+        if not np.isfinite(ev.timestamp):
+            raise ValueError(f"timestamp must be finite, got {ev.timestamp!r}")
+        if ev.event_id is not None and (not isinstance(ev.event_id, str) or not ev.event_id):
+            raise ValueError(f"event id must be a non-empty string or None, got {ev.event_id!r}")
+
+
+def check_ids(ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    a = np.asarray(ids)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"ids must be a 1-d sequence of ints, got {a.dtype} of shape {a.shape}")
+    a = a.astype(np.int64)
+    if (a < 1).any():
+        raise ValueError("memory ids are >= 1")
+    return a
+
+
+def check_k(k: int) -> None:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+
+
+def memory_batch_for_events(
+    events: Sequence[Interaction], keys: np.ndarray, prefix_lens: Sequence[int] | np.ndarray, dim: int
+) -> MemoryBatch:
+    """The memories created by ``ingest``: item, user and timestamp come from the events."""
+    check_events(events)
+    return MemoryBatch.create(
+        keys,
+        [ev.item_id for ev in events],
+        [ev.user_id for ev in events],
+        [ev.timestamp for ev in events],
+        prefix_lens,
+        dim,
+    )
+
+
+def check_observations(
+    user_id: str,
+    items: Sequence[int] | np.ndarray,
+    vectors: np.ndarray,
+    timestamps: Sequence[float] | np.ndarray,
+    dim: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated (items (k,) int64, vectors (k, dim) float32, timestamps (k,) float64)."""
+    check_user_id(user_id)
+    v = np.asarray(vectors, dtype=np.float32)
+    if v.ndim != 2 or v.shape[1] != dim or not np.isfinite(v).all():
+        raise ValueError(f"vectors must be finite with shape (k, {dim}), got {np.shape(vectors)}")
+    it = _int_column(items, v.shape[0], "items", minimum=1)
+    ts = np.asarray(timestamps, dtype=np.float64)
+    if ts.shape != (v.shape[0],) or not np.isfinite(ts).all():
+        raise ValueError(f"timestamps must be {v.shape[0]} finite numbers")
+    return it, v, ts
+
+
+def _int_column(values: Sequence[int] | np.ndarray, n: int, name: str, minimum: int) -> np.ndarray:
+    a = np.asarray(values)
+    if a.shape != (n,) or (n and not np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"{name} must be {n} ints, got {a.dtype} of shape {a.shape}")
+    a = a.astype(np.int64)
+    if (a < minimum).any():
+        raise ValueError(f"{name} must be >= {minimum}")
+    return a
+
+
+def parse_position(position: str) -> tuple[int, int]:
+    """Log positions are Redis stream ids "ms-seq" (the embedded log uses "0-lsn"); compare as tuples."""
+    head, _, tail = position.partition("-")
+    try:
+        return int(head), int(tail or 0)
+    except ValueError as exc:
+        raise ValueError(f"not a log position: {position!r}") from exc

@@ -1,0 +1,168 @@
+"""Redis key layout and the Lua scripts that write it. Everything else talks to Redis through these names.
+
+All keys of a namespace share the prefix ``memrec:{ns}:`` whose braces are a Redis Cluster hash tag, so a
+namespace lives in one slot and the multi-key scripts below stay valid on a cluster.
+
+=======================  ======  ==================================================================
+key (after the prefix)   type    content
+=======================  ======  ==================================================================
+``hist:{user}``          LIST    recent item ids of the user, oldest first, trimmed to history_len
+``mem:{id}``             HASH    one memory: v (dim float32 LE bytes), item, user, ts, len
+``mem:seq``              STRING  last memory id allocated (INCRBY inside the write script)
+``mem:count``            STRING  memories currently held
+``mem:low``              STRING  eviction cursor: no memory below this id is held
+``byuser:{user}``        LIST    memory ids of the user, oldest first (only with a per-user capacity)
+``seen:{event_id}``      STRING  dedup marker, SET NX with the dedup TTL
+``umem:{user}``          HASH    per-user memories: item id -> packed record (user_memory.record_dtype)
+``log``                  STREAM  replication log, one entry per write (see below)
+=======================  ======  ==================================================================
+
+Log entries (all binary little-endian):
+
+* ``op=add id0 n vec item ts len user``: memories ``id0 .. id0+n-1``; ``vec`` (n, dim) float32,
+  ``item`` (n,) int64, ``ts`` (n,) float64, ``len`` (n,) int32, ``user`` a JSON list of n strings.
+* ``op=del ids``: comma-separated memory ids removed (explicitly or by eviction).
+
+One write script call is one atomic unit: dedup markers, history appends, memory hashes, the log entry
+and the evictions it causes commit together or not at all.
+"""
+
+from __future__ import annotations
+
+
+def key_prefix(namespace: str) -> str:
+    return f"memrec:{{{namespace}}}:"
+
+
+HIST = "hist:"
+MEM = "mem:"
+MEM_SEQ = "mem:seq"
+MEM_COUNT = "mem:count"
+MEM_LOW = "mem:low"
+BY_USER = "byuser:"
+SEEN = "seen:"
+USER_MEM = "umem:"
+LOG = "log"
+
+# Fields of one memory hash.
+MEM_FIELDS = (b"v", b"item", b"user", b"ts", b"len")
+
+# ARGV: prefix, n, vector stride, dedup ttl, history_len, capacity, user capacity (0: none), stream
+# maxlen, mode ('i' history, 'm' memory, 'im' both), the packed vec/item/ts/len blobs (13 so far), then
+# per record: event id ('' for none), user, item, ts, prefix length. Returns {add id, del id, first
+# memory id, accepted record indices (1-based)}.
+WRITE_SCRIPT = """
+local p = ARGV[1]
+local n, stride, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local hlen, cap, ucap, maxlen = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local mode = ARGV[9]
+local vecs, items, tss, lens = ARGV[10], ARGV[11], ARGV[12], ARGV[13]
+local H, W = 13, 5
+local with_hist = string.find(mode, 'i', 1, true) ~= nil
+local with_mem = string.find(mode, 'm', 1, true) ~= nil
+
+-- 1. dedup: an event id is accepted once per TTL (also within this batch)
+local acc = {}
+for i = 1, n do
+  local ev = ARGV[H + (i - 1) * W + 1]
+  if ev == '' or redis.call('SET', p .. 'seen:' .. ev, '1', 'NX', 'EX', ttl) then
+    acc[#acc + 1] = i
+  end
+end
+local m = #acc
+if m == 0 then return {'', '', 0, acc} end
+
+-- 2. histories
+if with_hist then
+  for _, i in ipairs(acc) do
+    local b = H + (i - 1) * W
+    local hk = p .. 'hist:' .. ARGV[b + 2]
+    redis.call('RPUSH', hk, ARGV[b + 3])
+    redis.call('LTRIM', hk, -hlen, -1)
+  end
+end
+if not with_mem then return {'', '', 0, acc} end
+
+-- 3. memories: contiguous ids, one hash each, one log entry for the batch
+local last = redis.call('INCRBY', p .. 'mem:seq', m)
+local first = last - m + 1
+local users, v, it, t, l = {}, {}, {}, {}, {}
+for j, i in ipairs(acc) do
+  local b = H + (i - 1) * W
+  local id = first + j - 1
+  local vec = string.sub(vecs, (i - 1) * stride + 1, i * stride)
+  redis.call('HSET', p .. 'mem:' .. id, 'v', vec, 'item', ARGV[b + 3], 'user', ARGV[b + 2],
+             'ts', ARGV[b + 4], 'len', ARGV[b + 5])
+  users[j] = ARGV[b + 2]
+  if ucap > 0 then redis.call('RPUSH', p .. 'byuser:' .. users[j], id) end
+  if m < n then
+    v[j] = vec
+    it[j] = string.sub(items, (i - 1) * 8 + 1, i * 8)
+    t[j] = string.sub(tss, (i - 1) * 8 + 1, i * 8)
+    l[j] = string.sub(lens, (i - 1) * 4 + 1, i * 4)
+  end
+end
+if m < n then
+  vecs, items, tss, lens = table.concat(v), table.concat(it), table.concat(t), table.concat(l)
+end
+local count = redis.call('INCRBY', p .. 'mem:count', m)
+local add_id = redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'add', 'id0', first,
+                          'n', m, 'vec', vecs, 'item', items, 'ts', tss, 'len', lens,
+                          'user', cjson.encode(users))
+
+-- 4. evictions: per-user capacity first, then the global capacity (oldest ids first)
+local evicted = {}
+local function evict(id)
+  local hk = p .. 'mem:' .. id
+  local user = redis.call('HGET', hk, 'user')
+  if not user then return false end
+  redis.call('DEL', hk)
+  if ucap > 0 then redis.call('LREM', p .. 'byuser:' .. user, 1, id) end
+  evicted[#evicted + 1] = id
+  return true
+end
+if ucap > 0 then
+  local done = {}
+  for _, u in ipairs(users) do
+    if not done[u] then
+      done[u] = true
+      local lk = p .. 'byuser:' .. u
+      for _ = 1, redis.call('LLEN', lk) - ucap do evict(redis.call('LPOP', lk)) end
+    end
+  end
+end
+count = count - #evicted
+if cap > 0 and count > cap then
+  local low = tonumber(redis.call('GET', p .. 'mem:low') or '1')
+  while count > cap and low <= last do
+    if evict(low) then count = count - 1 end
+    low = low + 1
+  end
+  redis.call('SET', p .. 'mem:low', low)
+end
+local del_id = ''
+if #evicted > 0 then
+  redis.call('SET', p .. 'mem:count', count)
+  del_id = redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'del',
+                      'ids', table.concat(evicted, ','))
+end
+return {add_id, del_id, first, acc}
+"""
+
+REMOVE_SCRIPT = """
+local p, maxlen, ucap = ARGV[1], ARGV[2], tonumber(ARGV[3])
+for i = 4, #ARGV do
+  if redis.call('EXISTS', p .. 'mem:' .. ARGV[i]) == 0 then return {'missing', ARGV[i]} end
+end
+for i = 4, #ARGV do
+  local hk = p .. 'mem:' .. ARGV[i]
+  local user = redis.call('HGET', hk, 'user')
+  redis.call('DEL', hk)
+  if ucap > 0 then redis.call('LREM', p .. 'byuser:' .. user, 1, ARGV[i]) end
+end
+redis.call('DECRBY', p .. 'mem:count', #ARGV - 3)
+local ids = {}
+for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
+return {'ok', redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'del',
+                         'ids', table.concat(ids, ','))}
+"""

@@ -1,0 +1,133 @@
+"""The FAISS wrapper alone: concurrency under the readers-writer lock, rebuilds, metadata bookkeeping."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from memory_store.base import MemoryBatch
+from memory_store.config import IndexParams
+from memory_store.index import MemoryIndex, choose_nlist
+
+DIM = 16
+
+
+def batch(ids: np.ndarray, rng: np.random.Generator) -> MemoryBatch:
+    n = ids.size
+    return MemoryBatch.create(
+        rng.standard_normal((n, DIM)).astype(np.float32),
+        ids * 10,
+        [f"u{i % 5}" for i in ids.tolist()],
+        ids.astype(np.float64),
+        ids % 7,
+        DIM,
+    )
+
+
+def test_concurrent_adds_removes_and_searches_never_return_removed_ids() -> None:
+    """One writer (adds, removes, and a flat -> IVF rebuild) against two searching threads."""
+    index = MemoryIndex(DIM, IndexParams(exact_threshold=3_000, min_nlist=16, nprobe=8))
+    rng = np.random.default_rng(0)
+    removed: set[int] = set()
+    removed_lock = threading.Lock()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    searches = [0, 0]
+
+    def writer() -> None:
+        try:
+            for step in range(40):
+                ids = np.arange(step * 200 + 1, step * 200 + 201, dtype=np.int64)
+                index.add(ids, batch(ids, rng))
+                gone = ids[rng.random(ids.size) < 0.5]
+                index.remove(gone)
+                with removed_lock:
+                    removed.update(gone.tolist())
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    def searcher(slot: int) -> None:
+        local = np.random.default_rng(slot + 1)
+        try:
+            while not stop.is_set():
+                with removed_lock:
+                    gone_before = set(removed)
+                queries = local.standard_normal((4, DIM)).astype(np.float32)
+                queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+                out = index.search(queries, 20)
+                hits = {int(i) for i in out.ids.ravel() if i >= 0}
+                assert not hits & gone_before, f"removed ids returned: {sorted(hits & gone_before)[:5]}"
+                valid = out.ids >= 0
+                assert (out.items[valid] == out.ids[valid] * 10).all()  # metadata matches its id
+                searches[slot] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=searcher, args=(s,)) for s in (0, 1)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors[0]
+    assert min(searches) > 10
+    assert index.kind.startswith("ivf")
+    expected = set(range(1, 8_001)) - removed
+    assert set(index.ids().tolist()) == expected and len(index) == len(expected)
+
+
+def test_rebuild_keeps_ids_vectors_and_metadata(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    index = MemoryIndex(DIM, IndexParams(exact_threshold=1_000, min_nlist=8, nprobe=64))
+    ids = np.arange(1, 2_501, dtype=np.int64)
+    b = batch(ids, rng)
+    for s in range(0, 2_500, 500):
+        index.add(ids[s : s + 500], b.take(np.arange(s, s + 500)))
+    assert index.kind == "ivf16"  # trained at the 1,000 threshold: 1,000 / 40 points per list -> 16
+    np.testing.assert_allclose(index.reconstruct(ids[[0, 1_999]]), b.keys[[0, 1_999]], rtol=1e-6)
+    out = index.search(b.keys[[3, 2_000]], 1)
+    assert out.ids[:, 0].tolist() == [4, 2_001]
+    assert out.users[:, 0].tolist() == ["u4", "u1"] and out.prefix_lens[:, 0].tolist() == [4, 6]
+    index.save(tmp_path / "snap")
+    loaded = MemoryIndex.load(tmp_path / "snap", index.params)
+    assert loaded.kind == "ivf16" and set(loaded.ids().tolist()) == set(ids.tolist())
+    assert loaded.remove(ids[:10]) == 10 and loaded.search(b.keys[:1], 5).ids[0, 0] != 1
+
+
+def test_metadata_compaction_after_old_memories_leave() -> None:
+    rng = np.random.default_rng(2)
+    index = MemoryIndex(DIM, IndexParams(exact_threshold=100_000))
+    ids = np.arange(1, 20_001, dtype=np.int64)
+    b = batch(ids, rng)
+    index.add(ids, b)
+    assert index.remove(ids[:15_000]) == 15_000
+    assert index.oldest(3).tolist() == [15_001, 15_002, 15_003]
+    out = index.search(b.keys[[15_000, 19_999]], 1)
+    assert out.ids[:, 0].tolist() == [15_001, 20_000]
+    assert out.items[:, 0].tolist() == [150_010, 200_000] and out.timestamps[:, 0].tolist() == [
+        15_001.0,
+        20_000.0,
+    ]
+    assert index.add(ids[:5], b.take(np.arange(5))) == 0  # ids below the compacted base stay gone
+
+
+def test_add_is_idempotent_and_remove_ignores_absent_ids() -> None:
+    rng = np.random.default_rng(3)
+    index = MemoryIndex(DIM, IndexParams())
+    ids = np.arange(1, 11, dtype=np.int64)
+    b = batch(ids, rng)
+    assert index.add(ids, b) == 10 and index.add(ids, b) == 0 and len(index) == 10
+    assert index.remove(np.array([3, 3, 99])) == 1 and len(index) == 9
+
+
+def test_choose_nlist_follows_size() -> None:
+    params = IndexParams()
+    assert choose_nlist(150_000, params) == 2_048
+    assert choose_nlist(1_000_000, params) == 4_096
+    assert choose_nlist(5_000_000, params) == 8_192
+    assert choose_nlist(20_000, params) == 256  # a floor of min_nlist, capped by what 20k points can train

@@ -1,0 +1,87 @@
+"""Redis-backend specifics: connecting, lag reporting, and a snapshot older than the trimmed log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memory_store import Interaction, MemoryBatch, StoreConfig, open_store
+from memory_store.redis_store import RedisMemoryStore, connect
+
+DIM = 8
+
+
+def keys(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+async def test_connect_gives_up_after_bounded_retries() -> None:
+    with pytest.raises(ConnectionError, match="did not answer after 2 attempts"):
+        await connect("redis://127.0.0.1:1/0", attempts=2, backoff_s=0.01)
+
+
+async def test_lag_is_reported_while_a_replica_is_behind(store_config: Callable[..., StoreConfig]) -> None:
+    writer = await open_store(store_config("redis", dim=DIM, data_dir=None))
+    behind = await RedisMemoryStore.open(store_config("redis", dim=DIM, data_dir=None))
+    try:
+        await behind._stop_tail()  # simulate a replica that stopped applying the log
+        res = await writer.ingest([Interaction("u", 1, 1.0, "e1")], keys(1, 0), [0])
+        await asyncio.sleep(0.05)
+        status = await behind.replication()
+        assert status.last == res.position and status.applied != res.position
+        assert status.pending == 1 and status.lag_s >= 0.04
+        assert await behind.wait_applied(res.position, 0.05) is False
+        caught_up = await writer.replication()
+        assert caught_up.pending == 0 and caught_up.lag_s == 0.0
+    finally:
+        await writer.close()
+        await behind.close()
+
+
+async def test_snapshot_older_than_the_trimmed_log_falls_back_to_a_rebuild(
+    store_config: Callable[..., StoreConfig], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = store_config("redis", dim=DIM, data_dir=tmp_path, stream_maxlen=10)
+    store = await open_store(config)
+    await store.add_memories(MemoryBatch.create(keys(5, 1), [1] * 5, ["u"] * 5, [0.0] * 5, [0] * 5, DIM))
+    await store.snapshot()
+    for i in range(300):  # one log entry each: the stream is trimmed past the snapshot
+        await store.ingest([Interaction("u", i + 1, float(i), f"e{i}")], keys(1, 100 + i), [0])
+    await store.remove_memories([2])
+    await store.close()
+    with caplog.at_level(logging.WARNING, logger="memory_store.redis_store"):
+        reopened = await open_store(config)
+    try:
+        assert "older than the trimmed log" in caplog.text
+        stats = await reopened.stats()
+        assert stats.memories == stats.index_size == 304
+        out = await reopened.search(keys(5, 1), 1)
+        assert out.ids[[0, 2, 3, 4], 0].tolist() == [1, 3, 4, 5] and out.ids[1, 0] != 2
+    finally:
+        await reopened.close()
+
+
+async def test_writes_survive_a_flushed_script_cache(store_config: Callable[..., StoreConfig]) -> None:
+    """After a Redis restart the script cache is empty: single and pipelined writes re-load the scripts."""
+    import redis
+
+    admin = redis.Redis.from_url(str(store_config("redis").redis_url))
+    store = await open_store(store_config("redis", dim=DIM, data_dir=None))
+    try:
+        admin.script_flush()
+        one = await store.ingest([Interaction("u", 1, 1.0, "e1")], keys(1, 0), [0])
+        admin.script_flush()
+        batch = MemoryBatch.create(keys(2500, 1), [1] * 2500, ["u"] * 2500, [0.0] * 2500, [0] * 2500, DIM)
+        many = await store.add_memories(batch)
+        admin.script_flush()
+        assert await store.remove_memories([1]) == 1
+        assert one.memory_ids.tolist() == [1] and many.memory_ids.tolist() == list(range(2, 2502))
+        assert (await store.stats()).memories == 2500
+    finally:
+        await store.close()
+        admin.close()
