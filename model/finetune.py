@@ -91,7 +91,7 @@ class RetrievalModel:
         """Retrieved ids → keys (B, K, D), values (B, K, D), mask (B, K), sims (B, K) on ``device``."""
         ids = retrieved.ids
         safe = np.maximum(ids, 0)
-        keys = torch.from_numpy(self.bank.keys[safe]).to(device)
+        keys = torch.from_numpy(self.bank.unit_keys[safe]).to(device)  # normalised, as the store keeps them
         item_ids = torch.from_numpy(np.where(ids >= 0, self.bank.items[safe], 0)).to(device)
         values = self.encoder.item_emb(item_ids)  # frozen table; padding row for empty slots
         mask = torch.from_numpy(ids >= 0).to(device)

@@ -2,7 +2,9 @@
 
 One memory per (prefix → next item) event: key = the frozen encoder's state of the prefix (D), value =
 the next item's id, plus the user and the prefix length. Search is cosine similarity: inner product on
-L2-normalised keys in an exact FAISS index. Attention later uses the raw keys, as the published code does.
+L2-normalised keys in an exact FAISS index. The fusion attends over the same normalised keys (the published
+code used raw states; cosine-space keys let a live store that keeps only normalised vectors serve the
+very same model).
 
 The leakage rule: a query of user u with prefix length p may not see u's memories with prefix length ≥ p
 (its own event and its future). The bank fetches ``fetch_factor · K`` candidates, drops those, and
@@ -72,11 +74,12 @@ class MemoryBank:
         if not np.isfinite(keys).all():
             raise ValueError("memory keys must be finite")
         self.keys = np.ascontiguousarray(keys, dtype=np.float32)  # (N, D) raw encoder states
+        self.unit_keys = l2_normalise(self.keys)  # (N, D) what search and attention use
         self.items = items.astype(np.int64)  # (N,) value item ids
         self.users = users.astype(np.int64)  # (N,)
         self.prefix_lens = prefix_lens.astype(np.int64)  # (N,)
         self.index = faiss.IndexFlatIP(self.keys.shape[1])
-        self.index.add(l2_normalise(self.keys))
+        self.index.add(self.unit_keys)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -126,6 +129,6 @@ class MemoryBank:
         order = np.argsort(leak, axis=1, kind="stable")[:, :k]
         ids = np.take_along_axis(np.where(leak, -1, draw), order, axis=1)
         q = l2_normalise(np.asarray(queries, dtype=np.float32))
-        keys = l2_normalise(self.keys)[np.maximum(ids, 0)]  # (B, k, D)
+        keys = self.unit_keys[np.maximum(ids, 0)]  # (B, k, D)
         scores = np.where(ids >= 0, np.einsum("bd,bkd->bk", q, keys), -np.inf).astype(np.float32)
         return Retrieved(ids.astype(np.int64), scores)
