@@ -1,4 +1,4 @@
-"""The ``memrec`` command line: ``memrec train`` and ``memrec evaluate``."""
+"""The ``memrec`` command line: ``memrec train``, ``memrec evaluate`` and ``memrec serve``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 
 from model import artifact
 from model.data import DataError, Interactions, Split, leave_one_out, load_dataset
+from model.evaluate import head_items
 from model.finetune import FinetuneConfig, RetrievalModel, evaluate_on_test, evaluate_retrieval, finetune
 from model.fusion import FusionConfig
 from model.sasrec import EncoderConfig, SASRec
@@ -88,7 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, type=Path, help="model directory written by `memrec train`")
     _add_data_args(e, required=False)
     e.add_argument("--split", choices=("test", "valid"), default="test")
+
+    s = sub.add_parser("serve", help="serve a model directory over HTTP (settings: MEMREC_* variables)")
+    s.add_argument("--model", dest="model_dir", type=Path, help="model directory (or MEMREC_MODEL_DIR)")
+    s.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8000)")
+    s.add_argument("--redis-url", help="Redis URL (default: the embedded store in --store-dir)")
+    s.add_argument("--store-dir", type=Path, help="embedded store folder (default var/store)")
+    s.add_argument("--threads", dest="torch_threads", type=int, help="torch and FAISS threads (default 1)")
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.server import serve  # the service (FastAPI, Redis) loads only for this command
+
+    names = ("model_dir", "host", "port", "redis_url", "store_dir", "torch_threads")
+    return serve({name: getattr(args, name) for name in names if getattr(args, name) is not None})
 
 
 def _pretrain(args: argparse.Namespace, data: Interactions, split: Split) -> tuple[SASRec, dict[str, Any]]:
@@ -118,7 +134,9 @@ def _pretrain(args: argparse.Namespace, data: Interactions, split: Split) -> tup
         "sec_per_epoch": result.sec_per_epoch,
         "train_seconds": time.perf_counter() - t0,
         "valid": result.best_valid,
-        "test": evaluate_encoder(model, split.test, split.test_seen, cfg),
+        "test": evaluate_encoder(
+            model, split.test, split.test_seen, cfg, head_items(split.train.targets, enc_cfg.n_items)
+        ),
         "train_config": cfg.to_json(),
     }
     return model.cpu(), metrics
@@ -198,13 +216,14 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     split = leave_one_out(data, art.encoder.cfg.max_len)
     samples, seen = (split.test, split.test_seen) if args.split == "test" else (split.valid, split.valid_seen)
     out: dict[str, Any] = {"model_version": art.model_version, "dataset": data.name, "split": args.split}
-    encoder_metrics = evaluate_encoder(art.encoder, samples, seen, TrainConfig(device=args.device))
+    head = head_items(split.train.targets, art.vocab.n_items)
+    encoder_metrics = evaluate_encoder(art.encoder, samples, seen, TrainConfig(device=args.device), head)
     if art.fusion is not None and art.bank is not None:
         cfg = FinetuneConfig(**art.finetune_config)
         cfg.device = args.device
         model = RetrievalModel(art.encoder, art.fusion, art.bank, cfg)
         queries = model.queries(samples)
-        out.update(evaluate_retrieval(model, queries, samples, seen, args.device))
+        out.update(evaluate_retrieval(model, queries, samples, seen, args.device, head))
         out["encoder"] = encoder_metrics
     else:
         out.update(encoder_metrics)
@@ -217,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "serve":
+        return cmd_serve(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)  # FAISS's OpenMP pool would otherwise take every core

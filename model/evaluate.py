@@ -6,6 +6,9 @@ Two protocols from the same scores:
 * ``masked`` (the service protocol, and the FMLP/ICLRec family's): every item the user interacted with
   before the target is removed from the ranking. A target the user had already seen is then a miss.
 
+With ``head_items`` the metrics are also split by target popularity: ``unmasked_head`` and
+``unmasked_tail`` (and the masked pair) cover the targets among the head items and the rest.
+
 Ranks are *pessimistic* on ties: the target's rank is the number of other items scoring at least as
 high. A model that gives every item the same score therefore ranks every target last, not first.
 """
@@ -53,6 +56,15 @@ def mask_seen(scores: Tensor, idx: IntArray, seen: tuple[IntArray, IntArray]) ->
     scores[torch.from_numpy(rows).to(scores.device), torch.from_numpy(cols).to(scores.device)] = -math.inf
 
 
+def head_items(train_targets: IntArray, n_items: int, share: float = 0.2) -> np.ndarray:
+    """(n_items + 1,) bool: the ``share`` most frequent training targets (ties by lower id)."""
+    counts = np.bincount(train_targets, minlength=n_items + 1)[1:]
+    order = np.argsort(-counts, kind="stable")[: int(round(share * n_items))]
+    head = np.zeros(n_items + 1, dtype=bool)
+    head[order + 1] = True
+    return head
+
+
 @torch.inference_mode()
 def evaluate(
     score_fn: ScoreFn,
@@ -61,8 +73,10 @@ def evaluate(
     device: torch.device | str = "cpu",
     batch_size: int = 1024,
     ks: tuple[int, ...] = KS,
+    head: np.ndarray | None = None,
 ) -> Metrics:
-    """Rank every sample's target among all items, unmasked and masked; return both metric sets."""
+    """Rank every sample's target among all items, unmasked and masked; return both metric sets
+    (and their head/tail split when ``head`` marks the popular items)."""
     device = torch.device(device)
     ranks = {"unmasked": np.zeros(len(samples), np.int64), "masked": np.zeros(len(samples), np.int64)}
     for idx in bucket_batches(samples.lengths, batch_size, rng=None):
@@ -74,4 +88,10 @@ def evaluate(
         ranks["unmasked"][idx] = target_ranks(scores, y).cpu().numpy()
         mask_seen(scores, idx, seen)
         ranks["masked"][idx] = target_ranks(scores, y).cpu().numpy()
-    return {name: metrics_from_ranks(r, ks) for name, r in ranks.items()}
+    out = {name: metrics_from_ranks(r, ks) for name, r in ranks.items()}
+    if head is not None:
+        in_head = head[samples.targets]
+        for name, r in ranks.items():
+            out[f"{name}_head"] = metrics_from_ranks(r[in_head], ks)
+            out[f"{name}_tail"] = metrics_from_ranks(r[~in_head], ks)
+    return out

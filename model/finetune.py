@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from model.adaptive import AdaptiveKConfig, adaptive_k
 from model.data import IntArray, Samples, Split
-from model.evaluate import Metrics, evaluate
+from model.evaluate import Metrics, evaluate, head_items
 from model.fusion import FusionConfig, RetrievalFusion
 from model.memory import FloatArray, MemoryBank, Retrieved, encode_samples
 from model.sasrec import SASRec
@@ -129,7 +129,12 @@ def _subset(retrieved: Retrieved, idx: IntArray) -> Retrieved:
 
 
 def evaluate_retrieval(
-    model: RetrievalModel, queries: Queries, samples: Samples, seen: tuple[IntArray, IntArray], device: str
+    model: RetrievalModel,
+    queries: Queries,
+    samples: Samples,
+    seen: tuple[IntArray, IntArray],
+    device: str,
+    head: np.ndarray | None = None,
 ) -> Metrics:
     """Full-ranking metrics of the retrieval-augmented model from precomputed queries."""
     model.fusion.eval()
@@ -139,7 +144,7 @@ def evaluate_retrieval(
         states = torch.from_numpy(queries.states[idx]).to(dev)
         return model.scores(states, _subset(queries.retrieved, idx))
 
-    return evaluate(score_fn, samples, seen, device=device)
+    return evaluate(score_fn, samples, seen, device=device, head=head)
 
 
 def build_bank(encoder: SASRec, samples: Samples, device: str) -> tuple[MemoryBank, FloatArray]:
@@ -225,4 +230,5 @@ def evaluate_on_test(
     valid_bank, _ = build_bank(model.encoder, split.valid, cfg.device)
     full = RetrievalModel(model.encoder, model.fusion, model.bank.concat(valid_bank), cfg)
     test_q = full.queries(split.test)
-    return full, evaluate_retrieval(full, test_q, split.test, split.test_seen, cfg.device)
+    head = head_items(split.train.targets, model.encoder.cfg.n_items)
+    return full, evaluate_retrieval(full, test_q, split.test, split.test_seen, cfg.device, head)

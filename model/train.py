@@ -306,7 +306,11 @@ def _clone_state(model: SASRec) -> dict[str, Tensor]:
 
 
 def evaluate_encoder(
-    model: SASRec, samples: Samples, seen: tuple[IntArray, IntArray], cfg: TrainConfig
+    model: SASRec,
+    samples: Samples,
+    seen: tuple[IntArray, IntArray],
+    cfg: TrainConfig,
+    head: np.ndarray | None = None,
 ) -> Metrics:
     """Full-ranking metrics of a plain encoder (no retrieval) on ``samples``."""
     model.eval()
@@ -316,4 +320,5 @@ def evaluate_encoder(
         seen,
         device=cfg.device,
         batch_size=cfg.eval_batch_size,
+        head=head,
     )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.data import Samples
-from model.evaluate import evaluate, mask_seen, metrics_from_ranks, target_ranks
+from model.evaluate import evaluate, head_items, mask_seen, metrics_from_ranks, target_ranks
 
 
 def test_metrics_on_known_ranks() -> None:
@@ -57,3 +57,29 @@ def test_evaluate_both_protocols_from_fixed_scores() -> None:
     # masked: sample 0 loses item 1 → rank 0; sample 1's target was seen → masked away, a miss
     assert m["masked"]["hr@1"] == pytest.approx(0.5) and m["masked"]["hr@2"] == pytest.approx(0.5)
     assert m["masked"]["ndcg@2"] == pytest.approx(0.5)
+
+
+def test_head_items_are_the_most_frequent_fifth() -> None:
+    targets = np.array([3, 3, 3, 7, 7, 1, 2, 4, 5, 6, 8, 9, 10])  # 10 items; 3 and 7 are the most frequent
+    assert np.flatnonzero(head_items(targets, n_items=10)).tolist() == [3, 7]
+
+
+def test_evaluate_splits_metrics_by_target_popularity() -> None:
+    table = torch.tensor([[-math.inf, 0.9, 0.1, 0.0], [-math.inf, 0.9, 0.1, 0.0]])
+    samples = Samples(
+        inputs=np.array([[3], [3]]),
+        lengths=np.array([1, 1]),
+        targets=np.array([1, 2]),
+        users=np.array([0, 1]),
+        prefix_lens=np.array([1, 1]),
+    )
+    seen = (np.array([0, 1, 2]), np.array([3, 3]))
+
+    def score_fn(x: torch.Tensor, lengths: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+        return table[torch.from_numpy(idx)].clone()
+
+    head = np.array([False, True, False, False])  # item 1 is the head
+    m = evaluate(score_fn, samples, seen, ks=(1,), head=head)
+    assert m["unmasked"]["hr@1"] == 0.5
+    assert m["unmasked_head"]["hr@1"] == 1.0 and m["unmasked_tail"]["hr@1"] == 0.0
+    assert m["masked_head"]["hr@1"] == 1.0
