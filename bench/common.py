@@ -25,6 +25,7 @@ REPORTS = ROOT / "reports"
 RUNS = Path(os.environ.get("MEMREC_RUNS_DIR", ROOT / "runs"))
 METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20")
 PROTOCOLS = ("unmasked", "masked")
+GROUPS = ("unmasked_head", "unmasked_tail", "masked_head", "masked_tail")  # by target popularity
 
 
 def machine() -> dict[str, Any]:
@@ -75,6 +76,18 @@ def train_cli(
     return out, recorded
 
 
+def evaluate_cli(model_dir: Path, *, device: str | None, data_dir: str | None) -> dict[str, Any] | None:
+    """`memrec evaluate --model DIR` in a child process → its JSON output, None on failure."""
+    cmd = [sys.executable, "-m", "model.cli", "evaluate", "--model", str(model_dir)]
+    cmd += [*(["--device", device] if device else []), *(["--data-dir", data_dir] if data_dir else [])]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        log.error("evaluation of %s failed with exit code %d", display_path(model_dir), proc.returncode)
+        return None
+    out: dict[str, Any] = json.loads(proc.stdout)
+    return out
+
+
 def write_result(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {**record, "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine()}
@@ -100,7 +113,11 @@ def aggregate(runs_dir: Path) -> dict[str, Any]:
         entry.update(
             {
                 "seeds": [r["seed"] for r in rs],
-                "test": {p: {m: stat([r["test"][p][m] for r in rs]) for m in METRICS} for p in PROTOCOLS},
+                "test": {
+                    p: {m: stat([r["test"][p][m] for r in rs]) for m in METRICS}
+                    for p in (*PROTOCOLS, *GROUPS)
+                    if all(p in r["test"] for r in rs)
+                },
                 "valid": {
                     "unmasked": {
                         m: stat([r["valid"]["unmasked"][m] for r in rs]) for m in ("ndcg@10", "hr@10")

@@ -18,8 +18,21 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 from bench import accuracy
-from bench.common import REPORTS, RUNS, aggregate, cost_table, metric_table, train_cli, write_result
+from bench.common import (
+    GROUPS,
+    REPORTS,
+    RUNS,
+    aggregate,
+    cost_table,
+    evaluate_cli,
+    fmt,
+    metric_table,
+    train_cli,
+    write_result,
+)
 
 log = logging.getLogger("bench.retrieval")
 
@@ -38,14 +51,20 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def pretrain_only(dataset: str, seed: int, args: argparse.Namespace) -> bool:
-    """The encoder's own result, copied from the accuracy benchmark (trained there if missing)."""
+    """The encoder's own result: the accuracy benchmark's run (trained there if missing), with test
+    metrics from `memrec evaluate` so that they carry the head/tail split too."""
     result_file = RESULTS / f"{dataset}.pretrain_only.seed{seed}.json"
     if result_file.is_file():
         return True
     if not accuracy.run_one(dataset, args.encoder, seed, args):
         return False
+    encoder_dir = RUNS / "accuracy" / dataset / f"{args.encoder}-seed{seed}"
+    test = evaluate_cli(encoder_dir, device=args.device, data_dir=args.data_dir)
+    if test is None:
+        return False
     record = json.loads((accuracy.RESULTS / f"{dataset}.{args.encoder}.seed{seed}.json").read_text())
     record = {k: v for k, v in record.items() if k not in ("date", "machine")}
+    record["test"] = {k: v for k, v in test.items() if k.startswith(("unmasked", "masked"))}
     write_result(result_file, {**record, "variant": "pretrain_only", "encoder": args.encoder})
     return True
 
@@ -91,13 +110,61 @@ def markdown(report: dict[str, Any]) -> str:
         published = accuracy.PUBLISHED.get(dataset, {}).items()
         rows += [(f"published {n}", 0, "unmasked", pub) for n, pub in published]
         lines += [f"## {dataset}", "", *metric_table(rows), "", *cost_table(variants), ""]
+        lines += long_tail_table(variants)
     return "\n".join(lines)
+
+
+def long_tail_table(variants: dict[str, Any]) -> list[str]:
+    """NDCG@10 on targets among the 20 % most frequent training targets (head) and on the rest."""
+    rows = [(n, v) for n, v in variants.items() if "unmasked_head" in v["test"]]
+    if not rows:
+        return []
+    lines = [
+        "Long tail: NDCG@10 by target popularity (head = the 20 % most frequent training targets).",
+        "",
+        "| variant | head, unmasked | tail, unmasked | head, masked | tail, masked |",
+        "|---|---|---|---|---|",
+    ]
+    for name, v in rows:
+        cells = [fmt(v["test"][g]["ndcg@10"]) for g in GROUPS]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return [*lines, ""]
+
+
+def long_tail_plot(report: dict[str, Any]) -> None:
+    """reports/retrieval_long_tail.png: head vs tail NDCG@10 (unmasked) per variant and dataset."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # an optional extra: `pip install -e '.[bench]'`
+        log.warning("matplotlib not installed; skipping the long-tail chart")
+        return
+    datasets = [d for d, vs in report.items() if any("unmasked_head" in v["test"] for v in vs.values())]
+    if not datasets:
+        return
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        names = [n for n, v in report[dataset].items() if "unmasked_head" in v["test"]]
+        x = np.arange(len(names))
+        for offset, group in ((-0.2, "unmasked_head"), (0.2, "unmasked_tail")):
+            means = [report[dataset][n]["test"][group]["ndcg@10"]["mean"] for n in names]
+            stds = [report[dataset][n]["test"][group]["ndcg@10"]["std"] for n in names]
+            ax.bar(x + offset, means, 0.4, yerr=stds, label=group.split("_")[1])
+        ax.set_xticks(x, names, rotation=30, ha="right")
+        ax.set_title(f"{dataset}: test NDCG@10 by target popularity")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(REPORTS / "retrieval_long_tail.png", dpi=100)
+    plt.close(fig)
 
 
 def write_report() -> dict[str, Any]:
     report = aggregate(RESULTS)
     (REPORTS / "retrieval.json").write_text(json.dumps(report, indent=2) + "\n")
     (REPORTS / "retrieval.md").write_text(markdown(report))
+    long_tail_plot(report)
     return report
 
 

@@ -1,0 +1,468 @@
+"""Service benchmarks → ``reports/service.json`` and ``reports/service.md``.
+
+* ``load``: an open-loop generator (requests fire at fixed times whatever the answers do, and latency
+  counts from the scheduled time, so queueing shows in the tail) on loopback against ``memrec serve``
+  with the Redis backend: 90 % /recommend, 10 % /interactions, at increasing rates. Two floors in the
+  same run: the in-process pipeline without HTTP, and a bare FastAPI endpoint under the same generator.
+* ``freshness``: time from an /interactions answer to the first /recommend answer that retrieves the new
+  memory.
+* ``drift``: train on the interactions before a time cut, replay the later ones in time order through
+  the API (asking /recommend before each one), with live memory updates and with a frozen bank.
+
+    python -m bench.service load --model artifacts/beauty
+    python -m bench.service drift --dataset ml-100k
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import REPORTS, ROOT, machine, machine_label
+
+log = logging.getLogger("bench.service")
+
+BENCH_REDIS_URL = "redis://127.0.0.1:6379/12"
+DRIFT_REDIS_URL = "redis://127.0.0.1:6379/13"
+Request = tuple[str, bytes]  # (path, JSON body)
+
+
+# ------------------------------------------------------------------------------------ HTTP client
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection: a minimal client so the generator costs little CPU."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        self.writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = next(int(ln.split(":", 1)[1]) for ln in lines if ln.lower().startswith("content-length"))
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def open_loop(
+    host: str, port: int, rate: float, duration_s: float, make: Callable[[int], Request], conns: int = 128
+) -> dict[str, Any]:
+    """Fire ``rate`` requests/s for ``duration_s``; latency from each request's scheduled time."""
+    pool: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(conns):
+        pool.put_nowait(await Connection.open(host, port))
+    loop = asyncio.get_running_loop()
+    lat: dict[str, list[float]] = {}
+    errors = 0
+
+    async def one(at: float, req: Request) -> None:
+        nonlocal errors
+        conn = await pool.get()
+        try:
+            status, _ = await conn.post(*req)
+        finally:
+            pool.put_nowait(conn)
+        if status >= 400:
+            errors += 1
+        lat.setdefault(req[0], []).append(loop.time() - at)
+
+    n = int(rate * duration_s)
+    start = loop.time() + 0.05
+    tasks = []
+    for i in range(n):
+        at = start + i / rate
+        delay = at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(at, make(i))))
+    await asyncio.gather(*tasks)
+    elapsed = loop.time() - start
+    while not pool.empty():
+        pool.get_nowait().close()
+    everything = [x for xs in lat.values() for x in xs]
+    return {
+        "rate": rate,
+        "sent": n,
+        "achieved_rps": n / elapsed,
+        "errors": errors,
+        **_percentiles(everything),
+        "by_route": {path: _percentiles(xs) for path, xs in lat.items()},
+    }
+
+
+def _percentiles(xs: list[float]) -> dict[str, float]:
+    a = np.asarray(xs) * 1000.0
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "n": len(xs)}
+
+
+# ----------------------------------------------------------------------------------------- server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _flush(url: str) -> None:
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+
+
+@contextmanager
+def server(argv: list[str], env: dict[str, str], ready_path: str, timeout_s: float = 900.0) -> Iterator[int]:
+    """A server subprocess on a free port (``{port}`` in argv is replaced); yields the port once ready."""
+    import httpx
+
+    port = _free_port()
+    cmd = [a.replace("{port}", str(port)) for a in argv]
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    out.seek(0)
+                    raise RuntimeError(f"server exited: {out.read().decode()[-3000:]}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server not ready in time")
+                time.sleep(0.5)
+            yield port
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def _vocab(model: Path) -> tuple[list[str], list[str]]:
+    v = json.loads((model / "vocab.json").read_text(encoding="utf-8"))
+    return list(v["users"]), list(v["items"])
+
+
+def mixed_traffic(model: Path, seed: int = 0) -> Callable[[int], Request]:
+    """90 % /recommend of known users, 10 % /interactions of one event (random user and item)."""
+    users, items = _vocab(model)
+    rng = random.Random(seed)
+
+    def make(i: int) -> Request:
+        user = rng.choice(users)
+        if rng.random() < 0.9:
+            return "/recommend", json.dumps({"user_id": user, "n": 10}).encode()
+        ev = {"user_id": user, "item_id": rng.choice(items)}
+        return "/interactions", json.dumps({"events": [ev]}).encode()
+
+    return make
+
+
+def bare_app_argv() -> list[str]:
+    code = (
+        "import uvicorn\nfrom fastapi import FastAPI\napp = FastAPI()\n"
+        "@app.post('/recommend')\nasync def r() -> dict[str, int]:\n    return {'ok': 1}\n"
+        "@app.get('/livez')\nasync def z() -> dict[str, int]:\n    return {'ok': 1}\n"
+        "uvicorn.run(app, host='127.0.0.1', port={port}, log_level='warning', access_log=False)\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def serve_argv(model: Path, redis_url: str) -> list[str]:
+    return [sys.executable, "-m", "model.cli", "serve", "--model", str(model), "--port", "{port}",
+            "--redis-url", redis_url]  # fmt: skip
+
+
+def max_rate(steps: list[dict[str, Any]], p99_ms: float) -> float:
+    ok = [s["rate"] for s in steps if s["p99_ms"] <= p99_ms and s["errors"] == 0]
+    return max(ok, default=0.0)
+
+
+def sweep(port: int, rates: list[float], duration_s: float, make: Callable[[int], Request]) -> list[Any]:
+    steps = []
+    for rate in rates:
+        step = asyncio.run(open_loop("127.0.0.1", port, rate, duration_s, make))
+        log.info("rate %4.0f/s: p50 %.1f ms p99 %.1f ms errors %d", rate, step["p50_ms"], step["p99_ms"],
+                 step["errors"])  # fmt: skip
+        steps.append(step)
+        if step["p99_ms"] > 500:  # far past saturation: higher rates only queue more
+            break
+    return steps
+
+
+# -------------------------------------------------------------------------------------- in process
+
+
+async def pipeline_floor(model: Path, redis_url: str, requests: int, concurrency: int) -> dict[str, Any]:
+    """Closed loop on the pipeline alone (no HTTP): throughput and latency of /recommend's work."""
+    from service.app import build_runtime
+    from service.metrics import Metrics
+    from service.pipeline import Query
+    from service.settings import Settings
+
+    settings = Settings(model_dir=model, redis_url=redis_url)  # the namespace the server loaded
+    rt = await build_runtime(settings, Metrics())
+    users, _ = _vocab(model)
+    rng = random.Random(1)
+    rt.pipeline.start()
+    lat: list[float] = []
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await rt.pipeline.recommend(Query(user_id=rng.choice(users)))
+            lat.append(time.perf_counter() - t0)
+
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    finally:
+        await rt.pipeline.stop()
+        await rt.store.close()
+    return {"concurrency": concurrency, "rps": len(lat) / elapsed, **_percentiles(lat)}
+
+
+async def freshness(model: Path, port: int, trials: int, seed: int = 2) -> dict[str, Any]:
+    """/interactions answer → first /recommend answer whose memories include the new one."""
+    _, items = _vocab(model)
+    rng = random.Random(seed)
+    conn = await Connection.open("127.0.0.1", port)
+    out: list[float] = []
+    misses = 0
+    for t in range(trials):
+        prefix, target, user = rng.sample(items, 5), rng.choice(items), f"fresh-{seed}-{t}"
+        events = [{"user_id": user, "item_id": it} for it in [*prefix, target]]
+        await conn.post("/interactions", json.dumps({"events": events}).encode())
+        answered = time.perf_counter()
+        query = json.dumps({"user_id": f"reader-{t}", "history": prefix, "explain": True, "n": 1}).encode()
+        for _ in range(200):
+            _, body = await conn.post("/recommend", query)
+            if any(m["user_id"] == user for m in json.loads(body)["memories"]):
+                out.append(time.perf_counter() - answered)
+                break
+        else:
+            misses += 1
+    conn.close()
+    return {"trials": trials, "not_seen": misses, **_percentiles(out)}
+
+
+def run_load(args: argparse.Namespace) -> dict[str, Any]:
+    model = Path(args.model)
+    _flush(BENCH_REDIS_URL)
+    env = {"MEMREC_TORCH_THREADS": "1", "MEMREC_LOG_LEVEL": "warning"}
+    result: dict[str, Any] = {"model": str(model.name), "duration_s": args.duration, "rates": args.rates}
+    with server(serve_argv(model, BENCH_REDIS_URL), env, "/readyz") as port:
+        asyncio.run(open_loop("127.0.0.1", port, 100, 2.0, mixed_traffic(model, 9)))  # warm-up
+        steps = sweep(port, args.rates, args.duration, mixed_traffic(model))
+        result["steps"] = steps
+        result["max_rps_p99_50ms"] = max_rate(steps, 50.0)
+        result["max_rps_p99_25ms"] = max_rate(steps, 25.0)
+        result["freshness"] = asyncio.run(freshness(model, port, args.freshness_trials))
+    with server(bare_app_argv(), {}, "/livez") as port:
+        bare = sweep(port, args.rates, args.duration, lambda i: ("/recommend", b"{}"))
+        result["floor_bare_fastapi"] = {"steps": bare, "max_rps_p99_50ms": max_rate(bare, 50.0)}
+    result["floor_pipeline"] = asyncio.run(pipeline_floor(model, BENCH_REDIS_URL, 4000, 32))
+    _flush(BENCH_REDIS_URL)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ drift
+
+
+def time_split(inter: Path, quantile: float, out_dir: Path) -> tuple[Path, list[tuple[str, str, float]]]:
+    """Sequences of the interactions before the cut (a training file), and the later events in order."""
+    rows: list[tuple[str, str, float]] = []
+    with inter.open(encoding="utf-8") as f:
+        next(f)
+        for line in f:
+            u, i, _, ts = line.rstrip("\n").split("\t")
+            rows.append((u, i, float(ts)))
+    rows.sort(key=lambda r: r[2])
+    cut = rows[int(len(rows) * quantile)][2]
+    seqs: dict[str, list[str]] = {}
+    for u, i, t in rows:
+        if t < cut:
+            seqs.setdefault(u, []).append(i)
+    known_items = {i for s in seqs.values() for i in s}
+    later = [r for r in rows if r[2] >= cut and r[1] in known_items]
+    path = out_dir / "early.txt"
+    path.write_text("".join(f"{u} {' '.join(s)}\n" for u, s in seqs.items() if len(s) >= 3), encoding="utf-8")
+    return path, later
+
+
+async def replay(model: Path, later: list[tuple[str, str, float]], frozen: bool, ns: str) -> dict[str, Any]:
+    import httpx
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(model_dir=model, redis_url=DRIFT_REDIS_URL, namespace=ns, frozen_memory=frozen)
+    app = create_app(settings)
+    hits, ndcg = 0, 0.0
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            for u, i, t in later:
+                body = (await client.post("/recommend", json={"user_id": u, "n": 10})).json()
+                ranked = [it["item_id"] for it in body["items"]]
+                if i in ranked:
+                    hits += 1
+                    ndcg += 1.0 / math.log2(ranked.index(i) + 2)
+                ev = {"user_id": u, "item_id": i, "timestamp": t}
+                r = await client.post("/interactions", json={"events": [ev]})
+                r.raise_for_status()
+            stats = await app.state.runtime.store.stats()
+    n = len(later)
+    return {"events": n, "hr@10": hits / n, "ndcg@10": ndcg / n, "memories_after": stats.memories}
+
+
+def run_drift(args: argparse.Namespace) -> dict[str, Any]:
+    data_dir = Path(args.data_dir or os.environ.get("MEMREC_DATA_DIR") or "../shared/data")
+    work = ROOT / "artifacts" / "drift"
+    work.mkdir(parents=True, exist_ok=True)
+    early, later = time_split(data_dir / "ml-100k" / "ml-100k.inter", args.cut, work)
+    model = work / "model"
+    train = [sys.executable, "-m", "model.cli", "train", "--dataset", str(early), "--out", str(model),
+             "--objective", "sasrec", "--scheme", "allpos", "--epochs", str(args.epochs), "--ft-epochs",
+             str(args.ft_epochs), "--device", "cpu", "--threads", "1"]  # fmt: skip
+    if not (model / "config.json").is_file():
+        subprocess.run(train, check=True, capture_output=True)
+    later = later[: args.events]
+    _flush(DRIFT_REDIS_URL)
+    live = asyncio.run(replay(model, later, frozen=False, ns="drift-live"))
+    frozen = asyncio.run(replay(model, later, frozen=True, ns="drift-frozen"))
+    _flush(DRIFT_REDIS_URL)
+    return {
+        "dataset": "ml-100k",
+        "cut_quantile": args.cut,
+        "train_command": shlex.join(["memrec", *train[3:]]).replace(str(ROOT) + "/", ""),
+        "live": live,
+        "frozen": frozen,
+        "hr@10_gain": live["hr@10"] - frozen["hr@10"],
+        "ndcg@10_gain": live["ndcg@10"] - frozen["ndcg@10"],
+    }
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def write_reports(section: str, result: dict[str, Any], command: str) -> None:
+    path = REPORTS / "service.json"
+    report: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    report["machine"] = machine_label(machine())
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    report[section] = {**result, "command": command, "date": when}
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (REPORTS / "service.md").write_text(render_md(report), encoding="utf-8")
+
+
+def _load_md(load: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## Load (`{load['command']}`, {load['date']})",
+        "",
+        f"Model: `{load['model']}`, Redis backend, open loop on loopback, {load['duration_s']:.0f} s per "
+        "rate, 90 % /recommend + 10 % /interactions; latency counts from each request's scheduled time.",
+        "",
+        "| rate (req/s) | achieved | p50 ms | p99 ms | errors |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for s in load["steps"]:
+        cells = [f"{s['rate']:.0f}", f"{s['achieved_rps']:.0f}", f"{s['p50_ms']:.1f}", f"{s['p99_ms']:.1f}"]
+        lines.append("| " + " | ".join([*cells, str(s["errors"])]) + " |")
+    bare, pipe, fresh = load["floor_bare_fastapi"], load["floor_pipeline"], load["freshness"]
+    return [
+        *lines,
+        "",
+        f"- `load.max_rps_p99_50ms` = **{load['max_rps_p99_50ms']:.0f}** req/s "
+        f"(p99 ≤ 25 ms up to {load['max_rps_p99_25ms']:.0f} req/s).",
+        f"- Floor, bare FastAPI endpoint under the same generator: p99 ≤ 50 ms up to "
+        f"{bare['max_rps_p99_50ms']:.0f} req/s.",
+        f"- Floor, in-process pipeline (no HTTP, {pipe['concurrency']} concurrent callers): "
+        f"{pipe['rps']:.0f} req/s, p50 {pipe['p50_ms']:.1f} ms, p99 {pipe['p99_ms']:.1f} ms.",
+        f"- Freshness (/interactions answer → memory retrieved): p50 {fresh['p50_ms']:.1f} ms, "
+        f"p99 {fresh['p99_ms']:.1f} ms, {fresh['trials']} trials, {fresh['not_seen']} never seen.",
+        "",
+    ]
+
+
+def _drift_md(drift: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## Drift replay (`{drift['command']}`, {drift['date']})",
+        "",
+        f"ml-100k split by time at the {drift['cut_quantile']:.0%} quantile; model trained on the earlier "
+        f"part (`{drift['train_command']}`); the first {drift['live']['events']} later interactions "
+        "replayed in time order, each preceded by /recommend (n = 10, seen items masked).",
+        "",
+        "| memory bank | HR@10 | NDCG@10 | memories at the end |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in ("live", "frozen"):
+        d = drift[name]
+        lines.append(f"| {name} | {d['hr@10']:.4f} | {d['ndcg@10']:.4f} | {d['memories_after']} |")
+    gain = f"HR@10 {drift['hr@10_gain']:+.4f}, NDCG@10 {drift['ndcg@10_gain']:+.4f}"
+    return [*lines, "", f"Live minus frozen: {gain}.", ""]
+
+
+def render_md(report: dict[str, Any]) -> str:
+    lines = ["# Service benchmarks", "", f"Machine: {report.get('machine', '?')}.", ""]
+    if "load" in report:
+        lines += _load_md(report["load"])
+    if "drift" in report:
+        lines += _drift_md(report["drift"])
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    lp = sub.add_parser("load", help="open-loop load, floors and freshness")
+    lp.add_argument("--model", default="artifacts/beauty")
+    lp.add_argument("--rates", type=float, nargs="+", default=[100, 250, 500, 750, 1000, 1500])
+    lp.add_argument("--duration", type=float, default=10.0)
+    lp.add_argument("--freshness-trials", type=int, default=200)
+    dp = sub.add_parser("drift", help="time-split replay, live versus frozen memory")
+    dp.add_argument("--data-dir")
+    dp.add_argument("--cut", type=float, default=0.9)
+    dp.add_argument("--events", type=int, default=3000)
+    dp.add_argument("--epochs", type=int, default=20)
+    dp.add_argument("--ft-epochs", type=int, default=5)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = shlex.join(["python", "-m", "bench.service", *(argv if argv is not None else sys.argv[1:])])
+    runner: Callable[[argparse.Namespace], dict[str, Any]] = run_load if args.command == "load" else run_drift
+    write_reports(args.command, runner(args), command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
