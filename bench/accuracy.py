@@ -18,7 +18,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from bench.common import REPORTS, RUNS, aggregate, cost_table, metric_table, train_cli, write_result
+from bench.common import REPORTS, RUN_KEYS, RUNS, aggregate, cost_table, metric_table, train_cli, write_result
 
 log = logging.getLogger("bench.accuracy")
 
@@ -69,9 +69,8 @@ def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> 
     metrics, command = train_cli(cli_args, device=args.device, threads=args.threads, data_dir=args.data_dir)
     if metrics is None:
         return False
-    keys = ("model_version", "best_epoch", "epochs_run", "sec_per_epoch", "peak_rss_mb", "train_seconds")
     record = {"dataset": dataset, "variant": variant, "objective": objective, "scheme": scheme, "seed": seed}
-    record |= {"command": command, **{k: metrics[k] for k in keys}, "valid": metrics["valid"]}
+    record |= {"command": command, **{k: metrics[k] for k in RUN_KEYS}, "valid": metrics["valid"]}
     write_result(result_file, {**record, "test": metrics["test"]})
     return True
 

@@ -25,6 +25,8 @@ REPORTS = ROOT / "reports"
 RUNS = Path(os.environ.get("MEMREC_RUNS_DIR", ROOT / "runs"))
 METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20")
 PROTOCOLS = ("unmasked", "masked")
+# What a result file copies from `memrec train`'s output besides the metrics.
+RUN_KEYS = ("model_version", "best_epoch", "epochs_run", "sec_per_epoch", "peak_rss_mb", "train_seconds")
 GROUPS = ("unmasked_head", "unmasked_tail", "masked_head", "masked_tail")  # by target popularity
 
 

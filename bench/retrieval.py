@@ -24,6 +24,7 @@ from bench import accuracy
 from bench.common import (
     GROUPS,
     REPORTS,
+    RUN_KEYS,
     RUNS,
     aggregate,
     cost_table,
@@ -81,9 +82,8 @@ def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> 
     metrics, command = train_cli(cli_args, device=args.device, threads=args.threads, data_dir=args.data_dir)
     if metrics is None:
         return False
-    keys = ("model_version", "best_epoch", "epochs_run", "sec_per_epoch", "peak_rss_mb", "train_seconds")
     record: dict[str, Any] = {"dataset": dataset, "variant": variant, "seed": seed, "encoder": args.encoder}
-    record |= {"flags": VARIANTS[variant], "command": command, **{k: metrics[k] for k in keys}}
+    record |= {"flags": VARIANTS[variant], "command": command, **{k: metrics[k] for k in RUN_KEYS}}
     record |= {"memories": metrics["memories"], "valid": metrics["valid"], "test": metrics["test"]}
     write_result(result_file, record)
     return True

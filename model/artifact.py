@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ VOCAB_FILE = "vocab.json"
 WEIGHTS_FILE = "model.safetensors"
 FUSION_FILE = "fusion.safetensors"
 MEMORY_FILE = "memory.safetensors"
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 class ArtifactError(RuntimeError):
@@ -114,34 +116,19 @@ def _read_json(path: Path) -> Any:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
 
 
-def _load_encoder(path: Path, cfg: EncoderConfig) -> SASRec:
+def _load_weights(path: Path, module: M, what: str) -> M:
+    """Load a safetensors state dict into ``module``; any failure names the file."""
     if not path.is_file():
         raise ArtifactError(f"{path}: missing")
     try:
         state = load_file(path)
     except (SafetensorError, OSError) as e:
         raise ArtifactError(f"{path}: unreadable weights ({e})") from None
-    encoder = SASRec(cfg)
     try:
-        encoder.load_state_dict(state)
+        module.load_state_dict(state)
     except RuntimeError as e:
-        raise ArtifactError(f"{path}: weights do not match the encoder config ({e})") from None
-    return encoder.eval()
-
-
-def _load_fusion(path: Path, cfg: FusionConfig) -> RetrievalFusion:
-    try:
-        state = load_file(path) if path.is_file() else None
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"{path}: unreadable weights ({e})") from None
-    if state is None:
-        raise ArtifactError(f"{path}: missing")
-    fusion = RetrievalFusion(cfg)
-    try:
-        fusion.load_state_dict(state)
-    except RuntimeError as e:
-        raise ArtifactError(f"{path}: weights do not match the fusion config ({e})") from None
-    return fusion.eval()
+        raise ArtifactError(f"{path}: weights do not match the {what} config ({e})") from None
+    return module.eval()
 
 
 def _load_bank(path: Path, dim: int) -> MemoryBank:
@@ -173,14 +160,16 @@ def load(model_dir: str | os.PathLike[str], device: str = "cpu") -> Artifact:
         raise ArtifactError(
             f"{root / VOCAB_FILE}: {vocab.n_items} items, but the encoder expects {enc_cfg.n_items}"
         )
-    encoder = _load_encoder(root / WEIGHTS_FILE, enc_cfg).to(torch.device(device))
+    encoder = _load_weights(root / WEIGHTS_FILE, SASRec(enc_cfg), "encoder").to(torch.device(device))
     fusion, bank = None, None
     if "fusion" in config:
         try:
             fusion_cfg = FusionConfig(**config["fusion"])
         except TypeError as e:
             raise ArtifactError(f"{root / CONFIG_FILE}: bad fusion config ({e})") from None
-        fusion = _load_fusion(root / FUSION_FILE, fusion_cfg).to(torch.device(device))
+        fusion = _load_weights(root / FUSION_FILE, RetrievalFusion(fusion_cfg), "fusion").to(
+            torch.device(device)
+        )
         bank = _load_bank(root / MEMORY_FILE, enc_cfg.dim)
         if bank.items.max(initial=0) > vocab.n_items or bank.users.max(initial=0) >= max(len(vocab.users), 1):
             raise ArtifactError(f"{root / MEMORY_FILE}: memory ids outside the vocabulary")
