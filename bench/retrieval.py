@@ -101,7 +101,10 @@ def markdown(report: dict[str, Any]) -> str:
         *accuracy.PROTOCOL_NOTE,
         "",
     ]
-    for dataset, variants in report.items():
+    order = ["pretrain_only", *VARIANTS]
+    for dataset, by_name in report.items():
+        names = sorted(by_name, key=lambda n: order.index(n) if n in order else len(order))
+        variants = {n: by_name[n] for n in names}
         rows = [
             (name, len(v["seeds"]), p, v["test"][p])
             for name, v in variants.items()
