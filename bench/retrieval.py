@@ -101,10 +101,8 @@ def markdown(report: dict[str, Any]) -> str:
         *accuracy.PROTOCOL_NOTE,
         "",
     ]
-    order = ["pretrain_only", *VARIANTS]
     for dataset, by_name in report.items():
-        names = sorted(by_name, key=lambda n: order.index(n) if n in order else len(order))
-        variants = {n: by_name[n] for n in names}
+        variants = ordered(by_name)
         rows = [
             (name, len(v["seeds"]), p, v["test"][p])
             for name, v in variants.items()
@@ -115,6 +113,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"## {dataset}", "", *metric_table(rows), "", *cost_table(variants), ""]
         lines += long_tail_table(variants)
     return "\n".join(lines)
+
+
+def ordered(by_name: dict[str, Any]) -> dict[str, Any]:
+    """The encoder alone first, then the variants in ablation order."""
+    order = ["pretrain_only", *VARIANTS]
+    return {
+        n: by_name[n] for n in sorted(by_name, key=lambda n: order.index(n) if n in order else len(order))
+    }
 
 
 def long_tail_table(variants: dict[str, Any]) -> list[str]:
@@ -149,7 +155,7 @@ def long_tail_plot(report: dict[str, Any]) -> None:
         return
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
-        names = [n for n, v in report[dataset].items() if "unmasked_head" in v["test"]]
+        names = [n for n, v in ordered(report[dataset]).items() if "unmasked_head" in v["test"]]
         x = np.arange(len(names))
         for offset, group in ((-0.2, "unmasked_head"), (0.2, "unmasked_tail")):
             means = [report[dataset][n]["test"][group]["ndcg@10"]["mean"] for n in names]
