@@ -47,6 +47,7 @@ VARIANTS: dict[str, list[str]] = {
     "gate": ["--gate"],
     "similarity_bias": ["--similarity-bias"],
     "adaptive_k": ["--adaptive-k"],
+    "cross_user": ["--cross-user"],
     "random_retrieval": ["--retrieval", "random"],
 }
 

@@ -42,6 +42,7 @@ class FinetuneConfig:
     valid_metric: str = "hr@10"  # of the unmasked protocol
     retrieval: str = "similarity"  # or "random": uniformly drawn memories, the control
     adaptive_k: bool = False  # RAMRec's entropy rule picks K ≤ k per query
+    cross_user: bool = False  # retrieve other users' memories only
     k_min: int = 3
     seed: int = 0
     device: str = "cpu"
@@ -111,7 +112,9 @@ class RetrievalModel:
             rng = np.random.default_rng(cfg.seed)
             retrieved = self.bank.random(states, samples.users, samples.prefix_lens, cfg.k, rng)
         else:
-            retrieved = self.bank.search(states, samples.users, samples.prefix_lens, cfg.k, cfg.fetch_factor)
+            retrieved = self.bank.search(
+                states, samples.users, samples.prefix_lens, cfg.k, cfg.fetch_factor, own=not cfg.cross_user
+            )
         adaptive = cfg.adaptive()
         if adaptive is not None:
             # The user's memory for the entropy rule: the distinct items of the input window.

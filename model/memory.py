@@ -98,16 +98,24 @@ class MemoryBank:
         )
 
     def search(
-        self, queries: FloatArray, users: IntArray, prefix_lens: IntArray, k: int, fetch_factor: int = 4
+        self,
+        queries: FloatArray,
+        users: IntArray,
+        prefix_lens: IntArray,
+        k: int,
+        fetch_factor: int = 4,
+        own: bool = True,
     ) -> Retrieved:
         """Top-k memories by cosine similarity for each query, after the leakage rule.
 
-        queries: (B, D) raw encoder states; users, prefix_lens: (B,) of the querying samples.
+        queries: (B, D) raw encoder states; users, prefix_lens: (B,) of the querying samples. With
+        ``own=False`` a query sees other users' memories only.
         """
         fetch = min(max(k * fetch_factor, k), len(self))
         scores, ids = self.index.search(l2_normalise(np.asarray(queries, dtype=np.float32)), fetch)  # (B, F)
         safe = np.maximum(ids, 0)
-        leak = (self.users[safe] == users[:, None]) & (self.prefix_lens[safe] >= prefix_lens[:, None])
+        same_user = self.users[safe] == users[:, None]
+        leak = same_user if not own else same_user & (self.prefix_lens[safe] >= prefix_lens[:, None])
         keep = (ids >= 0) & ~leak
         # Stable sort moves survivors to the front in similarity order; the first k columns are the answer.
         order = np.argsort(~keep, axis=1, kind="stable")[:, :k]

@@ -40,6 +40,12 @@ def test_search_is_cosine_and_drops_own_future(bank: MemoryBank) -> None:
     assert r.ids.tolist() == [[0, 1, 2]]
 
 
+def test_cross_user_search_skips_every_own_memory(bank: MemoryBank) -> None:
+    q = np.array([unit(0)], dtype=np.float32)
+    r = bank.search(q, users=np.array([0]), prefix_lens=np.array([9]), k=3, own=False)
+    assert r.ids.tolist() == [[3, 4, -1]]  # user 0's memories 0, 1, 2 are all skipped
+
+
 def test_fewer_survivors_than_k_are_padded_and_masked(bank: MemoryBank) -> None:
     q = np.array([unit(0)], dtype=np.float32)
     # user 0 at prefix 1 loses all three of its memories; fetch 4·2 = all 5; two survive
