@@ -21,11 +21,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Until the service lands: train a small model on ml-100k (if none exists) and evaluate it.
+# The newcomer's command: fetch MovieLens-100k if no copy is found (MEMREC_DATA_DIR, ../shared/data,
+# ./data), train a small model on it if none exists (minutes on a laptop CPU), then serve it on
+# http://$(HOST):$(PORT) with the embedded store (set MEMREC_REDIS_URL to use Redis instead).
+HOST ?= 127.0.0.1
+PORT ?= 8000
 run: install
-	@test -f $(MODEL_DIR)/model.safetensors || \
-		$(VENV)/bin/memrec train --dataset ml-100k --objective pretrain --out $(MODEL_DIR) --epochs 30
-	$(VENV)/bin/memrec evaluate --model $(MODEL_DIR) --dataset ml-100k
+	@test -f $(MODEL_DIR)/config.json || { \
+		$(PY) -m service.movielens --data-dir "$(MEMREC_DATA_DIR)" && \
+		$(VENV)/bin/memrec train --dataset ml-100k --data-dir "$(MEMREC_DATA_DIR)" \
+			--objective sasrec --scheme allpos --out $(MODEL_DIR); }
+	$(VENV)/bin/memrec serve --model $(MODEL_DIR) --host $(HOST) --port $(PORT) --store-dir artifacts/store
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -10,7 +10,7 @@ import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -102,12 +102,13 @@ def stat(values: list[float]) -> dict[str, Any]:
     return {"mean": float(arr.mean()), "std": std, "seeds": values}
 
 
-def aggregate(runs_dir: Path) -> dict[str, Any]:
-    """Every result file in ``runs_dir`` → {dataset: {variant: entry}} with mean ± std per metric."""
+def aggregate(runs_dir: Path, section: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
+    """Every result file in ``runs_dir`` → {section: {variant: entry}} with mean ± std per metric; the
+    section is the dataset unless ``section`` derives another from a record."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for f in sorted(runs_dir.glob("*.json")):
         r = json.loads(f.read_text())
-        groups.setdefault((r["dataset"], r["variant"]), []).append(r)
+        groups.setdefault((section(r) if section else r["dataset"], r["variant"]), []).append(r)
     report: dict[str, Any] = {}
     for (dataset, variant), rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["seed"])

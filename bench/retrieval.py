@@ -55,7 +55,7 @@ VARIANTS: dict[str, list[str]] = {
 def pretrain_only(dataset: str, seed: int, args: argparse.Namespace) -> bool:
     """The encoder's own result: the accuracy benchmark's run (trained there if missing), with test
     metrics from `memrec evaluate` so that they carry the head/tail split too."""
-    result_file = RESULTS / f"{dataset}.pretrain_only.seed{seed}.json"
+    result_file = RESULTS / f"{dataset}.{args.encoder}.pretrain_only.seed{seed}.json"
     if result_file.is_file():
         return True
     if not accuracy.run_one(dataset, args.encoder, seed, args):
@@ -72,7 +72,7 @@ def pretrain_only(dataset: str, seed: int, args: argparse.Namespace) -> bool:
 
 
 def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> bool:
-    result_file = RESULTS / f"{dataset}.{variant}.seed{seed}.json"
+    result_file = RESULTS / f"{dataset}.{args.encoder}.{variant}.seed{seed}.json"
     if result_file.is_file():
         log.info("%s exists, skipping", result_file.name)
         return True
@@ -109,7 +109,7 @@ def markdown(report: dict[str, Any]) -> str:
             for name, v in variants.items()
             for p in ("unmasked", "masked")
         ]
-        published = accuracy.PUBLISHED.get(dataset, {}).items()
+        published = accuracy.PUBLISHED.get(dataset.split(",")[0], {}).items()
         rows += [(f"published {n}", 0, "unmasked", pub) for n, pub in published]
         lines += [f"## {dataset}", "", *metric_table(rows), "", *cost_table(variants), ""]
         lines += long_tail_table(variants)
@@ -171,7 +171,7 @@ def long_tail_plot(report: dict[str, Any]) -> None:
 
 
 def write_report() -> dict[str, Any]:
-    report = aggregate(RESULTS)
+    report = aggregate(RESULTS, section=lambda r: f"{r['dataset']}, {r['encoder']} encoder")
     (REPORTS / "retrieval.json").write_text(json.dumps(report, indent=2) + "\n")
     (REPORTS / "retrieval.md").write_text(markdown(report))
     long_tail_plot(report)

@@ -172,6 +172,19 @@ def _vocab(model: Path) -> tuple[list[str], list[str]]:
     return list(v["users"]), list(v["items"])
 
 
+def model_card(model: Path) -> dict[str, Any]:
+    """What identifies the served model: its version, dataset, bank size and fine-tuning depth."""
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    metrics = config.get("metrics", {})
+    return {
+        "model_version": config.get("model_version", ""),
+        "bank_memories": metrics.get("memories"),
+        "k": config.get("finetune", {}).get("k"),
+        "objective": config.get("train", {}).get("objective"),
+        "scheme": config.get("train", {}).get("scheme"),
+    }
+
+
 def mixed_traffic(model: Path, seed: int = 0) -> Callable[[int], Request]:
     """90 % /recommend of known users, 10 % /interactions of one event (random user and item)."""
     users, items = _vocab(model)
@@ -222,14 +235,16 @@ def sweep(port: int, rates: list[float], duration_s: float, make: Callable[[int]
 # -------------------------------------------------------------------------------------- in process
 
 
-async def pipeline_floor(model: Path, redis_url: str, requests: int, concurrency: int) -> dict[str, Any]:
+async def pipeline_floor(
+    model: Path, redis_url: str, requests: int, concurrency: int, nprobe: int
+) -> dict[str, Any]:
     """Closed loop on the pipeline alone (no HTTP): throughput and latency of /recommend's work."""
     from service.app import build_runtime
     from service.metrics import Metrics
     from service.pipeline import Query
     from service.settings import Settings
 
-    settings = Settings(model_dir=model, redis_url=redis_url)  # the namespace the server loaded
+    settings = Settings(model_dir=model, redis_url=redis_url, nprobe=nprobe)  # the server's namespace
     rt = await build_runtime(settings, Metrics())
     users, _ = _vocab(model)
     rng = random.Random(1)
@@ -279,8 +294,11 @@ async def freshness(model: Path, port: int, trials: int, seed: int = 2) -> dict[
 def run_load(args: argparse.Namespace) -> dict[str, Any]:
     model = Path(args.model)
     _flush(BENCH_REDIS_URL)
-    env = {"MEMREC_TORCH_THREADS": "1", "MEMREC_LOG_LEVEL": "warning"}
+    env = {"MEMREC_TORCH_THREADS": "1", "MEMREC_LOG_LEVEL": "warning", "MEMREC_WORKERS": str(args.workers)}
+    env["MEMREC_NPROBE"] = str(args.nprobe)
     result: dict[str, Any] = {"model": str(model.name), "duration_s": args.duration, "rates": args.rates}
+    result |= {"workers": args.workers, "nprobe": args.nprobe, "load_average_at_start": os.getloadavg()[0]}
+    result |= model_card(model)
     with server(serve_argv(model, BENCH_REDIS_URL), env, "/readyz") as port:
         asyncio.run(open_loop("127.0.0.1", port, 100, 2.0, mixed_traffic(model, 9)))  # warm-up
         steps = sweep(port, args.rates, args.duration, mixed_traffic(model))
@@ -291,7 +309,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
     with server(bare_app_argv(), {}, "/livez") as port:
         bare = sweep(port, args.rates, args.duration, lambda i: ("/recommend", b"{}"))
         result["floor_bare_fastapi"] = {"steps": bare, "max_rps_p99_50ms": max_rate(bare, 50.0)}
-    result["floor_pipeline"] = asyncio.run(pipeline_floor(model, BENCH_REDIS_URL, 4000, 32))
+    result["floor_pipeline"] = asyncio.run(pipeline_floor(model, BENCH_REDIS_URL, 4000, 32, args.nprobe))
     _flush(BENCH_REDIS_URL)
     return result
 
@@ -328,13 +346,16 @@ async def replay(model: Path, later: list[tuple[str, str, float]], frozen: bool,
 
     settings = Settings(model_dir=model, redis_url=DRIFT_REDIS_URL, namespace=ns, frozen_memory=frozen)
     app = create_app(settings)
-    hits, ndcg = 0, 0.0
+    hits, ndcg, used, fresh = 0, 0.0, 0, 0
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
             for u, i, t in later:
-                body = (await client.post("/recommend", json={"user_id": u, "n": 10})).json()
+                req = {"user_id": u, "n": 10, "explain": True}
+                body = (await client.post("/recommend", json=req)).json()
                 ranked = [it["item_id"] for it in body["items"]]
+                used += len(body.get("memories", []))
+                fresh += sum(m["timestamp"] > 0 for m in body.get("memories", []))  # bank memories: ts 0
                 if i in ranked:
                     hits += 1
                     ndcg += 1.0 / math.log2(ranked.index(i) + 2)
@@ -343,7 +364,14 @@ async def replay(model: Path, later: list[tuple[str, str, float]], frozen: bool,
                 r.raise_for_status()
             stats = await app.state.runtime.store.stats()
     n = len(later)
-    return {"events": n, "hr@10": hits / n, "ndcg@10": ndcg / n, "memories_after": stats.memories}
+    return {
+        "events": n,
+        "hr@10": hits / n,
+        "ndcg@10": ndcg / n,
+        "memories_after": stats.memories,
+        "memories_used": used,
+        "replayed_memories_used": fresh,
+    }
 
 
 def run_drift(args: argparse.Namespace) -> dict[str, Any]:
@@ -390,8 +418,13 @@ def _load_md(load: dict[str, Any]) -> list[str]:
     lines = [
         f"## Load (`{load['command']}`, {load['date']})",
         "",
-        f"Model: `{load['model']}`, Redis backend, open loop on loopback, {load['duration_s']:.0f} s per "
-        "rate, 90 % /recommend + 10 % /interactions; latency counts from each request's scheduled time.",
+        f"Model: `{load['model']}` (`{load.get('model_version', '?')}`, {load.get('objective')}/"
+        f"{load.get('scheme')} encoder, K = {load.get('k')}) with its full memory bank of "
+        f"{load.get('bank_memories')} memories, Redis backend, {load['workers']} server "
+        f"process(es), nprobe {load['nprobe']}; open loop on loopback, {load['duration_s']:.0f} s per rate, "
+        "90 % /recommend + 10 % /interactions; latency counts from each request's scheduled time. "
+        f"1-minute load average when the run started: {load['load_average_at_start']:.1f} on 2 cores "
+        "(other jobs share the machine).",
         "",
         "| rate (req/s) | achieved | p50 ms | p99 ms | errors |",
         "|---:|---:|---:|---:|---:|",
@@ -406,7 +439,8 @@ def _load_md(load: dict[str, Any]) -> list[str]:
         f"- `load.max_rps_p99_50ms` = **{load['max_rps_p99_50ms']:.0f}** req/s "
         f"(p99 ≤ 25 ms up to {load['max_rps_p99_25ms']:.0f} req/s).",
         f"- Floor, bare FastAPI endpoint under the same generator: p99 ≤ 50 ms up to "
-        f"{bare['max_rps_p99_50ms']:.0f} req/s.",
+        f"{bare['max_rps_p99_50ms']:.0f} req/s"
+        + (" (the highest rate tried)." if bare["max_rps_p99_50ms"] >= max(load["rates"]) else "."),
         f"- Floor, in-process pipeline (no HTTP, {pipe['concurrency']} concurrent callers): "
         f"{pipe['rps']:.0f} req/s, p50 {pipe['p50_ms']:.1f} ms, p99 {pipe['p99_ms']:.1f} ms.",
         f"- Freshness (/interactions answer → memory retrieved): p50 {fresh['p50_ms']:.1f} ms, "
@@ -423,20 +457,23 @@ def _drift_md(drift: dict[str, Any]) -> list[str]:
         f"part (`{drift['train_command']}`); the first {drift['live']['events']} later interactions "
         "replayed in time order, each preceded by /recommend (n = 10, seen items masked).",
         "",
-        "| memory bank | HR@10 | NDCG@10 | memories at the end |",
-        "|---|---:|---:|---:|",
+        "| memory bank | HR@10 | NDCG@10 | memories at the end | fused memories | of them replayed |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name in ("live", "frozen"):
         d = drift[name]
-        lines.append(f"| {name} | {d['hr@10']:.4f} | {d['ndcg@10']:.4f} | {d['memories_after']} |")
-    gain = f"HR@10 {drift['hr@10_gain']:+.4f}, NDCG@10 {drift['ndcg@10_gain']:+.4f}"
+        cells = [f"{d['hr@10']:.4f}", f"{d['ndcg@10']:.4f}", str(d["memories_after"])]
+        cells += [str(d.get("memories_used", "")), str(d.get("replayed_memories_used", ""))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    gain = f"HR@10 {drift['hr@10_gain']:+.4f}, NDCG@10 {drift['ndcg@10_gain']:+.5f}"
     return [*lines, "", f"Live minus frozen: {gain}.", ""]
 
 
 def render_md(report: dict[str, Any]) -> str:
     lines = ["# Service benchmarks", "", f"Machine: {report.get('machine', '?')}.", ""]
-    if "load" in report:
-        lines += _load_md(report["load"])
+    for key in ("load", "load_fine"):  # load_fine: an optional second sweep with finer rate steps
+        if key in report:
+            lines += _load_md(report[key])
     if "drift" in report:
         lines += _drift_md(report["drift"])
     return "\n".join(lines)
@@ -450,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     lp.add_argument("--rates", type=float, nargs="+", default=[100, 250, 500, 750, 1000, 1500])
     lp.add_argument("--duration", type=float, default=10.0)
     lp.add_argument("--freshness-trials", type=int, default=200)
+    lp.add_argument("--workers", type=int, default=1, help="server processes")
+    lp.add_argument("--nprobe", type=int, default=128, help="IVF lists probed per query")
     dp = sub.add_parser("drift", help="time-split replay, live versus frozen memory")
     dp.add_argument("--data-dir")
     dp.add_argument("--cut", type=float, default=0.9)

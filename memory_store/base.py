@@ -103,6 +103,7 @@ class SearchResult:
     users: np.ndarray  # (B, k) object (str)
     prefix_lens: np.ndarray  # (B, k) int32
     timestamps: np.ndarray  # (B, k) float64
+    keys: np.ndarray | None = None  # (B, k, dim) float32 stored unit keys (zeros at padding), if asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +159,9 @@ class MemoryStore(Protocol):
         """Remove memories by id; raises ValueError (and removes nothing) if any id is unknown."""
         ...
 
-    async def search(self, queries: np.ndarray, k: int) -> SearchResult: ...
+    async def search(self, queries: np.ndarray, k: int, with_keys: bool = False) -> SearchResult:
+        """Top-k memories per query; ``with_keys`` also returns their stored (unit) key vectors."""
+        ...
 
     async def update_user_memories(
         self,

@@ -313,10 +313,10 @@ class EmbeddedMemoryStore:
         )
         return out
 
-    async def search(self, queries: np.ndarray, k: int) -> SearchResult:
+    async def search(self, queries: np.ndarray, k: int, with_keys: bool = False) -> SearchResult:
         check_k(k)
         unit = normalise_rows(queries, self.dim, "queries")
-        return await asyncio.to_thread(self._index.search, unit, k)
+        return await asyncio.to_thread(self._index.search, unit, k, with_keys)
 
     async def update_user_memories(
         self,

@@ -268,14 +268,20 @@ class MemoryIndex:
             _, users, _, _ = self._meta.gather(np.asarray(ids, np.int64))
             return [str(u) for u in users]
 
-    def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        """Top-k by inner product for unit-norm queries (B, dim) float32."""
+    def search(self, queries: np.ndarray, k: int, with_keys: bool = False) -> SearchResult:
+        """Top-k by inner product for unit-norm queries (B, dim) float32; ``with_keys`` adds the stored
+        vectors of the hits (B, k, dim), zeros at padding, read under the same lock as the hits."""
+        keys = None
         with self.lock.read():
             scores, ids = self._index.search(queries, k)  # (B, k) each
             items, users, plens, ts = self._meta.gather(ids)
+            if with_keys:
+                keys = np.zeros((*ids.shape, self.dim), np.float32)
+                present = ids >= 0
+                keys[present] = self._reconstruct(ids[present])
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return SearchResult(
-            ids=ids, scores=scores, items=items, users=users, prefix_lens=plens, timestamps=ts
+            ids=ids, scores=scores, items=items, users=users, prefix_lens=plens, timestamps=ts, keys=keys
         )
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:

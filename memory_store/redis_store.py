@@ -265,10 +265,10 @@ class RedisMemoryStore:
             pipe.lrange(self._p + layout.HIST + user, -max_len, -1)
         return [[int(x) for x in items] for items in await pipe.execute()]
 
-    async def search(self, queries: np.ndarray, k: int) -> SearchResult:
+    async def search(self, queries: np.ndarray, k: int, with_keys: bool = False) -> SearchResult:
         check_k(k)
         unit = normalise_rows(queries, self.dim, "queries")
-        return await asyncio.to_thread(self._index.search, unit, k)
+        return await asyncio.to_thread(self._index.search, unit, k, with_keys)
 
     # --------------------------------------------------------------------------------- user memories
 

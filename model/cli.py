@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--gate", action="store_true", help="learned capped gate instead of the fixed alpha")
     f.add_argument("--similarity-bias", action="store_true", help="add retrieval similarity to attention")
     f.add_argument("--adaptive-k", action="store_true", help="RAMRec's entropy rule picks K ≤ --k per query")
+    f.add_argument("--cross-user", action="store_true", help="retrieve other users' memories only")
     f.add_argument(
         "--retrieval", choices=("similarity", "random"), default="similarity", help="random: the control"
     )
@@ -97,13 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--redis-url", help="Redis URL (default: the embedded store in --store-dir)")
     s.add_argument("--store-dir", type=Path, help="embedded store folder (default var/store)")
     s.add_argument("--threads", dest="torch_threads", type=int, help="torch and FAISS threads (default 1)")
+    s.add_argument("--workers", type=int, help="server processes (default 1; more need --redis-url)")
     return parser
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.server import serve  # the service (FastAPI, Redis) loads only for this command
 
-    names = ("model_dir", "host", "port", "redis_url", "store_dir", "torch_threads")
+    names = ("model_dir", "host", "port", "redis_url", "store_dir", "torch_threads", "workers")
     return serve({name: getattr(args, name) for name in names if getattr(args, name) is not None})
 
 
@@ -163,6 +165,7 @@ def _finetune(
         lr=args.ft_lr,
         batch_size=args.ft_batch_size,
         adaptive_k=args.adaptive_k,
+        cross_user=args.cross_user,
         retrieval=args.retrieval,
         seed=args.seed,
         device=args.device,

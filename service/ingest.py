@@ -1,0 +1,72 @@
+"""POST /interactions behind HTTP: validated events → histories → one memory per event → the store.
+
+Every event's memory key is the encoding of the user's history *before* the item, where the history
+includes the earlier events of the same batch. A user's first ever event has no history, so it only
+starts the history (no memory). In frozen-memory mode no memory is written at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from memory_store import Interaction, MemoryStore
+from service.metrics import Metrics
+from service.recommender import Recommender
+
+log = logging.getLogger(__name__)
+
+
+class Ingestor:
+    def __init__(
+        self,
+        recommender: Recommender,
+        store: MemoryStore,
+        metrics: Metrics,
+        history_len: int = 50,
+        frozen_memory: bool = False,
+    ) -> None:
+        self.recommender = recommender
+        self.store = store
+        self.metrics = metrics
+        self.history_len = history_len
+        self.frozen_memory = frozen_memory
+
+    async def prefixes(self, events: Sequence[Interaction]) -> list[list[int]]:
+        """The history before each event, earlier events of the batch included (oldest first)."""
+        users = sorted({ev.user_id for ev in events})
+        stored = await self.store.histories(users, self.history_len)
+        running = dict(zip(users, stored, strict=True))
+        out = []
+        for ev in events:
+            h = running[ev.user_id]
+            out.append(list(h[-self.history_len :]))
+            h.append(ev.item_id)
+        return out
+
+    async def ingest(self, events: Sequence[Interaction]) -> tuple[int, int]:
+        """Store the events (and their memories); returns (accepted, duplicates)."""
+        if self.frozen_memory:
+            res = await self.store.append_interactions(events)
+            return self._count(res.accepted, res.duplicates)
+        prefixes = await self.prefixes(events)
+        with_memory = [i for i, p in enumerate(prefixes) if p]
+        first = [events[i] for i, p in enumerate(prefixes) if not p]
+        accepted = duplicates = 0
+        if first:  # a user's first events go first, so every history keeps the batch order
+            res = await self.store.append_interactions(first)
+            accepted, duplicates = res.accepted, res.duplicates
+        if with_memory:
+            keys = await asyncio.to_thread(self.recommender.encode, [prefixes[i] for i in with_memory])
+            lens = np.array([len(prefixes[i]) for i in with_memory], dtype=np.int32)
+            res = await self.store.ingest([events[i] for i in with_memory], keys, lens)
+            accepted, duplicates = accepted + res.accepted, duplicates + res.duplicates
+        return self._count(accepted, duplicates)
+
+    def _count(self, accepted: int, duplicates: int) -> tuple[int, int]:
+        self.metrics.events.labels("accepted").inc(accepted)
+        self.metrics.events.labels("duplicate").inc(duplicates)
+        return accepted, duplicates

@@ -1,0 +1,68 @@
+"""Prometheus metrics of one app instance (its own registry, so tests can build many apps).
+
+Names follow Prometheus conventions: ``memrec_`` prefix, seconds, ``_total`` on counters; labels never
+hold user or item ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from memory_store import StoreStats
+
+# 1 ms .. 100 ms resolved finely, then a coarse tail.
+LATENCY_BUCKETS = (
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+    0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+K_BUCKETS = (0, 1, 2, 3, 5, 8, 10, 15, 20, 30, 50, 100)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGES = ("history", "encode", "retrieve", "fuse", "rank")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_latency = Histogram(
+            "memrec_http_request_duration_seconds",
+            "HTTP request latency by route and status class",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("memrec_http_requests_in_flight", "HTTP requests being served", registry=r)
+        self.stage_latency = Histogram(
+            "memrec_stage_duration_seconds",
+            "Recommend pipeline stage latency per micro-batch",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.k_used = Histogram(
+            "memrec_k_used", "Memories fused per recommendation", buckets=K_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "memrec_batch_size", "Requests per micro-batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.events = Counter("memrec_events_total", "Interactions by outcome", ["outcome"], registry=r)
+        self.errors = Counter("memrec_errors_total", "Failed requests by kind", ["kind"], registry=r)
+        self.bank_size = Gauge("memrec_memory_bank_size", "Collaborative memories in the store", registry=r)
+        self.index_size = Gauge("memrec_index_size", "Vectors in this replica's FAISS index", registry=r)
+        self.ingest_lag = Gauge(
+            "memrec_ingest_lag_seconds", "Age of the oldest store write not yet in this index", registry=r
+        )
+        self.ingest_pending = Gauge(
+            "memrec_ingest_pending_entries", "Replication log entries not yet in this index", registry=r
+        )
+        for stage in STAGES:
+            self.stage_latency.labels(stage)
+
+    def observe_store(self, stats: StoreStats) -> None:
+        self.bank_size.set(stats.memories)
+        self.index_size.set(stats.index_size)
+        self.ingest_lag.set(stats.replication.lag_s)
+        self.ingest_pending.set(stats.replication.pending)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

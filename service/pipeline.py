@@ -1,0 +1,223 @@
+"""The recommend pipeline of ARCHITECTURE.md, pure of HTTP: history → encode → retrieve → adaptive K →
+fuse → rank → mask → top-n. Concurrent requests are queued and served in micro-batches: one store read,
+one encoder pass, one search and one fusion pass per batch. The benchmark drives it without a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from memory_store import MemoryStore, SearchResult
+from model.finetune import limit_depth
+from model.memory import Retrieved
+from service.metrics import Metrics
+from service.recommender import IntArray, Recommender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One recommend request in internal ids (validated by the caller)."""
+
+    user_id: str
+    n: int = 10
+    history: tuple[int, ...] = ()  # appended to the stored history
+    exclude_seen: bool = True
+    exclude_items: tuple[int, ...] = ()
+    explain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    memory_id: int
+    item: int
+    user_id: str
+    similarity: float
+    prefix_len: int
+    timestamp: float
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    items: IntArray  # (≤ n,) internal item ids, best first
+    scores: np.ndarray  # (≤ n,) float64
+    k_used: int
+    strategy: str  # "retrieval", "encoder" or "popular"
+    memories: tuple[Memory, ...] = field(default=())
+
+
+@dataclass
+class _Pending:
+    query: Query
+    future: asyncio.Future[Answer]
+
+
+class Pipeline:
+    """Owns the micro-batching worker; :meth:`start` it inside a running loop, :meth:`stop` it at the end."""
+
+    def __init__(
+        self,
+        recommender: Recommender,
+        store: MemoryStore,
+        metrics: Metrics,
+        history_len: int = 50,
+        max_batch: int = 64,
+        max_wait_s: float = 0.001,
+    ) -> None:
+        self.recommender = recommender
+        self.store = store
+        self.metrics = metrics
+        self.history_len = history_len
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._run(), name="recommend-batcher")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+
+    async def recommend(self, query: Query) -> Answer:
+        """Queue one request and wait for its batch."""
+        if self._worker is None:
+            raise RuntimeError("the pipeline is not started")
+        fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(query, fut))
+        return await fut
+
+    async def _collect(self) -> list[_Pending]:
+        batch = [await self._queue.get()]
+        deadline = time.perf_counter() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            self.metrics.batch_size.observe(len(batch))
+            try:
+                answers = await self.run_batch([p.query for p in batch])
+            except Exception as exc:  # handed to every waiting request; the route maps it to a status
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            for p, a in zip(batch, answers, strict=True):
+                if not p.future.done():
+                    p.future.set_result(a)
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.metrics.stage_latency.labels(name).observe(time.perf_counter() - t0)
+
+    async def run_batch(self, queries: list[Query]) -> list[Answer]:
+        """Answer a batch of queries in one pass (also usable directly, without the worker)."""
+        with self._stage("history"):
+            stored = await self.store.histories([q.user_id for q in queries], self.history_len)
+        histories = [[*s, *q.history][-self.history_len :] for s, q in zip(stored, queries, strict=True)]
+        warm = [i for i, h in enumerate(histories) if h]
+        answers: list[Answer | None] = [None] * len(queries)
+        for i, q in enumerate(queries):
+            if not histories[i]:
+                items, scores = self.recommender.cold_start(_mask(q, histories[i]), q.n)
+                answers[i] = Answer(items, scores, 0, "popular")
+        if warm:
+            done = await self._warm([queries[i] for i in warm], [histories[i] for i in warm])
+            for i, a in zip(warm, done, strict=True):
+                answers[i] = a
+        out = [a for a in answers if a is not None]
+        for a in out:
+            self.metrics.k_used.observe(a.k_used)
+        return out
+
+    def _fuse_and_rank(
+        self,
+        states: np.ndarray,
+        memories: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+        masks: list[IntArray],
+        n: list[int],
+    ) -> list[tuple[IntArray, np.ndarray]]:
+        """Fusion then ranking in one worker-thread call (one thread hop per batch)."""
+        with self._stage("fuse"):
+            h = self.recommender.fuse(states, *memories) if memories is not None else torch.from_numpy(states)
+        with self._stage("rank"):
+            return self.recommender.rank(h, masks, n)
+
+    async def _warm(self, queries: list[Query], histories: list[list[int]]) -> list[Answer]:
+        rec = self.recommender
+        with self._stage("encode"):
+            states, depths = await asyncio.to_thread(rec.encode_with_depths, histories)  # (B, D), (B,)
+        hits: SearchResult | None = None
+        retrieved: Retrieved | None = None
+        memories = None
+        if rec.retrieval and rec.k_max > 0:
+            with self._stage("retrieve"):
+                hits = await self.store.search(states, rec.k_max, with_keys=True)
+                retrieved = limit_depth(Retrieved(hits.ids, hits.scores), depths)
+                assert hits.keys is not None
+                memories = (hits.keys, np.where(retrieved.ids >= 0, hits.items, 0), retrieved.scores)
+        masks = [_mask(q, h) for q, h in zip(queries, histories, strict=True)]
+        ranked = await asyncio.to_thread(self._fuse_and_rank, states, memories, masks, [q.n for q in queries])
+        return [_answer(q, ranked[i], hits, retrieved, i, rec.retrieval) for i, q in enumerate(queries)]
+
+
+def _mask(q: Query, history: list[int]) -> IntArray:
+    seen = history if q.exclude_seen else []
+    return np.unique(np.asarray([*seen, *q.exclude_items], dtype=np.int64))
+
+
+def _answer(
+    q: Query,
+    ranked: tuple[IntArray, np.ndarray],
+    hits: SearchResult | None,
+    retrieved: Retrieved | None,
+    row: int,
+    retrieval: bool,
+) -> Answer:
+    if hits is None or retrieved is None:
+        return Answer(ranked[0], ranked[1], 0, "encoder")
+    used = np.flatnonzero(retrieved.ids[row] >= 0)
+    memories: tuple[Memory, ...] = ()
+    if q.explain:
+        memories = tuple(
+            Memory(
+                memory_id=int(hits.ids[row, j]),
+                item=int(hits.items[row, j]),
+                user_id=str(hits.users[row, j]),
+                similarity=float(hits.scores[row, j]),
+                prefix_len=int(hits.prefix_lens[row, j]),
+                timestamp=float(hits.timestamps[row, j]),
+            )
+            for j in used
+        )
+    return Answer(ranked[0], ranked[1], int(used.size), "retrieval" if retrieval else "encoder", memories)

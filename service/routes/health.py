@@ -1,0 +1,55 @@
+"""GET /livez, GET /readyz, GET /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.errors import store_errors
+from service.schemas import ReadyResponse
+from service.state import MetricsDep, Runtime
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["health"])
+
+READY_TIMEOUT_S = 1.0
+
+
+@router.get("/livez")
+async def livez() -> dict[str, str]:
+    """The process is up and its event loop answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
+async def readyz(request: Request, metrics: MetricsDep) -> JSONResponse:
+    """Ready when the model is loaded, the memory bank is in the store and the store answers."""
+    rt: Runtime | None = getattr(request.app.state, "runtime", None)
+    checks = {"model": "ok" if rt is not None else "not loaded"}
+    if rt is not None:
+        try:
+            stats = await asyncio.wait_for(rt.store.stats(), READY_TIMEOUT_S)
+            metrics.observe_store(stats)
+            checks["store"] = "ok"
+            checks["index"] = f"ok ({stats.index_size} memories, {stats.index_kind})"
+        except store_errors() as exc:
+            checks["store"] = f"unavailable: {exc}"
+    ready = all(v.startswith("ok") for v in checks.values())
+    body = ReadyResponse(ready=ready, checks=checks, model_version=rt.model_version if rt else None)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def prometheus(request: Request, metrics: MetricsDep) -> Response:
+    """Prometheus text format; store gauges are refreshed on each scrape."""
+    rt: Runtime | None = getattr(request.app.state, "runtime", None)
+    if rt is not None:
+        try:
+            metrics.observe_store(await asyncio.wait_for(rt.store.stats(), READY_TIMEOUT_S))
+        except store_errors() as exc:
+            log.warning("store stats unavailable for /metrics: %s", exc)
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,65 @@
+"""POST /recommend."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException
+
+from service.pipeline import Answer, Query
+from service.routes.items import internal_items
+from service.schemas import MemoryOut, Problem, RecommendRequest, RecommendResponse, ScoredItem
+from service.state import RuntimeDep
+
+router = APIRouter(tags=["recommend"])
+
+
+@router.post(
+    "/recommend",
+    response_model=RecommendResponse,
+    response_model_exclude_none=True,
+    responses={422: {"model": Problem}, 503: {"model": Problem}},
+)
+async def recommend(body: RecommendRequest, rt: RuntimeDep) -> RecommendResponse:
+    """Top-n items for a user: stored history (+ ``history``) → encode → retrieve → fuse → rank.
+    A user without any history gets the most popular items of the training data (``strategy`` popular)."""
+    cap = rt.settings.max_request_items
+    for name, values in (("history", body.history), ("exclude_items", body.exclude_items)):
+        if values is not None and len(values) > cap:
+            raise HTTPException(422, f"{name} holds {len(values)} items; the limit is {cap}")
+    query = Query(
+        user_id=body.user_id,
+        n=body.n,
+        history=tuple(internal_items(rt.vocab, body.history or [], "history")),
+        exclude_seen=body.exclude_seen,
+        exclude_items=tuple(internal_items(rt.vocab, body.exclude_items or [], "exclude_items")),
+        explain=body.explain,
+    )
+    answer = await rt.pipeline.recommend(query)
+    return _response(body, answer, rt)
+
+
+def _response(body: RecommendRequest, answer: Answer, rt: RuntimeDep) -> RecommendResponse:
+    ext = rt.vocab.external_item
+    memories = None
+    if body.explain:
+        memories = [
+            MemoryOut(
+                memory_id=m.memory_id,
+                item_id=ext(m.item),
+                user_id=m.user_id,
+                similarity=m.similarity,
+                prefix_len=m.prefix_len,
+                timestamp=m.timestamp,
+            )
+            for m in answer.memories
+        ]
+    return RecommendResponse(
+        user_id=body.user_id,
+        items=[
+            ScoredItem(item_id=ext(int(i)), score=float(s))
+            for i, s in zip(answer.items, answer.scores, strict=True)
+        ],
+        k_used=answer.k_used,
+        model_version=rt.model_version,
+        strategy=answer.strategy,
+        memories=memories,
+    )

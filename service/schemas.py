@@ -1,0 +1,76 @@
+"""Request and response bodies of the HTTP API (separate types for each direction)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+UserId = str
+ItemId = str
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: UserId = Field(min_length=1, max_length=256)
+    n: int = Field(default=10, ge=1, le=1_000, description="number of items to return")
+    history: list[ItemId] | None = Field(
+        default=None, description="items to append to the stored history for this request only"
+    )
+    exclude_seen: bool = Field(default=True, description="never recommend an item of the history")
+    exclude_items: list[ItemId] | None = None
+    explain: bool = Field(default=False, description="also return the memories that were used")
+
+
+class ScoredItem(BaseModel):
+    item_id: ItemId
+    score: float
+
+
+class MemoryOut(BaseModel):
+    memory_id: int
+    item_id: ItemId
+    user_id: UserId
+    similarity: float
+    prefix_len: int
+    timestamp: float
+
+
+class RecommendResponse(BaseModel):
+    user_id: UserId
+    items: list[ScoredItem]
+    k_used: int = Field(description="memories fused into the user's state (0: encoder or cold start)")
+    model_version: str
+    strategy: str = Field(description="'retrieval', 'encoder' or 'popular' (cold start)")
+    memories: list[MemoryOut] | None = None
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: UserId = Field(min_length=1, max_length=256)
+    item_id: ItemId = Field(min_length=1)
+    timestamp: float | None = Field(
+        default=None, allow_inf_nan=False, description="unix seconds; default: now"
+    )
+    event_id: str | None = Field(default=None, min_length=1, max_length=256, description="idempotency key")
+
+
+class InteractionsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[EventIn] = Field(min_length=1)
+
+
+class InteractionsResponse(BaseModel):
+    accepted: int
+    duplicates: int
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    checks: dict[str, str]
+    model_version: str | None = None

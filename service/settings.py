@@ -1,0 +1,60 @@
+"""Service settings: one typed object read from the environment (prefix ``MEMREC_``) and the CLI."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_NAMESPACE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+class Settings(BaseSettings):
+    """Everything the server reads at start-up. Environment names are the field names, upper-cased, with
+    the ``MEMREC_`` prefix (``MEMREC_MODEL_DIR``, ``MEMREC_REDIS_URL``, ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="MEMREC_", extra="ignore", protected_namespaces=())
+
+    model_dir: Path = Field(description="model directory written by `memrec train`")
+    redis_url: str | None = Field(default=None, description="Redis URL; unset: the embedded store")
+    store_dir: Path = Field(default=Path("var/store"), description="embedded store's data folder")
+    namespace: str | None = Field(default=None, description="store namespace; default: the model version")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65_535)
+    history_len: int = Field(default=50, ge=1, le=10_000, description="history items read per request")
+    max_events_per_batch: int = Field(default=1_000, ge=1, description="events per POST /interactions")
+    max_request_bytes: int = Field(default=1_000_000, ge=1_024, description="largest request body")
+    max_request_items: int = Field(default=1_000, ge=1, description="history / exclude_items length cap")
+    workers: int = Field(default=1, ge=1, le=64, description="server processes (more than 1 needs Redis)")
+    torch_threads: int = Field(default=1, ge=1, description="intra-op threads of torch and FAISS")
+    batch_max_size: int = Field(default=64, ge=1, description="requests fused into one forward pass")
+    batch_max_wait_ms: float = Field(default=1.0, ge=0.0, description="wait for more requests to batch")
+    frozen_memory: bool = Field(default=False, description="interactions update histories, never memories")
+    load_bank: bool = Field(default=True, description="bulk-load the artifact's memories at start-up")
+    exact_threshold: int = Field(default=50_000, ge=1, description="memories below which search is exact")
+    nprobe: int = Field(default=128, ge=1, description="IVF lists scanned per query")
+    device: str = "cpu"
+    log_level: str = "info"
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str | None) -> str | None:
+        if value is not None and (not value or _NAMESPACE_CHARS.search(value) or len(value) > 64):
+            raise ValueError("namespace must be 1-64 characters of letters, digits, '_', '.', '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_model_dir(self) -> Settings:
+        if not (self.model_dir / "config.json").is_file():
+            raise ValueError(f"model_dir {self.model_dir} holds no config.json (train with `memrec train`)")
+        if self.workers > 1 and self.redis_url is None:
+            raise ValueError("workers > 1 needs redis_url: the embedded store belongs to one process")
+        return self
+
+    def store_namespace(self, model_version: str) -> str:
+        """The namespace to use: the setting, else the model version made namespace-safe."""
+        if self.namespace is not None:
+            return self.namespace
+        return _NAMESPACE_CHARS.sub("_", model_version)[:64] or "default"

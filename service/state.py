@@ -1,0 +1,45 @@
+"""The objects the lifespan builds once and the routes receive through ``Depends``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from memory_store import MemoryStore
+from model.data import Vocab
+from service.ingest import Ingestor
+from service.metrics import Metrics
+from service.pipeline import Pipeline
+from service.settings import Settings
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    model_version: str
+    vocab: Vocab
+    store: MemoryStore
+    pipeline: Pipeline
+    ingestor: Ingestor
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

@@ -1,0 +1,230 @@
+"""The HTTP API in process (httpx over ASGI) against the embedded store: answers, errors, freshness."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from test_service_support import model_dir, running_app, toy_root  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+async def api(model_dir: Path, tmp_path: Path) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:  # noqa: F811
+    async with running_app(model_dir=model_dir, store_dir=tmp_path / "store") as pair:
+        yield pair
+
+
+async def test_recommend_known_user(api: tuple[Any, httpx.AsyncClient]) -> None:
+    _, client = api
+    r = await client.post("/recommend", json={"user_id": "u0", "n": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["user_id"] == "u0"
+    assert len(body["items"]) == 5
+    assert body["strategy"] == "retrieval"
+    assert 1 <= body["k_used"] <= 5
+    assert body["model_version"].startswith("toy-")
+    scores = [it["score"] for it in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert "memories" not in body
+
+
+async def _history(app: Any, user: str) -> list[int]:
+    out: list[list[int]] = await app.state.runtime.store.histories([user], 200)
+    return out[0]
+
+
+async def test_known_user_history_is_seeded_from_the_bank_and_masked(
+    api: tuple[Any, httpx.AsyncClient],
+) -> None:
+    app, client = api
+    vocab = app.state.runtime.vocab
+    seen = {vocab.external_item(i) for i in await _history(app, "u1")}
+    assert len(seen) >= 5  # the training sequence minus its first item
+    body = (await client.post("/recommend", json={"user_id": "u1", "n": 30})).json()
+    assert not seen & {it["item_id"] for it in body["items"]}
+    body = (await client.post("/recommend", json={"user_id": "u1", "n": 40, "exclude_seen": False})).json()
+    assert len(body["items"]) == 40 and seen <= {it["item_id"] for it in body["items"]}
+
+
+async def test_cold_start_gets_popular_items(api: tuple[Any, httpx.AsyncClient]) -> None:
+    _, client = api
+    body = (await client.post("/recommend", json={"user_id": "new-user", "n": 7})).json()
+    assert body["strategy"] == "popular" and body["k_used"] == 0 and len(body["items"]) == 7
+    again = (await client.post("/recommend", json={"user_id": "other-new", "n": 7})).json()
+    assert [it["item_id"] for it in again["items"]] == [it["item_id"] for it in body["items"]]
+
+
+async def test_request_history_and_exclusions(api: tuple[Any, httpx.AsyncClient]) -> None:
+    _, client = api
+    req = {"user_id": "fresh", "n": 10, "history": ["i3", "i4", "i5"], "exclude_items": ["i6", "i7"]}
+    body = (await client.post("/recommend", json=req)).json()
+    got = {it["item_id"] for it in body["items"]}
+    assert body["strategy"] == "retrieval" and len(got) == 10
+    assert not got & {"i3", "i4", "i5", "i6", "i7"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        ({"user_id": "u0", "n": 0}, "greater than or equal to 1"),
+        ({"user_id": "u0", "n": 1001}, "less than or equal to 1000"),
+        ({"user_id": "u0", "history": ["i1", "nope", "zzz"]}, "'nope', 'zzz'"),
+        ({"user_id": "u0", "exclude_items": ["nope"]}, "exclude_items"),
+        ({"user_id": ""}, "at least 1 character"),
+        ({"n": 3}, "Field required"),
+        ({"user_id": "u0", "bogus": 1}, "Extra inputs"),
+    ],
+)
+async def test_recommend_rejects_bad_requests(
+    api: tuple[Any, httpx.AsyncClient], payload: dict[str, Any], needle: str
+) -> None:
+    _, client = api
+    r = await client.post("/recommend", json=payload)
+    assert r.status_code == 422
+    assert needle in r.text
+
+
+async def test_interaction_is_retrievable_by_the_next_request(api: tuple[Any, httpx.AsyncClient]) -> None:
+    app, client = api
+    before = (await app.state.runtime.store.stats()).memories
+    events = [{"user_id": "writer", "item_id": i, "event_id": f"e{i}"} for i in ("i30", "i11", "i22")]
+    r = await client.post("/interactions", json={"events": events})
+    assert r.json() == {"accepted": 3, "duplicates": 0}
+    # The first event starts the history (no memory); the next two each add one memory.
+    assert (await app.state.runtime.store.stats()).memories == before + 2
+    assert [app.state.runtime.vocab.external_item(i) for i in await _history(app, "writer")] == [
+        "i30",
+        "i11",
+        "i22",
+    ]
+    # Another user whose history equals the writer's prefix retrieves the new memory first (cosine 1).
+    req = {"user_id": "reader", "history": ["i30", "i11"], "explain": True, "n": 3}
+    body = (await client.post("/recommend", json=req)).json()
+    top = body["memories"][0]
+    assert top["user_id"] == "writer" and top["item_id"] == "i22" and top["prefix_len"] == 2
+    assert top["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert len(body["memories"]) == body["k_used"]
+    r = await client.post("/interactions", json={"events": events})
+    assert r.json() == {"accepted": 0, "duplicates": 3}
+
+
+async def test_rejected_batches_store_nothing(api: tuple[Any, httpx.AsyncClient]) -> None:
+    app, client = api
+    before = (await app.state.runtime.store.stats()).memories
+    ok = {"user_id": "w", "item_id": "i1"}
+    cases = [
+        ([ok, {"user_id": "w", "item_id": "unknown-item"}], 422, "unknown-item"),
+        ([ok, {"user_id": "w"}], 422, "item_id"),
+        ([ok, {"user_id": "w", "item_id": "i2", "timestamp": "soon"}], 422, "timestamp"),
+        ([ok, {"user_id": "w", "item_id": "i2", "timestamp": "inf"}], 422, "finite"),
+        ([ok] * 1001, 413, "limit is 1000"),
+        ([], 422, "at least 1"),
+    ]
+    for events, status, needle in cases:
+        r = await client.post("/interactions", json={"events": events})
+        assert r.status_code == status, r.text
+        assert needle in r.text
+    assert await _history(app, "w") == []
+    assert (await app.state.runtime.store.stats()).memories == before
+
+
+async def test_oversized_body_is_413(api: tuple[Any, httpx.AsyncClient]) -> None:
+    _, client = api
+    r = await client.post("/recommend", content=b"{" + b" " * 2_000_000 + b"}")
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+
+async def test_health_and_metrics(api: tuple[Any, httpx.AsyncClient]) -> None:
+    _, client = api
+    assert (await client.get("/livez")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    await client.post("/recommend", json={"user_id": "u2"})
+    await client.post("/recommend", json={"user_id": "u2", "n": 0})
+    await client.post("/recommend", json={"user_id": "u2", "history": ["nope"]})
+    text = (await client.get("/metrics")).text
+    for name in (
+        'memrec_http_request_duration_seconds_bucket{le="0.001",method="POST",route="/recommend",status="2xx"}',
+        "memrec_http_requests_in_flight",
+        'memrec_stage_duration_seconds_count{stage="encode"}',
+        'memrec_stage_duration_seconds_count{stage="retrieve"}',
+        'memrec_stage_duration_seconds_count{stage="fuse"}',
+        'memrec_stage_duration_seconds_count{stage="rank"}',
+        "memrec_k_used_bucket",
+        "memrec_memory_bank_size",
+        "memrec_index_size",
+        "memrec_ingest_lag_seconds",
+        'memrec_errors_total{kind="validation"} 2.0',
+    ):
+        assert name in text, name
+    assert "u2" not in text
+    assert (await client.get("/docs")).status_code == 200
+    assert "/recommend" in (await client.get("/openapi.json")).json()["paths"]
+
+
+async def test_frozen_memory_writes_histories_only(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    async with running_app(model_dir=model_dir, store_dir=tmp_path / "s", frozen_memory=True) as (
+        app,
+        client,
+    ):
+        before = (await app.state.runtime.store.stats()).memories
+        events = [{"user_id": "u0", "item_id": "i1"}, {"user_id": "u0", "item_id": "i2"}]
+        assert (await client.post("/interactions", json={"events": events})).json()["accepted"] == 2
+        assert (await app.state.runtime.store.stats()).memories == before
+        assert (await _history(app, "u0"))[-2:] == [app.state.runtime.vocab.item_id(i) for i in ("i1", "i2")]
+
+
+async def test_restart_does_not_reload_the_bank(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    async with running_app(model_dir=model_dir, store_dir=tmp_path / "s") as (app, _):
+        first = (await app.state.runtime.store.stats()).memories
+        history = await _history(app, "u3")
+    async with running_app(model_dir=model_dir, store_dir=tmp_path / "s") as (app, _):
+        assert (await app.state.runtime.store.stats()).memories == first
+        assert await _history(app, "u3") == history
+
+
+class _DownStore:
+    """A store whose every call fails as an unreachable Redis does."""
+
+    def __getattr__(self, name: str) -> Any:
+        async def fail(*_: Any, **__: Any) -> Any:
+            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+        return fail
+
+
+async def test_store_down_is_503(api: tuple[Any, httpx.AsyncClient]) -> None:
+    app, client = api
+    rt = app.state.runtime
+    real = rt.store
+    rt.store = rt.pipeline.store = rt.ingestor.store = _DownStore()
+    try:
+        r = await client.post("/recommend", json={"user_id": "u0"})
+        assert r.status_code == 503 and "memory store unavailable" in r.json()["detail"]
+        r = await client.post("/interactions", json={"events": [{"user_id": "u0", "item_id": "i1"}]})
+        assert r.status_code == 503
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["store"].startswith("unavailable")
+        assert (await client.get("/metrics")).status_code == 200
+    finally:
+        rt.store = rt.pipeline.store = rt.ingestor.store = real
+
+
+async def test_encoder_only_model_serves_without_retrieval(toy_root: Path, tmp_path: Path) -> None:  # noqa: F811
+    from test_service_support import train_toy_model
+
+    encoder_only = train_toy_model(toy_root, "encoder-only", "--stage", "pretrain")
+    async with running_app(model_dir=encoder_only, store_dir=tmp_path / "s") as (app, client):
+        assert (await app.state.runtime.store.stats()).memories == 0  # no bank to load
+        req = {"user_id": "x", "history": ["i3", "i4"], "n": 5, "explain": True}
+        body = (await client.post("/recommend", json=req)).json()
+        assert body["strategy"] == "encoder" and body["k_used"] == 0 and len(body["items"]) == 5
+        assert body["memories"] == []
+        events = [{"user_id": "x", "item_id": "i3"}, {"user_id": "x", "item_id": "i4"}]
+        assert (await client.post("/interactions", json={"events": events})).json()["accepted"] == 2
+        cold = (await client.post("/recommend", json={"user_id": "nobody", "n": 3})).json()
+        assert cold["strategy"] == "popular" and len(cold["items"]) == 3

@@ -1,0 +1,73 @@
+"""The service benchmark's pure parts: the rate verdict, the time split and the report rendering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.service import max_rate, render_md, time_split
+
+
+def _step(rate: float, p99: float, errors: int = 0) -> dict[str, Any]:
+    return {"rate": rate, "achieved_rps": rate, "p50_ms": p99 / 3, "p99_ms": p99, "errors": errors}
+
+
+def test_max_rate_needs_the_latency_bound_and_no_errors() -> None:
+    steps = [_step(100, 9.0), _step(500, 30.0), _step(1000, 45.0, errors=2), _step(1500, 80.0)]
+    assert max_rate(steps, 50.0) == 500
+    assert max_rate(steps, 25.0) == 100
+    assert max_rate(steps, 1.0) == 0.0
+
+
+def test_time_split_trains_on_the_past_and_replays_known_items(tmp_path: Path) -> None:
+    rows = [("a", "x", 1), ("a", "y", 2), ("a", "z", 3), ("b", "x", 4), ("a", "x", 8), ("b", "new", 9)]
+    inter = tmp_path / "d.inter"
+    header = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+    inter.write_text(header + "".join(f"{u}\t{i}\t1\t{t}\n" for u, i, t in rows), encoding="utf-8")
+    train, later = time_split(inter, 0.6, tmp_path)
+    assert train.read_text() == "a x y z\n"  # b has one earlier event: too short to train on
+    assert later == [("b", "x", 4.0), ("a", "x", 8.0)]  # "new" is unknown to the model
+
+
+def test_report_shows_every_figure() -> None:
+    pct = {"p50_ms": 1.0, "p99_ms": 2.0, "n": 5}
+    report = {
+        "machine": "cpu (2 cores)",
+        "load": {
+            "command": "python -m bench.service load",
+            "date": "today",
+            "model": "beauty",
+            "duration_s": 10.0,
+            "rates": [500, 1500],
+            "workers": 2,
+            "nprobe": 128,
+            "load_average_at_start": 1.5,
+            "steps": [_step(500, 20.0)],
+            "max_rps_p99_50ms": 500.0,
+            "max_rps_p99_25ms": 500.0,
+            "floor_bare_fastapi": {"max_rps_p99_50ms": 1500.0},
+            "floor_pipeline": {"concurrency": 32, "rps": 2000.0, **pct},
+            "freshness": {"trials": 5, "not_seen": 0, **pct},
+        },
+        "drift": {
+            "command": "python -m bench.service drift",
+            "date": "today",
+            "cut_quantile": 0.9,
+            "train_command": "memrec train",
+            "live": {
+                "events": 10,
+                "hr@10": 0.2,
+                "ndcg@10": 0.1,
+                "memories_after": 7,
+                "memories_used": 40,
+                "replayed_memories_used": 4,
+            },
+            "frozen": {"events": 10, "hr@10": 0.1, "ndcg@10": 0.05, "memories_after": 3},
+            "hr@10_gain": 0.1,
+            "ndcg@10_gain": 0.05,
+        },
+    }
+    md = render_md(report)
+    assert "`load.max_rps_p99_50ms` = **500** req/s" in md
+    assert "| 500 | 500 | 6.7 | 20.0 | 0 |" in md
+    assert "| live | 0.2000 | 0.1000 | 7 | 40 | 4 |" in md and "HR@10 +0.1000" in md

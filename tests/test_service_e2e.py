@@ -1,0 +1,127 @@
+"""End to end: ``memrec serve`` in subprocesses (uvicorn) against the real Redis (database 11), two
+replicas sharing it. Every endpoint, error cases included."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from test_service_support import SERVICE_REDIS_URL, model_dir, toy_root  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+def service_redis() -> Iterator[str]:
+    client = redis.Redis.from_url(SERVICE_REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.fail("the service tests need redis-server on 127.0.0.1:6379")
+    client.flushdb()
+    yield SERVICE_REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _start(model: Path, redis_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "MEMREC_BATCH_MAX_WAIT_MS": "2"}
+    cmd = [sys.executable, "-m", "model.cli", "serve", "--model", str(model), "--port", str(port)]
+    cmd += ["--redis-url", redis_url]
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"server not ready in {timeout_s} s:\n{log.read_text()}")
+
+
+@pytest.fixture
+def two_replicas(model_dir: Path, service_redis: str, tmp_path: Path) -> Iterator[list[str]]:  # noqa: F811
+    ports = [_free_port(), _free_port()]
+    logs = [tmp_path / f"replica{i}.log" for i in range(2)]
+    procs = [_start(model_dir, service_redis, p, lg) for p, lg in zip(ports, logs, strict=True)]
+    bases = [f"http://127.0.0.1:{p}" for p in ports]
+    try:
+        for base, proc, lg in zip(bases, procs, logs, strict=True):
+            _wait_ready(base, proc, lg)
+        yield bases
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
+def _metric(text: str, name: str) -> float:
+    line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
+    return float(line.split()[1])
+
+
+def test_two_replicas_serve_every_endpoint(two_replicas: list[str]) -> None:
+    a, b = (httpx.Client(base_url=base, timeout=10.0) for base in two_replicas)
+    with a, b:
+        assert a.get("/livez").json() == {"status": "ok"}
+        ready = a.get("/readyz").json()
+        assert ready["ready"] and ready["checks"]["store"] == "ok"
+        # Both replicas loaded concurrently, yet every bank memory is in Redis once.
+        bank = _metric(a.get("/metrics").text, "memrec_memory_bank_size")
+        assert bank == _metric(b.get("/metrics").text, "memrec_memory_bank_size") > 1000
+        assert _metric(b.get("/metrics").text, "memrec_index_size") == bank
+
+        r = a.post("/recommend", json={"user_id": "u5", "n": 5})
+        assert r.status_code == 200 and len(r.json()["items"]) == 5 and r.json()["k_used"] >= 1
+
+        # An interaction on replica a is retrievable through replica b at once.
+        events = [{"user_id": "e2e", "item_id": it, "event_id": f"x{it}"} for it in ("i7", "i33", "i12")]
+        assert a.post("/interactions", json={"events": events}).json() == {"accepted": 3, "duplicates": 0}
+        deadline = time.monotonic() + 2.0
+        while True:
+            req = {"user_id": "someone", "history": ["i7", "i33"], "explain": True, "n": 3}
+            top = b.post("/recommend", json=req).json()["memories"][0]
+            if top["user_id"] == "e2e" or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert top["user_id"] == "e2e" and top["item_id"] == "i12"
+        assert b.post("/interactions", json={"events": events}).json() == {"accepted": 0, "duplicates": 3}
+
+        bad = a.post("/interactions", json={"events": [{"user_id": "e2e", "item_id": "no-such-item"}]})
+        assert bad.status_code == 422 and "no-such-item" in bad.text
+        assert a.post("/recommend", json={"user_id": "u5", "n": 5000}).status_code == 422
+        assert (
+            a.post(
+                "/recommend", content=b"not json", headers={"content-type": "application/json"}
+            ).status_code
+            == 422
+        )
+        assert a.get("/docs").status_code == 200
+        assert a.get("/nope").status_code == 404
+        text = a.get("/metrics").text
+        assert (
+            'memrec_http_request_duration_seconds_count{method="POST",route="/recommend",status="4xx"}'
+            in text
+        )
+        assert _metric(text, "memrec_memory_bank_size") == bank + 2

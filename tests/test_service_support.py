@@ -1,0 +1,70 @@
+"""Shared helpers of the service tests: a toy dataset, a model trained on it once per session (cached in
+the session's temporary folder), and an in-process app with its lifespan running."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+SERVICE_REDIS_URL = "redis://127.0.0.1:6379/11"
+N_ITEMS = 40
+
+
+def write_toy_dataset(path: Path, users: int = 120, seed: int = 0) -> Path:
+    """``user item item …`` lines; items mostly follow i → i+1 (mod 40), so order carries signal."""
+    rng = random.Random(seed)
+    lines = []
+    for u in range(users):
+        cur, seq = rng.randrange(N_ITEMS), []
+        for _ in range(rng.randrange(8, 20)):
+            seq.append(f"i{cur}")
+            cur = (cur + (1 if rng.random() < 0.8 else rng.randrange(N_ITEMS))) % N_ITEMS
+        lines.append(f"u{u} " + " ".join(seq))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def train_toy_model(root: Path, name: str = "model", *extra: str) -> Path:
+    """Train (once per folder) a small retrieval-augmented model; returns its directory."""
+    out = root / name
+    if (out / "config.json").is_file():
+        return out
+    data = write_toy_dataset(root / "toy.txt")
+    cmd = [sys.executable, "-m", "model.cli", "train", "--dataset", str(data), "--out", str(out)]
+    cmd += ["--stage", "all", "--epochs", "2", "--ft-epochs", "1", "--k", "5", "--device", "cpu"]
+    cmd += ["--threads", "1", *extra]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=240)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root: Path = tmp_path_factory.getbasetemp() / "service-models"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_dir(toy_root: Path) -> Path:
+    return train_toy_model(toy_root)
+
+
+@asynccontextmanager
+async def running_app(**settings: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The app with its lifespan running and an httpx client over ASGI (no sockets)."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(**settings))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield app, client
