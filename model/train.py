@@ -118,6 +118,18 @@ def _batch(samples: Samples, idx: IntArray, device: torch.device) -> tuple[Tenso
     )
 
 
+def encode_by_length(
+    model: SASRec, samples: Samples, idx: IntArray, device: torch.device, chunks: int = 4
+) -> Tensor:
+    """States of samples ``idx`` in that order, encoded in length-sorted chunks. The positives of a
+    length-bucketed batch have random lengths; one padded batch would cost as if all were the longest."""
+    order = np.argsort(samples.lengths[idx], kind="stable")
+    parts = [model.encode(*_batch(samples, idx[part], device)[:2]) for part in np.array_split(order, chunks)]
+    out = torch.empty(len(idx), model.cfg.dim, device=device, dtype=parts[0].dtype)
+    out[torch.from_numpy(order).to(device)] = torch.cat(parts)
+    return out
+
+
 def batch_loss(
     model: SASRec,
     samples: Samples,
@@ -137,15 +149,12 @@ def batch_loss(
         ).to(device)  # (B, T), 0 at padding
         real = y_all != 0
         loss = F.cross_entropy(model.scores(states[real]), y_all[real])
-        h = states[torch.arange(len(idx), device=device), lengths - 1]  # (B, D) last positions
     else:
-        h = model.encode(x, lengths)  # (B, D)
-        loss = F.cross_entropy(model.scores(h), y)
+        loss = F.cross_entropy(model.scores(model.encode(x, lengths)), y)
     if cfg.objective == "pretrain":
         assert positives is not None
-        x_pos, len_pos, _ = _batch(samples, positives.sample(idx, rng), device)
         h_view = model.encode(x, lengths)  # same sequences, another dropout mask
-        h_pos = model.encode(x_pos, len_pos)  # same targets, other sequences
+        h_pos = encode_by_length(model, samples, positives.sample(idx, rng), device)  # same targets
         loss = loss + cfg.cl_weight * info_nce(h_view, h_pos, cfg.temperature)
     return loss
 

@@ -11,7 +11,7 @@ import torch
 
 from model.data import Interactions, Split, Vocab, leave_one_out
 from model.sasrec import EncoderConfig, SASRec
-from model.train import TrainConfig, evaluate_encoder, info_nce, train
+from model.train import TrainConfig, encode_by_length, evaluate_encoder, info_nce, train
 
 
 def test_info_nce_by_hand() -> None:
@@ -102,3 +102,15 @@ def test_early_stopping_keeps_the_best_epoch() -> None:
 def test_unknown_objective_is_refused() -> None:
     with pytest.raises(ValueError, match="objective must be one of"):
         TrainConfig(objective="bpr")
+
+
+def test_length_chunked_encoding_equals_one_padded_pass() -> None:
+    split = cyclic_split(n_users=40, length=12)
+    model = tiny_encoder().eval()
+    idx = np.random.default_rng(0).permutation(len(split.train))[:50]
+    x = torch.from_numpy(split.train.inputs[idx])
+    lengths = torch.from_numpy(split.train.lengths[idx])
+    with torch.no_grad():
+        expected = model.encode(x, lengths)
+        got = encode_by_length(model, split.train, idx, torch.device("cpu"), chunks=3)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
