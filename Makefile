@@ -30,7 +30,7 @@ run: install
 	@test -f $(MODEL_DIR)/config.json || { \
 		$(PY) -m service.movielens --data-dir "$(MEMREC_DATA_DIR)" && \
 		$(VENV)/bin/memrec train --dataset ml-100k --data-dir "$(MEMREC_DATA_DIR)" \
-			--objective sasrec --scheme allpos --out $(MODEL_DIR); }
+			--objective sasrec --scheme allpos --ft-epochs 20 --out $(MODEL_DIR); }
 	$(VENV)/bin/memrec serve --model $(MODEL_DIR) --host $(HOST) --port $(PORT) --store-dir artifacts/store
 
 test: install
