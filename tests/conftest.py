@@ -13,18 +13,23 @@ import redis
 STORE_REDIS_URL = "redis://127.0.0.1:6379/9"
 
 
-@pytest.fixture
-def store_redis_url() -> Iterator[str]:
-    """The store tests' Redis database, flushed before and after each test."""
-    client = redis.Redis.from_url(STORE_REDIS_URL)
+def flushed_redis(url: str, who: str) -> Iterator[str]:
+    """A Redis database of the local server, flushed before and after the test that uses it."""
+    client = redis.Redis.from_url(url)
     try:
         client.ping()
     except redis.ConnectionError:
-        pytest.fail("the store tests need redis-server on 127.0.0.1:6379")
+        pytest.fail(f"the {who} tests need redis-server on 127.0.0.1:6379")
     client.flushdb()
-    yield STORE_REDIS_URL
+    yield url
     client.flushdb()
     client.close()
+
+
+@pytest.fixture
+def store_redis_url() -> Iterator[str]:
+    """The store tests' Redis database (9), flushed before and after each test."""
+    yield from flushed_redis(STORE_REDIS_URL, "store")
 
 
 @pytest.fixture

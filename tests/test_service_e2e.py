@@ -13,21 +13,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
+from conftest import flushed_redis
 from test_service_support import SERVICE_REDIS_URL, model_dir, toy_root  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
 def service_redis() -> Iterator[str]:
-    client = redis.Redis.from_url(SERVICE_REDIS_URL)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.fail("the service tests need redis-server on 127.0.0.1:6379")
-    client.flushdb()
-    yield SERVICE_REDIS_URL
-    client.flushdb()
-    client.close()
+    """The service tests' Redis database, flushed before and after each test."""
+    yield from flushed_redis(SERVICE_REDIS_URL, "service")
 
 
 def _free_port() -> int:
