@@ -18,7 +18,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from bench.common import REPORTS, RUN_KEYS, RUNS, aggregate, cost_table, metric_table, train_cli, write_result
+from bench.common import REPORTS, RUNS, aggregate, cost_table, metric_table, run_recorded
 
 log = logging.getLogger("bench.accuracy")
 
@@ -57,22 +57,13 @@ PROTOCOL_NOTE = [
 
 def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> bool:
     """Train (or resume) one seed and write its result file; False if training failed."""
-    result_file = RESULTS / f"{dataset}.{variant}.seed{seed}.json"
-    if result_file.is_file():
-        log.info("%s exists, skipping", result_file.name)
-        return True
     objective, scheme = VARIANTS[variant]
     out = RUNS / "accuracy" / dataset / f"{variant}-seed{seed}"
     cli_args = ["--dataset", dataset, "--stage", "pretrain", "--objective", objective, "--scheme", scheme]
     cli_args += ["--seed", str(seed), "--epochs", str(args.epochs), "--patience", str(args.patience)]
     cli_args += ["--out", str(out), "--resume"]
-    metrics, command = train_cli(cli_args, device=args.device, threads=args.threads, data_dir=args.data_dir)
-    if metrics is None:
-        return False
     record = {"dataset": dataset, "variant": variant, "objective": objective, "scheme": scheme, "seed": seed}
-    record |= {"command": command, **{k: metrics[k] for k in RUN_KEYS}, "valid": metrics["valid"]}
-    write_result(result_file, {**record, "test": metrics["test"]})
-    return True
+    return run_recorded(RESULTS / f"{dataset}.{variant}.seed{seed}.json", cli_args, args, record)
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -96,6 +96,30 @@ def write_result(path: Path, record: dict[str, Any]) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def run_recorded(
+    result_file: Path,
+    cli_args: Sequence[str],
+    run: Any,
+    record: dict[str, Any],
+    extra: Sequence[str] = (),
+) -> bool:
+    """One benchmark run: skip it if ``result_file`` exists, else train through `memrec train` and
+    write ``record`` with the command, the run fields, the metrics and the ``extra`` output keys.
+    ``run`` carries device, threads and data_dir. False if training failed."""
+    if result_file.is_file():
+        log.info("%s exists, skipping", result_file.name)
+        return True
+    metrics, command = train_cli(cli_args, device=run.device, threads=run.threads, data_dir=run.data_dir)
+    if metrics is None:
+        return False
+    picked = {k: metrics[k] for k in (*RUN_KEYS, *extra)}
+    write_result(
+        result_file,
+        {**record, "command": command, **picked, "valid": metrics["valid"], "test": metrics["test"]},
+    )
+    return True
+
+
 def stat(values: list[float]) -> dict[str, Any]:
     arr = np.asarray(values, dtype=np.float64)
     std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0

@@ -24,14 +24,13 @@ from bench import accuracy
 from bench.common import (
     GROUPS,
     REPORTS,
-    RUN_KEYS,
     RUNS,
     aggregate,
     cost_table,
     evaluate_cli,
     fmt,
     metric_table,
-    train_cli,
+    run_recorded,
     write_result,
 )
 
@@ -72,22 +71,14 @@ def pretrain_only(dataset: str, seed: int, args: argparse.Namespace) -> bool:
 
 
 def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> bool:
-    result_file = RESULTS / f"{dataset}.{args.encoder}.{variant}.seed{seed}.json"
-    if result_file.is_file():
-        log.info("%s exists, skipping", result_file.name)
-        return True
     encoder_dir = RUNS / "accuracy" / dataset / f"{args.encoder}-seed{seed}"
     out = RUNS / "retrieval" / dataset / f"{args.encoder}-{variant}-seed{seed}"
     cli_args = ["--dataset", dataset, "--stage", "finetune", "--from", str(encoder_dir), "--out", str(out)]
     cli_args += ["--seed", str(seed), *VARIANTS[variant]]
-    metrics, command = train_cli(cli_args, device=args.device, threads=args.threads, data_dir=args.data_dir)
-    if metrics is None:
-        return False
-    record: dict[str, Any] = {"dataset": dataset, "variant": variant, "seed": seed, "encoder": args.encoder}
-    record |= {"flags": VARIANTS[variant], "command": command, **{k: metrics[k] for k in RUN_KEYS}}
-    record |= {"memories": metrics["memories"], "valid": metrics["valid"], "test": metrics["test"]}
-    write_result(result_file, record)
-    return True
+    record = {"dataset": dataset, "variant": variant, "seed": seed, "encoder": args.encoder}
+    record["flags"] = VARIANTS[variant]
+    result_file = RESULTS / f"{dataset}.{args.encoder}.{variant}.seed{seed}.json"
+    return run_recorded(result_file, cli_args, args, record, extra=("memories",))
 
 
 def markdown(report: dict[str, Any]) -> str:
