@@ -59,6 +59,10 @@ class StoreConfig:
     dim: int = 64
     namespace: str = "default"
     redis_url: str | None = None
+    # Redis credentials and TLS: the password overrides one in the URL; the CA file is used with
+    # ``rediss://`` URLs (TLS) to verify the server.
+    redis_password: str | None = field(default=None, repr=False)
+    redis_tls_ca_file: Path | None = None
     data_dir: Path | None = None
     capacity: int | None = None
     user_capacity: int | None = None

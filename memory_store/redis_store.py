@@ -18,6 +18,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import re
+import secrets
 import shutil
 import time
 from collections.abc import Sequence
@@ -26,8 +29,8 @@ from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, ResponseError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memory_store import redis_layout as layout
@@ -63,13 +66,40 @@ WATCH_ATTEMPTS = 20
 _ZERO = "0-0"
 
 
-async def connect(url: str, attempts: int, backoff_s: float) -> aioredis.Redis:
+def _client(config: StoreConfig) -> aioredis.Redis:
+    """A client for ``config.redis_url`` with the config's password and, for ``rediss://``, CA file."""
+    assert config.redis_url is not None
+    options: dict[str, Any] = {"decode_responses": False}
+    if config.redis_password is not None:
+        options["password"] = config.redis_password
+    if config.redis_tls_ca_file is not None:
+        if not config.redis_url.startswith("rediss://"):
+            raise ValueError("redis_tls_ca_file needs a rediss:// URL (TLS)")
+        options["ssl_ca_certs"] = str(config.redis_tls_ca_file)
+    client: aioredis.Redis = aioredis.from_url(config.redis_url, **options)
+    return client
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+
+
+async def connect(config: StoreConfig) -> aioredis.Redis:
     """A client that answered PING; retries with exponential backoff, then raises ConnectionError."""
-    client: aioredis.Redis = aioredis.from_url(url, decode_responses=False)
+    url = _redacted(config.redis_url or "")
+    attempts, backoff_s = config.connect_attempts, config.connect_backoff_s
+    client = _client(config)
     for attempt in range(1, attempts + 1):
         try:
             await client.ping()
             return client
+        except AuthenticationError as exc:  # a wrong password does not get better by retrying
+            await client.aclose()
+            raise ConnectionError(f"Redis at {url} refused the credentials: {exc}") from exc
+        except ResponseError as exc:  # e.g. NOAUTH: a password is required and none was given
+            await client.aclose()
+            raise ConnectionError(f"Redis at {url} refused the connection: {exc}") from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             if attempt == attempts:
                 await client.aclose()
@@ -139,8 +169,8 @@ class RedisMemoryStore:
     @classmethod
     async def open(cls, config: StoreConfig) -> RedisMemoryStore:
         assert config.redis_url is not None
-        client = await connect(config.redis_url, config.connect_attempts, config.connect_backoff_s)
-        tail_client = await connect(config.redis_url, config.connect_attempts, config.connect_backoff_s)
+        client = await connect(config)
+        tail_client = await connect(config)
         store = cls(config, client, tail_client)
         await store.restore()
         return store
@@ -459,7 +489,8 @@ class RedisMemoryStore:
         """Write this replica's index and the log position it reflects. The tail pauses only while the
         index is copied in memory; the files are written afterwards."""
         target = path or self._default_snapshot_dir()
-        tmp = target.with_name(target.name + ".tmp")
+        # Unique per writer: replicas that share a folder never write into each other's files.
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         async with self._apply_lock:
             position, size = self._applied, len(self._index)
             image = await asyncio.to_thread(self._index.capture)
@@ -473,7 +504,11 @@ class RedisMemoryStore:
         marker = {"position": position, "namespace": self.config.namespace}
         (tmp / "position.json").write_text(json.dumps(marker))
         shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another writer's snapshot landed first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     async def restore(self, path: Path | None = None) -> SnapshotInfo:
         """Snapshot (when usable) + log replay, or a rebuild from the memory hashes; then tail."""

@@ -99,14 +99,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store-dir", type=Path, help="embedded store folder (default var/store)")
     s.add_argument("--threads", dest="torch_threads", type=int, help="torch and FAISS threads (default 1)")
     s.add_argument("--workers", type=int, help="server processes (default 1; more need --redis-url)")
+
+    r = sub.add_parser("reindex", help="load a model's memory bank into the store and snapshot the index")
+    r.add_argument("--model", dest="model_dir", type=Path, help="model directory (or MEMREC_MODEL_DIR)")
+    r.add_argument("--redis-url", help="Redis URL (default: the embedded store in --store-dir)")
+    r.add_argument("--store-dir", type=Path, help="store folder: embedded data or Redis index snapshots")
     return parser
+
+
+def _service_overrides(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from service.reindex import reindex
+    from service.settings import Settings
+
+    try:
+        settings = Settings(**_service_overrides(args, ("model_dir", "redis_url", "store_dir")))
+        out = asyncio.run(reindex(settings))
+    except (ValidationError, artifact.ArtifactError, ConnectionError) as e:
+        log.error("%s", e)
+        return 2
+    sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.server import serve  # the service (FastAPI, Redis) loads only for this command
 
     names = ("model_dir", "host", "port", "redis_url", "store_dir", "torch_threads", "workers")
-    return serve({name: getattr(args, name) for name in names if getattr(args, name) is not None})
+    return serve(_service_overrides(args, names))
 
 
 def _pretrain(args: argparse.Namespace, data: Interactions, split: Split) -> tuple[SASRec, dict[str, Any]]:
@@ -241,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "reindex":
+        return cmd_reindex(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)  # FAISS's OpenMP pool would otherwise take every core

@@ -10,10 +10,11 @@ from contextlib import asynccontextmanager
 
 import faiss
 import torch
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from memory_store import IndexParams, MemoryStore, StoreConfig, open_store
 from model import artifact
+from service.auth import require_api_key
 from service.bank import load_bank
 from service.errors import install_handlers
 from service.ingest import Ingestor
@@ -22,6 +23,7 @@ from service.middleware import ObserveRequests
 from service.pipeline import Pipeline
 from service.recommender import Recommender
 from service.routes import health, interactions, recommend
+from service.schemas import Problem
 from service.settings import Settings
 from service.state import Runtime
 
@@ -33,7 +35,11 @@ def store_config(settings: Settings, dim: int, model_version: str) -> StoreConfi
         dim=dim,
         namespace=settings.store_namespace(model_version),
         redis_url=settings.redis_url,
+        redis_password=settings.redis_password.get_secret_value() if settings.redis_password else None,
+        redis_tls_ca_file=settings.redis_tls_ca_file,
         data_dir=settings.store_dir,
+        capacity=settings.capacity,
+        user_capacity=settings.user_capacity,
         history_len=max(200, settings.history_len),
         index=IndexParams(exact_threshold=settings.exact_threshold, nprobe=settings.nprobe),
     )
@@ -72,16 +78,40 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     return Runtime(settings, art.model_version, art.vocab, store, pipeline, ingestor)
 
 
+async def snapshot_now(store: MemoryStore) -> bool:
+    """One index snapshot (restarts replay only the log after it); a failure is logged, not raised."""
+    try:
+        await store.snapshot()
+        return True
+    except (OSError, ConnectionError, TimeoutError, ValueError) as exc:
+        log.warning("index snapshot failed: %s", exc)
+        return False
+
+
+async def snapshot_every(store: MemoryStore, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        await snapshot_now(store)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    runtime = await build_runtime(app.state.settings, app.state.metrics)
+    settings: Settings = app.state.settings
+    runtime = await build_runtime(settings, app.state.metrics)
     runtime.pipeline.start()
     app.state.runtime = runtime
+    snapshots = None
+    if settings.snapshot_interval_s > 0:
+        snapshots = asyncio.create_task(snapshot_every(runtime.store, settings.snapshot_interval_s))
     try:
         yield
     finally:
         app.state.runtime = None
         await runtime.pipeline.stop()
+        if snapshots is not None:
+            snapshots.cancel()
+            await asyncio.gather(snapshots, return_exceptions=True)
+            await snapshot_now(runtime.store)  # the next start replays only what comes after
         await runtime.store.close()
 
 
@@ -100,6 +130,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = None
     install_handlers(app, metrics)
     app.add_middleware(ObserveRequests, metrics=metrics, max_body_bytes=settings.max_request_bytes)
-    for module in (recommend, interactions, health):
-        app.include_router(module.router)
+    for module in (recommend, interactions):
+        app.include_router(
+            module.router, dependencies=[Depends(require_api_key)], responses={401: {"model": Problem}}
+        )
+    app.include_router(health.router)
     return app

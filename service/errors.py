@@ -10,7 +10,13 @@ from starlette.exceptions import HTTPException
 
 from service.metrics import Metrics
 
-ERROR_KINDS = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 422: "validation"}
+ERROR_KINDS = {
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    422: "validation",
+}
 
 
 def store_errors() -> tuple[type[Exception], ...]:

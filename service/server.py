@@ -22,7 +22,12 @@ def serve(overrides: dict[str, Any]) -> int:
     except ValidationError as exc:
         log.error("invalid settings: %s", exc)
         return 2
-    common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "timeout_graceful_shutdown": settings.graceful_shutdown_s,
+    }
     if settings.workers == 1:
         uvicorn.run(create_app(settings), access_log=False, **common)
         return 0

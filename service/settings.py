@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _NAMESPACE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -19,6 +19,8 @@ class Settings(BaseSettings):
 
     model_dir: Path = Field(description="model directory written by `memrec train`")
     redis_url: str | None = Field(default=None, description="Redis URL; unset: the embedded store")
+    redis_password: SecretStr | None = Field(default=None, description="Redis password (wins over the URL's)")
+    redis_tls_ca_file: Path | None = Field(default=None, description="CA bundle for a rediss:// (TLS) URL")
     store_dir: Path = Field(default=Path("var/store"), description="embedded store's data folder")
     namespace: str | None = Field(default=None, description="store namespace; default: the model version")
     host: str = "127.0.0.1"
@@ -27,16 +29,32 @@ class Settings(BaseSettings):
     max_events_per_batch: int = Field(default=1_000, ge=1, description="events per POST /interactions")
     max_request_bytes: int = Field(default=1_000_000, ge=1_024, description="largest request body")
     max_request_items: int = Field(default=1_000, ge=1, description="history / exclude_items length cap")
+    api_key: SecretStr | None = Field(
+        default=None, description="when set, requests need it (X-API-Key or Authorization: Bearer)"
+    )
+    metrics_require_key: bool = Field(default=False, description="/metrics also needs the API key")
+    capacity: int | None = Field(default=None, ge=1, description="most memories kept (oldest go)")
+    user_capacity: int | None = Field(default=None, ge=1, description="most memories kept per user")
+    graceful_shutdown_s: float = Field(default=20.0, ge=0.0, description="drain time for in-flight requests")
     workers: int = Field(default=1, ge=1, le=64, description="server processes (more than 1 needs Redis)")
     torch_threads: int = Field(default=1, ge=1, description="intra-op threads of torch and FAISS")
     batch_max_size: int = Field(default=64, ge=1, description="requests fused into one forward pass")
     batch_max_wait_ms: float = Field(default=1.0, ge=0.0, description="wait for more requests to batch")
     frozen_memory: bool = Field(default=False, description="interactions update histories, never memories")
     load_bank: bool = Field(default=True, description="bulk-load the artifact's memories at start-up")
+    snapshot_interval_s: float = Field(
+        default=300.0, ge=0.0, description="seconds between index snapshots (also one at shutdown); 0: off"
+    )
     exact_threshold: int = Field(default=50_000, ge=1, description="memories below which search is exact")
     nprobe: int = Field(default=128, ge=1, description="IVF lists scanned per query")
     device: str = "cpu"
     log_level: str = "info"
+
+    @field_validator("api_key", "redis_password", mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: object) -> object:
+        # Compose and Kubernetes pass an unset optional secret as an empty string.
+        return None if value == "" else value
 
     @field_validator("namespace")
     @classmethod
@@ -49,6 +67,8 @@ class Settings(BaseSettings):
     def _check_model_dir(self) -> Settings:
         if not (self.model_dir / "config.json").is_file():
             raise ValueError(f"model_dir {self.model_dir} holds no config.json (train with `memrec train`)")
+        if self.redis_tls_ca_file is not None and not (self.redis_url or "").startswith("rediss://"):
+            raise ValueError("redis_tls_ca_file needs a rediss:// redis_url")
         if self.workers > 1 and self.redis_url is None:
             raise ValueError("workers > 1 needs redis_url: the embedded store belongs to one process")
         return self

@@ -33,7 +33,7 @@ def _free_port() -> int:
 def _start(model: Path, redis_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "MEMREC_BATCH_MAX_WAIT_MS": "2"}
     cmd = [sys.executable, "-m", "model.cli", "serve", "--model", str(model), "--port", str(port)]
-    cmd += ["--redis-url", redis_url]
+    cmd += ["--redis-url", redis_url, "--store-dir", str(log.with_suffix(".store"))]
     with log.open("wb") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import RedisServer
 
 from memory_store import Interaction, MemoryBatch, StoreConfig, open_store
 from memory_store.redis_store import RedisMemoryStore, connect
@@ -21,8 +23,45 @@ def keys(n: int, seed: int) -> np.ndarray:
 
 
 async def test_connect_gives_up_after_bounded_retries() -> None:
+    config = StoreConfig(
+        dim=DIM, redis_url="redis://127.0.0.1:1/0", connect_attempts=2, connect_backoff_s=0.01
+    )
     with pytest.raises(ConnectionError, match="did not answer after 2 attempts"):
-        await connect("redis://127.0.0.1:1/0", attempts=2, backoff_s=0.01)
+        await connect(config)
+
+
+async def test_password_is_sent_and_never_shown(redis_server: Callable[..., RedisServer]) -> None:
+    server = redis_server("--requirepass", "s3cret-pw")
+    base = StoreConfig(dim=DIM, namespace="auth", redis_url=server.url, connect_attempts=1)
+    with pytest.raises(ConnectionError, match="refused") as missing:
+        await connect(base)
+    wrong = replace(base, redis_password="wrong-pw")
+    with pytest.raises(ConnectionError, match="refused the credentials") as refused:
+        await connect(wrong)
+    in_url = replace(base, redis_url=f"redis://:s3cret-pw@127.0.0.1:{server.port}/0")
+    with pytest.raises(ConnectionError) as down:
+        await connect(replace(in_url, redis_url=in_url.redis_url.replace(str(server.port), "1")))
+    for exc in (missing, refused, down):
+        assert "s3cret-pw" not in str(exc.value) and "wrong-pw" not in str(exc.value)
+    assert "***" in str(down.value)
+    # With the right password, a whole store works: write, then read back through the index.
+    store = await open_store(replace(base, redis_password="s3cret-pw"))
+    try:
+        await store.ingest([Interaction("u", 1, 1.0, "e1")], keys(1, 0), [0])
+        assert (await store.stats()).memories == 1
+        assert "s3cret-pw" not in repr(store.config)
+    finally:
+        await store.close()
+
+
+def test_tls_ca_file_needs_a_tls_url(tmp_path: Path) -> None:
+    from memory_store.redis_store import _client
+
+    ca = tmp_path / "ca.pem"
+    with pytest.raises(ValueError, match="rediss://"):
+        _client(StoreConfig(dim=DIM, redis_url="redis://127.0.0.1:6379/0", redis_tls_ca_file=ca))
+    client = _client(StoreConfig(dim=DIM, redis_url="rediss://127.0.0.1:6379/0", redis_tls_ca_file=ca))
+    assert client.connection_pool.connection_kwargs["ssl_ca_certs"] == str(ca)
 
 
 async def test_lag_is_reported_while_a_replica_is_behind(store_config: Callable[..., StoreConfig]) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.auth import require_api_key_for_metrics
 from service.errors import store_errors
 from service.schemas import ReadyResponse
 from service.state import MetricsDep, Runtime
@@ -43,7 +44,7 @@ async def readyz(request: Request, metrics: MetricsDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, dependencies=[Depends(require_api_key_for_metrics)])
 async def prometheus(request: Request, metrics: MetricsDep) -> Response:
     """Prometheus text format; store gauges are refreshed on each scrape."""
     rt: Runtime | None = getattr(request.app.state, "runtime", None)
