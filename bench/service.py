@@ -81,6 +81,7 @@ async def open_loop(
     loop = asyncio.get_running_loop()
     lat: dict[str, list[float]] = {}
     errors = 0
+    statuses: dict[int, int] = {}
 
     async def one(at: float, req: Request) -> None:
         nonlocal errors
@@ -89,6 +90,7 @@ async def open_loop(
             status, _ = await conn.post(*req)
         finally:
             pool.put_nowait(conn)
+        statuses[status] = statuses.get(status, 0) + 1
         if status >= 400:
             errors += 1
         lat.setdefault(req[0], []).append(loop.time() - at)
@@ -112,6 +114,7 @@ async def open_loop(
         "sent": n,
         "achieved_rps": n / elapsed,
         "errors": errors,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
         **_percentiles(everything),
         "by_route": {path: _percentiles(xs) for path, xs in lat.items()},
     }

@@ -12,6 +12,7 @@ from memory_store.base import (
     MemoryStore,
     ReplicationStatus,
     SearchResult,
+    SnapshotError,
     SnapshotInfo,
     StoreStats,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "QualityFn",
     "ReplicationStatus",
     "SearchResult",
+    "SnapshotError",
     "SnapshotInfo",
     "StoreConfig",
     "StoreStats",

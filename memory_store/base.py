@@ -8,7 +8,8 @@ Memory ids are positive int64 allocated by the store, increasing in write order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +17,21 @@ from typing import Protocol
 import numpy as np
 
 from memory_store.user_memory import UserMemories
+
+
+class SnapshotError(ValueError):
+    """A snapshot that cannot be read back; the message names the file."""
+
+
+@contextmanager
+def snapshot_file(path: Path) -> Iterator[Path]:
+    """Read ``path`` inside the block; any failure becomes a SnapshotError naming the file."""
+    try:
+        yield path
+    except SnapshotError:
+        raise
+    except Exception as exc:  # truncated, garbled or missing: faiss, numpy, json each raise their own
+        raise SnapshotError(f"{path}: unreadable snapshot file ({type(exc).__name__}: {exc})") from exc
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,7 @@ from memory_store.base import (
     check_user_id,
     memory_batch_for_events,
     normalise_rows,
+    snapshot_file,
 )
 from memory_store.config import StoreConfig
 from memory_store.index import MemoryIndex, _savez
@@ -397,7 +398,8 @@ class EmbeddedMemoryStore:
         source = path or self._root / "snapshot"
         self._reset_state()
         if (source / "state.json").exists():
-            state = json.loads((source / "state.json").read_text())
+            with snapshot_file(source / "state.json") as state_path:
+                state = json.loads(state_path.read_text())
             if int(state["dim"]) != self.dim:
                 raise ValueError(f"snapshot {source} has dim {state['dim']}, store dim is {self.dim}")
             self._index = MemoryIndex.load(source, self.config.index)
@@ -405,7 +407,8 @@ class EmbeddedMemoryStore:
             self._seen = {str(e): float(t) for e, t in state["seen"].items()}
             self._by_user = {u: deque(ids) for u, ids in state["by_user"].items()}
             self._next_id, self._applied = int(state["next_id"]), int(state["lsn"])
-            self._umem = _load_user_memories(source / "umem.npz", self.dim)
+            with snapshot_file(source / "umem.npz") as umem_path:
+                self._umem = _load_user_memories(umem_path, self.dim)
         first = self._log.first_lsn()
         if first is not None and first > self._applied + 1:
             raise ValueError(f"snapshot {source} is at lsn {self._applied} but the log starts at {first}")

@@ -25,7 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from memory_store.base import MemoryBatch, SearchResult
+from memory_store.base import MemoryBatch, SearchResult, SnapshotError, snapshot_file
 from memory_store.config import IndexParams
 
 log = logging.getLogger(__name__)
@@ -392,17 +392,21 @@ class MemoryIndex:
 
     @classmethod
     def load(cls, directory: Path, params: IndexParams) -> MemoryIndex:
-        info = json.loads((directory / "meta.json").read_text())
-        self = cls(int(info["dim"]), params)
-        with np.load(directory / "meta.npz") as arrays:
+        """Read a snapshot written by :meth:`save`; SnapshotError names a file that cannot be read."""
+        with snapshot_file(directory / "meta.json") as path:
+            info = json.loads(path.read_text())
+            self = cls(int(info["dim"]), params)
+        with snapshot_file(directory / "meta.npz") as path, np.load(path) as arrays:
             state = {name: arrays[name] for name in arrays.files}
-        self._meta = _Metadata.from_state(state, json.loads((directory / "users.json").read_text()))
-        self._index = faiss.read_index(str(directory / "index.faiss"))
+        with snapshot_file(directory / "users.json") as path:
+            self._meta = _Metadata.from_state(state, json.loads(path.read_text()))
+        with snapshot_file(directory / "index.faiss") as path:
+            self._index = faiss.read_index(str(path))
         self._nlist, self._trained_for = int(info["nlist"]), int(info["trained_for"])
         if self._nlist:
             faiss.extract_index_ivf(self._index).nprobe = params.nprobe
         if self._index.ntotal != self._meta.count:
-            raise ValueError(
+            raise SnapshotError(
                 f"snapshot in {directory} is inconsistent: {self._index.ntotal} vectors, "
                 f"{self._meta.count} metadata rows"
             )

@@ -41,6 +41,7 @@ from memory_store.base import (
     MemoryBatch,
     ReplicationStatus,
     SearchResult,
+    SnapshotError,
     SnapshotInfo,
     StoreStats,
     check_events,
@@ -51,6 +52,7 @@ from memory_store.base import (
     memory_batch_for_events,
     normalise_rows,
     parse_position,
+    snapshot_file,
 )
 from memory_store.config import StoreConfig
 from memory_store.index import IndexImage, MemoryIndex
@@ -62,6 +64,7 @@ PIPELINE_DEPTH = 8  # script calls in flight per round trip for bulk writes
 READ_COUNT = 1000  # log entries per XREAD
 BLOCK_MS = 1000
 REBUILD_CHUNK = 5000
+TAIL_MAX_BACKOFF_S = 1.0  # while Redis is down the tail retries this often, so it resumes soon after
 WATCH_ATTEMPTS = 20
 _ZERO = "0-0"
 
@@ -411,13 +414,13 @@ class RedisMemoryStore:
                     return
                 log.warning("log tail lost Redis (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(2 * backoff, 5.0)
+                backoff = min(2 * backoff, TAIL_MAX_BACKOFF_S)
             except Exception:  # a bad entry: stay on it (the lag metric shows it) rather than skip it
                 log.exception(
                     "could not apply log entries after %s; retrying in %.1fs", self._applied, backoff
                 )
                 await asyncio.sleep(backoff)
-                backoff = min(2 * backoff, 5.0)
+                backoff = min(2 * backoff, TAIL_MAX_BACKOFF_S)
 
     async def _catch_up(self) -> int:
         applied = 0
@@ -531,8 +534,13 @@ class RedisMemoryStore:
         marker = source / "position.json"
         if not marker.exists():
             return False
-        position = json.loads(marker.read_text())["position"]
-        index = await asyncio.to_thread(MemoryIndex.load, source, self.config.index)
+        try:
+            with snapshot_file(marker):
+                position = json.loads(marker.read_text())["position"]
+            index = await asyncio.to_thread(MemoryIndex.load, source, self.config.index)
+        except SnapshotError as exc:  # only a cache of Redis: rebuild from the source of truth
+            log.warning("ignoring the index snapshot (%s); rebuilding from Redis", exc)
+            return False
         if index.dim != self.dim:
             raise ValueError(f"snapshot {source} has dim {index.dim}, store dim is {self.dim}")
         self._index = index

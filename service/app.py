@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import faiss
 import torch
@@ -23,6 +24,7 @@ from service.middleware import ObserveRequests
 from service.pipeline import Pipeline
 from service.recommender import Recommender
 from service.routes import health, interactions, recommend
+from service.routes import metrics as metrics_route
 from service.schemas import Problem
 from service.settings import Settings
 from service.state import Runtime
@@ -130,9 +132,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = None
     install_handlers(app, metrics)
     app.add_middleware(ObserveRequests, metrics=metrics, max_body_bytes=settings.max_request_bytes)
-    for module in (recommend, interactions):
-        app.include_router(
-            module.router, dependencies=[Depends(require_api_key)], responses={401: {"model": Problem}}
-        )
+    # With a key configured the API routes (and, if asked, /metrics) require it, and the OpenAPI
+    # document says so; without one they are open and the document declares no security.
+    keyed: dict[str, Any] = {}
+    if settings.api_key is not None:
+        keyed = {"dependencies": [Depends(require_api_key)], "responses": {401: {"model": Problem}}}
+    app.include_router(recommend.router, **keyed)
+    app.include_router(interactions.router, **keyed)
     app.include_router(health.router)
+    app.include_router(metrics_route.router, **(keyed if settings.metrics_require_key else {}))
     return app

@@ -1,8 +1,10 @@
 """Optional API key: when ``MEMREC_API_KEY`` is set, the API routes need it.
 
 The key travels in the ``X-API-Key`` header or as ``Authorization: Bearer <key>``; it is compared in
-constant time. ``/livez`` and ``/readyz`` stay open (probes carry no secrets), ``/metrics`` needs the key
-only when ``MEMREC_METRICS_REQUIRE_KEY`` is true. The key is never logged (a ``SecretStr`` setting).
+constant time. The app factory attaches :func:`require_api_key` to the API routers only when a key is
+set (so the OpenAPI document declares security exactly when it is enforced); ``/livez`` and ``/readyz``
+stay open (probes carry no secrets), ``/metrics`` needs the key only when ``MEMREC_METRICS_REQUIRE_KEY``
+is true. The key is never logged (a ``SecretStr`` setting).
 """
 
 from __future__ import annotations
@@ -41,12 +43,3 @@ async def require_api_key(
     expected = settings.api_key.get_secret_value() if settings.api_key is not None else None
     if not check_key(expected, header_key, bearer.credentials if bearer is not None else None):
         raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
-
-
-async def require_api_key_for_metrics(
-    settings: SettingsDep,
-    header_key: HeaderKey,
-    bearer: BearerKey,
-) -> None:
-    if settings.metrics_require_key:
-        await require_api_key(settings, header_key, bearer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -49,7 +51,28 @@ def install_handlers(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(HTTPException, on_http_error)
 
 
+MAX_ECHO_CHARS = 200
+
+
 def jsonable(errors: object) -> object:
+    """Validation errors as strict JSON: non-finite floats (a ``NaN`` sent by the client) become text,
+    lone surrogates are escaped, and echoed input is cut to ``MAX_ECHO_CHARS`` so a huge bad field is
+    not sent back whole."""
     from fastapi.encoders import jsonable_encoder
 
-    return jsonable_encoder(errors)
+    return _safe(jsonable_encoder(errors))
+
+
+def _safe(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        if len(value) > MAX_ECHO_CHARS:
+            value = value[:MAX_ECHO_CHARS] + f"... ({len(value)} characters)"
+        # Text that has no UTF-8 form (a lone surrogate the client sent) is echoed escaped.
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {k: _safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_safe(v) for v in value]
+    return value

@@ -46,6 +46,9 @@ class Metrics:
             "memrec_batch_size", "Requests per micro-batch", buckets=BATCH_BUCKETS, registry=r
         )
         self.events = Counter("memrec_events_total", "Interactions by outcome", ["outcome"], registry=r)
+        self.degraded = Counter(
+            "memrec_degraded_total", "Recommendations answered without the store (unreachable)", registry=r
+        )
         self.errors = Counter("memrec_errors_total", "Failed requests by kind", ["kind"], registry=r)
         self.bank_size = Gauge("memrec_memory_bank_size", "Collaborative memories in the store", registry=r)
         self.index_size = Gauge("memrec_index_size", "Vectors in this replica's FAISS index", registry=r)

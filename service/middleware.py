@@ -10,10 +10,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.metrics import Metrics
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class ObserveRequests:
     """Times every HTTP request by route template (never by raw path) and rejects bodies over a limit."""
 
@@ -32,17 +28,23 @@ class ObserveRequests:
             return
         status = 500
         seen = 0
+        refused = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            # A body without a declared length is counted as it streams: past the limit the 413 goes
+            # out at once and the app sees a disconnect (whatever it answers then is dropped).
+            nonlocal seen, refused, status
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_body:
-                raise BodyTooLarge
-            return message
+            if seen > self.max_body and not refused:
+                refused, status = True, 413
+                await self._too_large(scope, send)
+            return {"type": "http.disconnect"} if refused else message
 
         async def recording_send(message: Message) -> None:
             nonlocal status
+            if refused:
+                return
             if message["type"] == "http.response.start":
                 status = int(message["status"])
             await send(message)
@@ -51,10 +53,9 @@ class ObserveRequests:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, counting_receive, recording_send)
-        except BodyTooLarge:
-            status = 413
-            await self._too_large(scope, send)
         except Exception:
+            if refused:  # the app failed on the cut-off body; the client already has its 413
+                return
             self.metrics.errors.labels("internal").inc()
             raise
         finally:

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ import torch
 from memory_store import MemoryStore, SearchResult
 from model.finetune import limit_depth
 from model.memory import Retrieved
+from service.errors import store_errors
 from service.metrics import Metrics
 from service.recommender import IntArray, Recommender
 
@@ -53,6 +54,7 @@ class Answer:
     k_used: int
     strategy: str  # "retrieval", "encoder" or "popular"
     memories: tuple[Memory, ...] = field(default=())
+    degraded: bool = False  # the stored history could not be read
 
 
 @dataclass
@@ -142,8 +144,14 @@ class Pipeline:
 
     async def run_batch(self, queries: list[Query]) -> list[Answer]:
         """Answer a batch of queries in one pass (also usable directly, without the worker)."""
+        degraded = False
         with self._stage("history"):
-            stored = await self.store.histories([q.user_id for q in queries], self.history_len)
+            try:
+                stored = await self.store.histories([q.user_id for q in queries], self.history_len)
+            except store_errors() as exc:  # degrade: the request's own history and the local index
+                log.warning("store unreachable, answering %d requests degraded: %s", len(queries), exc)
+                self.metrics.degraded.inc(len(queries))
+                stored, degraded = [[] for _ in queries], True
         histories = [[*s, *q.history][-self.history_len :] for s, q in zip(stored, queries, strict=True)]
         warm = [i for i, h in enumerate(histories) if h]
         answers: list[Answer | None] = [None] * len(queries)
@@ -155,7 +163,7 @@ class Pipeline:
             done = await self._warm([queries[i] for i in warm], [histories[i] for i in warm])
             for i, a in zip(warm, done, strict=True):
                 answers[i] = a
-        out = [a for a in answers if a is not None]
+        out = [replace(a, degraded=True) if degraded else a for a in answers if a is not None]
         for a in out:
             self.metrics.k_used.observe(a.k_used)
         return out

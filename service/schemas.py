@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Text ids; pydantic rejects strings that are not valid Unicode (lone surrogates) with a 422.
 UserId = str
 ItemId = str
 
@@ -41,6 +42,11 @@ class RecommendResponse(BaseModel):
     k_used: int = Field(description="memories fused into the user's state (0: encoder or cold start)")
     model_version: str
     strategy: str = Field(description="'retrieval', 'encoder' or 'popular' (cold start)")
+    degraded: bool = Field(
+        default=False,
+        description="the store was unreachable: ranked from the request's own history and this "
+        "replica's index, without the stored history",
+    )
     memories: list[MemoryOut] | None = None
 
 
@@ -48,7 +54,7 @@ class EventIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_id: UserId = Field(min_length=1, max_length=256)
-    item_id: ItemId = Field(min_length=1)
+    item_id: ItemId = Field(min_length=1, max_length=256)
     timestamp: float | None = Field(
         default=None, allow_inf_nan=False, description="unix seconds; default: now"
     )

@@ -187,33 +187,6 @@ async def test_restart_does_not_reload_the_bank(model_dir: Path, tmp_path: Path)
         assert await _history(app, "u3") == history
 
 
-class _DownStore:
-    """A store whose every call fails as an unreachable Redis does."""
-
-    def __getattr__(self, name: str) -> Any:
-        async def fail(*_: Any, **__: Any) -> Any:
-            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
-
-        return fail
-
-
-async def test_store_down_is_503(api: tuple[Any, httpx.AsyncClient]) -> None:
-    app, client = api
-    rt = app.state.runtime
-    real = rt.store
-    rt.store = rt.pipeline.store = rt.ingestor.store = _DownStore()
-    try:
-        r = await client.post("/recommend", json={"user_id": "u0"})
-        assert r.status_code == 503 and "memory store unavailable" in r.json()["detail"]
-        r = await client.post("/interactions", json={"events": [{"user_id": "u0", "item_id": "i1"}]})
-        assert r.status_code == 503
-        ready = await client.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["checks"]["store"].startswith("unavailable")
-        assert (await client.get("/metrics")).status_code == 200
-    finally:
-        rt.store = rt.pipeline.store = rt.ingestor.store = real
-
-
 async def test_encoder_only_model_serves_without_retrieval(toy_root: Path, tmp_path: Path) -> None:  # noqa: F811
     from test_service_support import train_toy_model
 

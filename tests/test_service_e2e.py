@@ -3,18 +3,20 @@ replicas sharing it. Every endpoint, error cases included."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import flushed_redis
-from test_service_support import SERVICE_REDIS_URL, model_dir, toy_root  # noqa: F401  (fixtures)
+from conftest import flushed_redis, free_port
+from test_service_support import (  # noqa: F401  (fixtures)
+    SERVICE_REDIS_URL,
+    model_dir,
+    start_server,
+    toy_root,
+    wait_ready,
+)
 
 
 @pytest.fixture
@@ -23,44 +25,15 @@ def service_redis() -> Iterator[str]:
     yield from flushed_redis(SERVICE_REDIS_URL, "service")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _start(model: Path, redis_url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "MEMREC_BATCH_MAX_WAIT_MS": "2"}
-    cmd = [sys.executable, "-m", "model.cli", "serve", "--model", str(model), "--port", str(port)]
-    cmd += ["--redis-url", redis_url, "--store-dir", str(log.with_suffix(".store"))]
-    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"server not ready in {timeout_s} s:\n{log.read_text()}")
-
-
 @pytest.fixture
 def two_replicas(model_dir: Path, service_redis: str, tmp_path: Path) -> Iterator[list[str]]:  # noqa: F811
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     logs = [tmp_path / f"replica{i}.log" for i in range(2)]
-    procs = [_start(model_dir, service_redis, p, lg) for p, lg in zip(ports, logs, strict=True)]
+    procs = [start_server(model_dir, service_redis, p, lg) for p, lg in zip(ports, logs, strict=True)]
     bases = [f"http://127.0.0.1:{p}" for p in ports]
     try:
         for base, proc, lg in zip(bases, procs, logs, strict=True):
-            _wait_ready(base, proc, lg)
+            wait_ready(base, proc, lg)
         yield bases
     finally:
         for proc in procs:

@@ -3,9 +3,11 @@ the session's temporary folder), and an in-process app with its lifespan running
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -43,6 +45,37 @@ def train_toy_model(root: Path, name: str = "model", *extra: str) -> Path:
     cmd += ["--threads", "1", *extra]
     subprocess.run(cmd, check=True, capture_output=True, timeout=240)
     return out
+
+
+def start_server(
+    model: Path, redis_url: str | None, port: int, log: Path, **env: str
+) -> subprocess.Popen[bytes]:
+    """``memrec serve`` in a child process (its output in ``log``); settings as ``MEMREC_*`` variables."""
+    environ = {
+        **os.environ,
+        "MEMREC_BATCH_MAX_WAIT_MS": "2",
+        **{f"MEMREC_{k.upper()}": v for k, v in env.items()},
+    }
+    cmd = [sys.executable, "-m", "model.cli", "serve", "--model", str(model), "--port", str(port)]
+    cmd += ["--store-dir", str(log.with_suffix(".store"))]
+    if redis_url is not None:
+        cmd += ["--redis-url", redis_url]
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, env=environ, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"server not ready in {timeout_s} s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,16 @@
-"""GET /livez, GET /readyz, GET /metrics."""
+"""GET /livez, GET /readyz: open to probes whatever the API key setting."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.auth import require_api_key_for_metrics
 from service.errors import store_errors
 from service.schemas import ReadyResponse
 from service.state import MetricsDep, Runtime
 
-log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 READY_TIMEOUT_S = 1.0
@@ -42,15 +38,3 @@ async def readyz(request: Request, metrics: MetricsDep) -> JSONResponse:
     ready = all(v.startswith("ok") for v in checks.values())
     body = ReadyResponse(ready=ready, checks=checks, model_version=rt.model_version if rt else None)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
-
-
-@router.get("/metrics", response_class=Response, dependencies=[Depends(require_api_key_for_metrics)])
-async def prometheus(request: Request, metrics: MetricsDep) -> Response:
-    """Prometheus text format; store gauges are refreshed on each scrape."""
-    rt: Runtime | None = getattr(request.app.state, "runtime", None)
-    if rt is not None:
-        try:
-            metrics.observe_store(await asyncio.wait_for(rt.store.stats(), READY_TIMEOUT_S))
-        except store_errors() as exc:
-            log.warning("store stats unavailable for /metrics: %s", exc)
-    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

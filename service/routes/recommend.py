@@ -20,7 +20,9 @@ router = APIRouter(tags=["recommend"])
 )
 async def recommend(body: RecommendRequest, rt: RuntimeDep) -> RecommendResponse:
     """Top-n items for a user: stored history (+ ``history``) → encode → retrieve → fuse → rank.
-    A user without any history gets the most popular items of the training data (``strategy`` popular)."""
+    A user without any history gets the most popular items of the training data (``strategy`` popular).
+    While the store is unreachable the answer is ``degraded``: the request's own ``history`` (or the
+    popular items) with this replica's index, instead of an error."""
     cap = rt.settings.max_request_items
     for name, values in (("history", body.history), ("exclude_items", body.exclude_items)):
         if values is not None and len(values) > cap:
@@ -61,5 +63,6 @@ def _response(body: RecommendRequest, answer: Answer, rt: RuntimeDep) -> Recomme
         k_used=answer.k_used,
         model_version=rt.model_version,
         strategy=answer.strategy,
+        degraded=answer.degraded,
         memories=memories,
     )
