@@ -52,7 +52,8 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     torch.set_num_threads(settings.torch_threads)
     faiss.omp_set_num_threads(settings.torch_threads)
     art = await asyncio.to_thread(artifact.load, settings.model_dir, settings.device)
-    store: MemoryStore = await open_store(store_config(settings, art.encoder.cfg.dim, art.model_version))
+    config = store_config(settings, art.encoder.cfg.dim, art.model_version)
+    store: MemoryStore = await open_store(config)
     try:
         if settings.load_bank and art.bank is not None:
             await load_bank(store, art.bank, art.vocab)
@@ -66,6 +67,7 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         store,
         metrics,
         history_len=settings.history_len,
+        mask_len=config.history_len,
         max_batch=settings.batch_max_size,
         max_wait_s=settings.batch_max_wait_ms / 1000.0,
     )
@@ -75,7 +77,7 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         art.model_version,
         art.dataset,
         "on" if rec.retrieval else "off",
-        store_config(settings, art.encoder.cfg.dim, art.model_version).namespace,
+        config.namespace,
     )
     return Runtime(settings, art.model_version, art.vocab, store, pipeline, ingestor)
 

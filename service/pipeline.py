@@ -72,13 +72,15 @@ class Pipeline:
         store: MemoryStore,
         metrics: Metrics,
         history_len: int = 50,
+        mask_len: int = 200,
         max_batch: int = 64,
         max_wait_s: float = 0.001,
     ) -> None:
         self.recommender = recommender
         self.store = store
         self.metrics = metrics
-        self.history_len = history_len
+        self.history_len = history_len  # items the encoder reads
+        self.mask_len = max(mask_len, history_len)  # items exclude_seen removes (all the store keeps)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
@@ -147,20 +149,24 @@ class Pipeline:
         degraded = False
         with self._stage("history"):
             try:
-                stored = await self.store.histories([q.user_id for q in queries], self.history_len)
+                stored = await self.store.histories([q.user_id for q in queries], self.mask_len)
             except store_errors() as exc:  # degrade: the request's own history and the local index
                 log.warning("store unreachable, answering %d requests degraded: %s", len(queries), exc)
                 self.metrics.degraded.inc(len(queries))
                 stored, degraded = [[] for _ in queries], True
-        histories = [[*s, *q.history][-self.history_len :] for s, q in zip(stored, queries, strict=True)]
+        seen = [[*s, *q.history] for s, q in zip(stored, queries, strict=True)]  # masked when asked
+        histories = [h[-self.history_len :] for h in seen]  # encoded
+        masks = [_mask(q, h) for q, h in zip(queries, seen, strict=True)]
         warm = [i for i, h in enumerate(histories) if h]
         answers: list[Answer | None] = [None] * len(queries)
         for i, q in enumerate(queries):
             if not histories[i]:
-                items, scores = self.recommender.cold_start(_mask(q, histories[i]), q.n)
+                items, scores = self.recommender.cold_start(masks[i], q.n)
                 answers[i] = Answer(items, scores, 0, "popular")
         if warm:
-            done = await self._warm([queries[i] for i in warm], [histories[i] for i in warm])
+            done = await self._warm(
+                [queries[i] for i in warm], [histories[i] for i in warm], [masks[i] for i in warm]
+            )
             for i, a in zip(warm, done, strict=True):
                 answers[i] = a
         out = [replace(a, degraded=True) if degraded else a for a in answers if a is not None]
@@ -181,7 +187,9 @@ class Pipeline:
         with self._stage("rank"):
             return self.recommender.rank(h, masks, n)
 
-    async def _warm(self, queries: list[Query], histories: list[list[int]]) -> list[Answer]:
+    async def _warm(
+        self, queries: list[Query], histories: list[list[int]], masks: list[IntArray]
+    ) -> list[Answer]:
         rec = self.recommender
         with self._stage("encode"):
             states, depths = await asyncio.to_thread(rec.encode_with_depths, histories)  # (B, D), (B,)
@@ -194,7 +202,6 @@ class Pipeline:
                 retrieved = limit_depth(Retrieved(hits.ids, hits.scores), depths)
                 assert hits.keys is not None
                 memories = (hits.keys, np.where(retrieved.ids >= 0, hits.items, 0), retrieved.scores)
-        masks = [_mask(q, h) for q, h in zip(queries, histories, strict=True)]
         ranked = await asyncio.to_thread(self._fuse_and_rank, states, memories, masks, [q.n for q in queries])
         return [_answer(q, ranked[i], hits, retrieved, i, rec.retrieval) for i, q in enumerate(queries)]
 

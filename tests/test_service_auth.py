@@ -65,3 +65,23 @@ async def test_routes_need_the_key(
 def test_settings_never_show_secrets(model_dir: Path) -> None:  # noqa: F811
     s = Settings(model_dir=model_dir, api_key=KEY, redis_password="pw-77", redis_url="redis://x:6379/0")
     assert KEY not in repr(s) and "pw-77" not in repr(s) and KEY not in str(s.model_dump())
+
+
+def test_model_directory_loads_without_unpickling(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """A model directory is safetensors and JSON: loading it never runs an unpickler (which could
+    execute code from a tampered file)."""
+    import pickle
+
+    import torch
+
+    from model import artifact
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("unpickling while loading a model directory")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    art = artifact.load(model_dir, "cpu")
+    assert art.bank is not None and art.fusion is not None
+    assert {p.suffix for p in model_dir.iterdir() if p.is_file()} <= {".json", ".safetensors"}

@@ -144,3 +144,18 @@ async def test_bad_bodies_and_content_types(api: tuple[Any, httpx.AsyncClient]) 
     assert r.status_code == 413 and "limit" in r.json()["detail"]
     assert await _history(app, "w") == []
     assert (await app.state.runtime.store.stats()).memories == before
+
+
+async def test_exclude_seen_covers_more_than_the_encoder_window(api: tuple[Any, httpx.AsyncClient]) -> None:
+    """A user with 60 events (each of the 40 items once, then 20 repeats of the last) never gets a seen
+    item back, not even those older than the 50 items the encoder reads."""
+    app, client = api
+    items = [f"i{j}" for j in range(40)]
+    events = [{"user_id": "heavy", "item_id": it, "event_id": f"h{k}"} for k, it in enumerate(items)]
+    assert (await client.post("/interactions", json={"events": events})).status_code == 200
+    more = [{"user_id": "heavy", "item_id": "i39", "event_id": f"h-more{k}"} for k in range(20)]
+    assert (await client.post("/interactions", json={"events": more})).status_code == 200
+    assert len(await _history(app, "heavy")) == 60
+    # Items i0..i9 are outside the last 50 (which are i10..i39 then 20 × i39), yet still masked.
+    r = await client.post("/recommend", json={"user_id": "heavy", "n": 40})
+    assert r.status_code == 200 and r.json()["items"] == []
