@@ -109,6 +109,11 @@ CASES: list[tuple[str, str, str]] = [
         "401 with WWW-Authenticate; probes open; the rejected write not stored; key never logged",
     ),
     (
+        "tests/test_store_redis.py::test_tls_with_a_ca_file",
+        "Redis TLS-only (rediss://) with a private CA: without the CA file, with it, CA file on a plain URL",
+        "untrusted certificate refused; store works over TLS with the CA; misconfiguration named",
+    ),
+    (
         "tests/test_store_redis.py::test_password_is_sent_and_never_shown",
         "Redis with requirepass: no password, wrong password, unreachable URL with a password",
         "clear connection error without the password in it",

@@ -48,14 +48,15 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if "--tls-port" in self.args else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.fail("these tests need redis-server on the PATH")
         cmd = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir)]
-        cmd += ["--save", "", *self.args]
+        cmd += ["--save", "", *(a.replace("{port}", str(self.port)) for a in self.args)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
@@ -76,7 +77,8 @@ class RedisServer:
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    """``redis_server(*args)`` starts a private redis-server with extra arguments; all are killed after."""
+    """``redis_server(*args)`` starts a private redis-server with extra arguments (``{port}`` is its
+    port; ``--port 0 --tls-port {port}`` makes it TLS-only); all are killed after."""
     servers: list[RedisServer] = []
 
     def start(*args: str) -> RedisServer:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -54,14 +57,37 @@ async def test_password_is_sent_and_never_shown(redis_server: Callable[..., Redi
         await store.close()
 
 
-def test_tls_ca_file_needs_a_tls_url(tmp_path: Path) -> None:
-    from memory_store.redis_store import _client
+def _certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it (openssl CLI)."""
+    run = partial(subprocess.run, cwd=folder, check=True, capture_output=True)
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+         "-days", "2", "-subj", "/CN=memrec-test-ca"])  # fmt: skip
+    run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+         "-subj", "/CN=127.0.0.1"])  # fmt: skip
+    (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run(["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+         "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf"])  # fmt: skip
+    return folder / "ca.pem", folder / "server.pem", folder / "server.key"
 
-    ca = tmp_path / "ca.pem"
+
+async def test_tls_with_a_ca_file(redis_server: Callable[..., RedisServer], tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.fail("this test needs the openssl command")
+    ca, cert, key = _certificates(tmp_path)
+    tls = ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca)]
+    server = redis_server("--port", "0", "--tls-port", "{port}", *tls, "--tls-auth-clients", "no")
+    base = StoreConfig(dim=DIM, namespace="tls", redis_url=server.url, connect_attempts=1)
+    with pytest.raises(ConnectionError):  # the server's certificate is not trusted without the CA
+        await connect(base)
+    store = await open_store(replace(base, redis_tls_ca_file=ca))
+    try:
+        await store.ingest([Interaction("u", 1, 1.0, "e1")], keys(1, 0), [0])
+        assert (await store.stats()).memories == 1
+        assert (await store.search(keys(1, 0), 1)).ids[0, 0] >= 1
+    finally:
+        await store.close()
     with pytest.raises(ValueError, match="rediss://"):
-        _client(StoreConfig(dim=DIM, redis_url="redis://127.0.0.1:6379/0", redis_tls_ca_file=ca))
-    client = _client(StoreConfig(dim=DIM, redis_url="rediss://127.0.0.1:6379/0", redis_tls_ca_file=ca))
-    assert client.connection_pool.connection_kwargs["ssl_ca_certs"] == str(ca)
+        await connect(replace(base, redis_url="redis://127.0.0.1:6379/0", redis_tls_ca_file=ca))
 
 
 async def test_lag_is_reported_while_a_replica_is_behind(store_config: Callable[..., StoreConfig]) -> None:
