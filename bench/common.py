@@ -112,7 +112,7 @@ def run_recorded(
     metrics, command = train_cli(cli_args, device=run.device, threads=run.threads, data_dir=run.data_dir)
     if metrics is None:
         return False
-    picked = {k: metrics[k] for k in (*RUN_KEYS, *extra)}
+    picked = {k: metrics[k] for k in (*RUN_KEYS, *extra) if k in metrics}
     write_result(
         result_file,
         {**record, "command": command, **picked, "valid": metrics["valid"], "test": metrics["test"]},
@@ -158,6 +158,9 @@ def aggregate(runs_dir: Path, section: Callable[[dict[str, Any]], str] | None = 
                 "dates": [r["date"] for r in rs],
             }
         )
+        costs = [r["cost"] for r in rs if "cost" in r]
+        if costs:  # retrieval cost: the median over seeds of each figure
+            entry["cost"] = {k: float(np.median([c[k] for c in costs])) for k in costs[0]}
         report.setdefault(dataset, {})[variant] = entry
     return report
 

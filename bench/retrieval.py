@@ -78,7 +78,7 @@ def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> 
     record = {"dataset": dataset, "variant": variant, "seed": seed, "encoder": args.encoder}
     record["flags"] = VARIANTS[variant]
     result_file = RESULTS / f"{dataset}.{args.encoder}.{variant}.seed{seed}.json"
-    return run_recorded(result_file, cli_args, args, record, extra=("memories",))
+    return run_recorded(result_file, cli_args, args, record, extra=("memories", "cost"))
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -104,6 +104,7 @@ def markdown(report: dict[str, Any]) -> str:
         rows += [(f"published {n}", 0, "unmasked", pub) for n, pub in published]
         lines += [f"## {dataset}", "", *metric_table(rows), "", *cost_table(variants), ""]
         lines += long_tail_table(variants)
+        lines += retrieval_cost_table(variants)
     return "\n".join(lines)
 
 
@@ -113,6 +114,25 @@ def ordered(by_name: dict[str, Any]) -> dict[str, Any]:
     return {
         n: by_name[n] for n in sorted(by_name, key=lambda n: order.index(n) if n in order else len(order))
     }
+
+
+def retrieval_cost_table(variants: dict[str, Any]) -> list[str]:
+    """Bank build time and size, and encoder / search / fusion time per 1,000 test queries."""
+    rows = [(n, v["cost"]) for n, v in variants.items() if "cost" in v]
+    if not rows:
+        return []
+    lines = [
+        "Retrieval cost (median over seeds; the test-time bank of training + validation memories; per",
+        "1,000 test queries, one CPU thread, the full-catalogue ranking every model pays left out):",
+        "",
+        "| variant | memories | bank build s | bank MB | encode ms / 1k | search ms / 1k | fusion ms / 1k |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, c in rows:
+        cells = [f"{c['bank_memories']:.0f}", f"{c['bank_build_seconds']:.1f}", f"{c['bank_mb']:.1f}"]
+        cells += [f"{c[k]:.1f}" for k in ("encode_ms_per_1k", "retrieve_ms_per_1k", "fuse_ms_per_1k")]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return [*lines, ""]
 
 
 def long_tail_table(variants: dict[str, Any]) -> list[str]:

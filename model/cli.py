@@ -17,7 +17,14 @@ import torch
 from model import artifact
 from model.data import DataError, Interactions, Split, leave_one_out, load_dataset
 from model.evaluate import head_items
-from model.finetune import FinetuneConfig, RetrievalModel, evaluate_on_test, evaluate_retrieval, finetune
+from model.finetune import (
+    FinetuneConfig,
+    RetrievalModel,
+    evaluate_on_test,
+    evaluate_retrieval,
+    finetune,
+    retrieval_cost,
+)
 from model.fusion import FusionConfig
 from model.sasrec import EncoderConfig, SASRec
 from model.train import OBJECTIVES, SCHEMES, TrainConfig, evaluate_encoder, train
@@ -206,6 +213,7 @@ def _finetune(
         "sec_per_epoch": float(sorted(e.seconds for e in result.history)[len(result.history) // 2]),
         "train_seconds": time.perf_counter() - t0,
         "memories": len(full.bank),
+        "cost": retrieval_cost(model, split),
         "valid": result.best_valid,
         "test": test,
     }

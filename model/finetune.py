@@ -235,3 +235,40 @@ def evaluate_on_test(
     test_q = full.queries(split.test)
     head = head_items(split.train.targets, model.encoder.cfg.n_items)
     return full, evaluate_retrieval(full, test_q, split.test, split.test_seen, cfg.device, head)
+
+
+def retrieval_cost(model: RetrievalModel, split: Split, n_queries: int = 2_000) -> dict[str, float]:
+    """What retrieval costs, measured on the model as trained: building the test-time bank (encode
+    every training and validation prefix, index the keys), its size, and per 1,000 test queries the
+    encoder pass, the search (leakage rule and adaptive depth included) and the fusion; the ranking
+    over the whole catalogue, which every model pays, is left out."""
+    device = model.cfg.device
+    t0 = time.perf_counter()
+    train_bank, _ = build_bank(model.encoder, split.train, device)
+    bank = train_bank.concat(build_bank(model.encoder, split.valid, device)[0])
+    build_s = time.perf_counter() - t0
+    arrays = (bank.keys, bank.unit_keys, bank.items, bank.users, bank.prefix_lens)
+    full = RetrievalModel(model.encoder, model.fusion, bank, model.cfg)
+    samples = split.test.subset(np.arange(min(n_queries, len(split.test))))
+    t0 = time.perf_counter()
+    states = encode_samples(model.encoder, samples, device)
+    t1 = time.perf_counter()
+    retrieved = full.retrieve(states, samples)
+    t2 = time.perf_counter()
+    model.fusion.eval()
+    dev = torch.device(device)
+    with torch.inference_mode():
+        for s in range(0, len(states), 256):
+            rows = np.arange(s, min(s + 256, len(states)))
+            keys, values, mask, sims = full.memory_tensors(_subset(retrieved, rows), dev)
+            model.fusion(torch.from_numpy(states[rows]).to(dev), keys, values, mask, sims)
+    t3 = time.perf_counter()
+    per_1k = 1000.0 / len(states)
+    return {
+        "bank_memories": float(len(bank)),
+        "bank_build_seconds": build_s,
+        "bank_mb": sum(a.nbytes for a in arrays) / 2**20,
+        "encode_ms_per_1k": (t1 - t0) * 1000 * per_1k,
+        "retrieve_ms_per_1k": (t2 - t1) * 1000 * per_1k,
+        "fuse_ms_per_1k": (t3 - t2) * 1000 * per_1k,
+    }

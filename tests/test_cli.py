@@ -132,6 +132,15 @@ def test_full_pipeline_writes_fusion_and_memory_bank(rag_dir: Path, dataset: Pat
     config = json.loads((rag_dir / "config.json").read_text())
     assert config["finetune"]["k"] == 5 and config["metrics"]["memories"] == len(art.bank)
     assert "encoder" in config["metrics"] and "test" in config["metrics"]["encoder"]
+    # The retrieval cost of the test-time bank: the same bank, its bytes, and timings that were taken.
+    cost = config["metrics"]["cost"]
+    assert cost["bank_memories"] == len(art.bank)
+    n_bytes = sum(a.nbytes for a in (art.bank.keys, art.bank.unit_keys, art.bank.items, art.bank.users))
+    assert cost["bank_mb"] * 2**20 == n_bytes + art.bank.prefix_lens.nbytes
+    assert all(
+        cost[k] > 0
+        for k in ("bank_build_seconds", "encode_ms_per_1k", "retrieve_ms_per_1k", "fuse_ms_per_1k")
+    )
 
 
 def test_retrieval_model_reloads_and_reproduces_its_test_metrics(
