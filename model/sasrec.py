@@ -110,18 +110,26 @@ class SASRec(nn.Module):
 
     def forward(self, items: Tensor) -> Tensor:
         """items: (B, T) right-padded ids, T ≤ max_len → states (B, T, D)."""
-        B, T = items.shape
-        assert T <= self.cfg.max_len, f"sequence length {T} exceeds max_len {self.cfg.max_len}"
-        pos = torch.arange(T, device=items.device)
-        x = self.dropout(self.norm(self.item_emb(items) + self.pos_emb(pos)))  # (B, T, D)
-        # Query t may attend to keys s ≤ t that are real items. Right padding keeps key 0 real for every
-        # query, so no attention row is empty.
-        causal = torch.ones(T, T, dtype=torch.bool, device=items.device).tril()
-        mask = (causal & (items != 0)[:, None, :])[:, None]  # (B, 1, T, T)
+        x, mask = self.embed(items), self.causal_mask(items)
         for block in self.blocks:
             x = block(x, mask)
-        out: Tensor = x
+        return x
+
+    def embed(self, items: Tensor) -> Tensor:
+        """items: (B, T) → the first block's input (B, T, D): item + position embeddings."""
+        T = items.shape[1]
+        assert T <= self.cfg.max_len, f"sequence length {T} exceeds max_len {self.cfg.max_len}"
+        pos = torch.arange(T, device=items.device)
+        out: Tensor = self.dropout(self.norm(self.item_emb(items) + self.pos_emb(pos)))
         return out
+
+    @staticmethod
+    def causal_mask(items: Tensor) -> Tensor:
+        """(B, 1, T, T) boolean: query t may attend to keys s ≤ t that are real items. Right padding keeps
+        key 0 real for every query, so no attention row is empty."""
+        T = items.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=items.device).tril()
+        return (causal & (items != 0)[:, None, :])[:, None]
 
     def encode(self, items: Tensor, lengths: Tensor) -> Tensor:
         """items: (B, T), lengths: (B,) ≥ 1 → the state at each sequence's last real item, (B, D)."""
