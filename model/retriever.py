@@ -42,7 +42,10 @@ class RetrieverConfig:
     candidates: int = 32  # memories labelled and scored per query: the most similar ones
     k: int = 4  # memories fused at inference
     hidden: int = 128
-    temperature: float = 1.0  # of the label softmax over δ
+    temperature: float = 1.0  # of the label softmax over δ (over standardised δ when ``standardise``)
+    # δ is tiny on a frozen backbone (hundredths of a nat), so softmax(δ) is nearly uniform and its KL
+    # gradients are small: standardise each query's δ over its candidates (z-scores), then apply τ.
+    standardise: bool = True
     max_train_queries: int = 20_000  # labelling costs one upper pass per candidate: bound it
     epochs: int = 30
     patience: int = 5
@@ -259,7 +262,15 @@ def _batch(
     mask = torch.from_numpy(rows >= 0).to(cfg.device)
     mem = torch.from_numpy(memory.states[np.maximum(rows, 0)]).to(cfg.device)
     log_s = model(torch.from_numpy(data.queries[idx]).to(cfg.device), mem, mask)
-    delta = torch.from_numpy(np.nan_to_num(data.delta[idx], nan=0.0)).to(cfg.device)
+    d = data.delta[idx]
+    if cfg.standardise:
+        real = ~np.isnan(d)
+        mean = np.where(real, d, 0.0).sum(1, keepdims=True) / np.maximum(real.sum(1, keepdims=True), 1)
+        var = np.where(real, (d - mean) ** 2, 0.0).sum(1, keepdims=True) / np.maximum(
+            real.sum(1, keepdims=True), 1
+        )
+        d = (d - mean) / np.maximum(np.sqrt(var), 1e-6)
+    delta = torch.from_numpy(np.nan_to_num(d, nan=0.0).astype(np.float32)).to(cfg.device)
     return log_s, delta, mask
 
 

@@ -114,8 +114,8 @@ def test_kl_is_zero_exactly_at_the_labels() -> None:
 
 
 def test_retriever_learns_a_known_usefulness_and_selection_follows_it() -> None:
-    """Usefulness δ = <u, memory>: the retriever must rank the truly best candidate first far more often
-    than similarity to the query (which is unrelated here) or chance."""
+    """Usefulness δ = 0.01·<u, memory> (hundredths of a nat, as on a frozen backbone) and unrelated to
+    the query: the retriever must rank the truly best candidate first far more often than chance."""
     rng = np.random.default_rng(0)
     n, c = 3000, 8
     states = rng.standard_normal((n * c, D)).astype(np.float32)
@@ -123,7 +123,7 @@ def test_retriever_learns_a_known_usefulness_and_selection_follows_it() -> None:
     u = rng.standard_normal(D).astype(np.float32)
     queries = rng.standard_normal((n, D)).astype(np.float32)
     cand = np.arange(n * c).reshape(n, c)
-    delta = (states[cand] @ u).astype(np.float32)
+    delta = (0.01 * states[cand] @ u).astype(np.float32)
     cut = int(0.8 * n)
     train = Labelled(queries[:cut], cand[:cut], delta[:cut])
     valid = Labelled(queries[cut:], cand[cut:], delta[cut:])
