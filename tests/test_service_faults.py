@@ -54,6 +54,11 @@ def batch(i: int) -> dict[str, Any]:
     }
 
 
+def user_batch(user: str, i: int) -> dict[str, Any]:
+    """``batch(i)`` for a chosen user id."""
+    return {"events": [ev | {"user_id": user} for ev in batch(i)["events"]]}
+
+
 async def stored_histories(model: Path, redis_url: str, users: list[str]) -> list[list[int]]:
     """Read histories straight from the store (the namespace the service uses for this model)."""
     art = artifact.load(model, "cpu")
@@ -207,27 +212,21 @@ def test_api_killed_and_restarted_answers_the_same(
     service_redis: str,
     server: Callable[..., tuple[str, subprocess.Popen[bytes], Path]],
 ) -> None:
-    env = {"snapshot_interval_s": "3"}
+    env = {"snapshot_interval_s": "6"}  # one snapshot between the two write phases
     base, proc, log = server(model_dir, service_redis, **env)
     wait_ready(base, proc, log)
     for i in range(6):  # before the periodic snapshot
         assert httpx.post(f"{base}/interactions", json=batch(100 + i), timeout=10).status_code == 200
     for i in range(6):
-        httpx.post(
-            f"{base}/interactions",
-            json={"events": [ev | {"user_id": f"k{i}"} for ev in batch(i)["events"]]},
-            timeout=10,
-        )
-    deadline = time.monotonic() + 10
+        r = httpx.post(f"{base}/interactions", json=user_batch(f"k{i}", i), timeout=10)
+        assert r.status_code == 200
+    deadline = time.monotonic() + 15
     while "snapshot at" not in log.read_text():
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.1)
     for i in range(6, 12):  # after it: only in the log, replayed on restart
-        httpx.post(
-            f"{base}/interactions",
-            json={"events": [ev | {"user_id": f"k{i}"} for ev in batch(i)["events"]]},
-            timeout=10,
-        )
+        r = httpx.post(f"{base}/interactions", json=user_batch(f"k{i}", i), timeout=10)
+        assert r.status_code == 200
     before = _rankings(base)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
