@@ -34,6 +34,9 @@ class IndexParams:
     regrow_factor: float = 4.0
     nprobe: int = 128
     seed: int = 0
+    # OpenMP threads of a FAISS search, set in the thread that searches: OpenMP keeps the setting per
+    # thread, so worker threads (asyncio.to_thread) ignore the main thread's and use every core.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.exact_threshold < 1:
@@ -42,6 +45,8 @@ class IndexParams:
             raise ValueError(f"need 1 <= min_nlist <= max_nlist, got {self.min_nlist}, {self.max_nlist}")
         if self.nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {self.nprobe}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
         if self.regrow_factor <= 1.0:
             raise ValueError(f"regrow_factor must be > 1, got {self.regrow_factor}")
 

@@ -272,6 +272,8 @@ class MemoryIndex:
         """Top-k by inner product for unit-norm queries (B, dim) float32; ``with_keys`` adds the stored
         vectors of the hits (B, k, dim), zeros at padding, read under the same lock as the hits."""
         keys = None
+        if self.params.threads is not None:
+            faiss.omp_set_num_threads(self.params.threads)  # this thread's setting (see IndexParams)
         with self.lock.read():
             scores, ids = self._index.search(queries, k)  # (B, k) each
             items, users, plens, ts = self._meta.gather(ids)

@@ -43,7 +43,9 @@ def store_config(settings: Settings, dim: int, model_version: str) -> StoreConfi
         capacity=settings.capacity,
         user_capacity=settings.user_capacity,
         history_len=max(200, settings.history_len),
-        index=IndexParams(exact_threshold=settings.exact_threshold, nprobe=settings.nprobe),
+        index=IndexParams(
+            exact_threshold=settings.exact_threshold, nprobe=settings.nprobe, threads=settings.torch_threads
+        ),
     )
 
 

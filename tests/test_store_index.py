@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
+import faiss
 import numpy as np
+import pytest
 
 from memory_store.base import MemoryBatch
 from memory_store.config import IndexParams
@@ -131,3 +134,30 @@ def test_choose_nlist_follows_size() -> None:
     assert choose_nlist(1_000_000, params) == 4_096
     assert choose_nlist(5_000_000, params) == 8_192
     assert choose_nlist(20_000, params) == 256  # a floor of min_nlist, capped by what 20k points can train
+
+
+def test_search_uses_the_configured_threads_in_any_thread() -> None:
+    """OpenMP keeps the thread count per thread: a search from a worker thread must still use the
+    configured count, not every core (what it would inherit)."""
+    rng = np.random.default_rng(0)
+    ids = np.arange(1, 65)
+    index = MemoryIndex(DIM, IndexParams(threads=1))
+    index.add(ids, batch(ids, rng))
+    queries = rng.standard_normal((4, DIM)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    seen: list[tuple[int, int]] = []
+
+    def worker() -> None:
+        before = faiss.omp_get_max_threads()
+        index.search(queries, 3)
+        seen.append((before, faiss.omp_get_max_threads()))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    before, after = seen[0]
+    assert after == 1
+    if (os.cpu_count() or 1) > 1:  # the point: a fresh thread would otherwise use every core
+        assert before > 1
+    with pytest.raises(ValueError, match="threads"):
+        IndexParams(threads=0)
