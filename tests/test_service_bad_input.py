@@ -3,25 +3,19 @@ clear answer, a 4xx says what was wrong, and nothing of a rejected request is st
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import flushed_redis
-from test_service_support import SERVICE_REDIS_URL, model_dir, running_app, toy_root  # noqa: F401
-
-
-@pytest.fixture
-def service_redis() -> Iterator[str]:
-    yield from flushed_redis(SERVICE_REDIS_URL, "service")
+from test_service_support import model_dir, running_app, service_redis, toy_root  # noqa: F401
 
 
 @pytest.fixture
 async def api(
     model_dir: Path,  # noqa: F811
-    service_redis: str,
+    service_redis: str,  # noqa: F811
     tmp_path: Path,
 ) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
     async with running_app(model_dir=model_dir, redis_url=service_redis, store_dir=tmp_path / "s") as pair:

@@ -9,20 +9,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import flushed_redis, free_port
+from conftest import free_port
 from test_service_support import (  # noqa: F401  (fixtures)
-    SERVICE_REDIS_URL,
+    metric,
     model_dir,
+    service_redis,
     start_server,
     toy_root,
     wait_ready,
 )
-
-
-@pytest.fixture
-def service_redis() -> Iterator[str]:
-    """The service tests' Redis database, flushed before and after each test."""
-    yield from flushed_redis(SERVICE_REDIS_URL, "service")
 
 
 @pytest.fixture
@@ -42,11 +37,6 @@ def two_replicas(model_dir: Path, service_redis: str, tmp_path: Path) -> Iterato
             proc.wait(timeout=30)
 
 
-def _metric(text: str, name: str) -> float:
-    line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
-    return float(line.split()[1])
-
-
 def test_two_replicas_serve_every_endpoint(two_replicas: list[str]) -> None:
     a, b = (httpx.Client(base_url=base, timeout=10.0) for base in two_replicas)
     with a, b:
@@ -54,9 +44,9 @@ def test_two_replicas_serve_every_endpoint(two_replicas: list[str]) -> None:
         ready = a.get("/readyz").json()
         assert ready["ready"] and ready["checks"]["store"] == "ok"
         # Both replicas loaded concurrently, yet every bank memory is in Redis once.
-        bank = _metric(a.get("/metrics").text, "memrec_memory_bank_size")
-        assert bank == _metric(b.get("/metrics").text, "memrec_memory_bank_size") > 1000
-        assert _metric(b.get("/metrics").text, "memrec_index_size") == bank
+        bank = metric(a.get("/metrics").text, "memrec_memory_bank_size")
+        assert bank == metric(b.get("/metrics").text, "memrec_memory_bank_size") > 1000
+        assert metric(b.get("/metrics").text, "memrec_index_size") == bank
 
         r = a.post("/recommend", json={"user_id": "u5", "n": 5})
         assert r.status_code == 200 and len(r.json()["items"]) == 5 and r.json()["k_used"] >= 1
@@ -90,4 +80,4 @@ def test_two_replicas_serve_every_endpoint(two_replicas: list[str]) -> None:
             'memrec_http_request_duration_seconds_count{method="POST",route="/recommend",status="4xx"}'
             in text
         )
-        assert _metric(text, "memrec_memory_bank_size") == bank + 2
+        assert metric(text, "memrec_memory_bank_size") == bank + 2

@@ -18,12 +18,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import RedisServer, flushed_redis, free_port
+from conftest import RedisServer, free_port
 from test_service_support import (  # noqa: F401  (fixtures)
     N_ITEMS,
-    SERVICE_REDIS_URL,
+    metric,
     model_dir,
     running_app,
+    service_redis,
     start_server,
     toy_root,
     wait_ready,
@@ -32,16 +33,6 @@ from test_service_support import (  # noqa: F401  (fixtures)
 from memory_store import StoreConfig, open_store
 from model import artifact
 from service.settings import Settings
-
-
-@pytest.fixture
-def service_redis() -> Iterator[str]:
-    yield from flushed_redis(SERVICE_REDIS_URL, "service")
-
-
-def metric(text: str, name: str) -> float:
-    line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
-    return float(line.split()[1])
 
 
 def batch(i: int) -> dict[str, Any]:
@@ -209,7 +200,7 @@ def _replayed(log: Path) -> list[int]:
 
 def test_api_killed_and_restarted_answers_the_same(
     model_dir: Path,  # noqa: F811
-    service_redis: str,
+    service_redis: str,  # noqa: F811
     server: Callable[..., tuple[str, subprocess.Popen[bytes], Path]],
 ) -> None:
     env = {"snapshot_interval_s": "6"}  # one snapshot between the two write phases
@@ -251,7 +242,7 @@ def test_api_killed_and_restarted_answers_the_same(
 
 async def test_a_replica_behind_shows_lag_and_catches_up(
     model_dir: Path,  # noqa: F811
-    service_redis: str,
+    service_redis: str,  # noqa: F811
     tmp_path: Path,
 ) -> None:
     settings = {"model_dir": model_dir, "redis_url": service_redis}

@@ -8,13 +8,14 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import flushed_redis
 
 SERVICE_REDIS_URL = "redis://127.0.0.1:6379/11"
 N_ITEMS = 40
@@ -76,6 +77,18 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: f
             pass
         time.sleep(0.2)
     pytest.fail(f"server not ready in {timeout_s} s:\n{log.read_text()}")
+
+
+@pytest.fixture
+def service_redis() -> Iterator[str]:
+    """The service tests' Redis database, flushed before and after each test."""
+    yield from flushed_redis(SERVICE_REDIS_URL, "service")
+
+
+def metric(text: str, name: str) -> float:
+    """The value of an unlabelled sample ``name`` in Prometheus text."""
+    line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
+    return float(line.split()[1])
 
 
 @pytest.fixture(scope="session")
