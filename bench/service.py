@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -141,29 +141,38 @@ def _flush(url: str) -> None:
     redis.Redis.from_url(url).flushdb()
 
 
-@contextmanager
-def server(argv: list[str], env: dict[str, str], ready_path: str, timeout_s: float = 900.0) -> Iterator[int]:
-    """A server subprocess on a free port (``{port}`` in argv is replaced); yields the port once ready."""
+def launch(
+    argv: list[str], env: dict[str, str], ready_path: str, out: IO[bytes], timeout_s: float = 900.0
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a server subprocess on a free port (``{port}`` in argv is replaced), output to ``out``;
+    returns it and its port once ``ready_path`` answers 200. Stopping it is the caller's."""
     import httpx
 
     port = _free_port()
     cmd = [a.replace("{port}", str(port)) for a in argv]
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            out.seek(0)
+            raise RuntimeError(f"server exited: {out.read().decode()[-3000:]}")
         try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if proc.poll() is not None:
-                    out.seek(0)
-                    raise RuntimeError(f"server exited: {out.read().decode()[-3000:]}")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("server not ready in time")
-                time.sleep(0.5)
+            if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server not ready in time")
+        time.sleep(0.5)
+
+
+@contextmanager
+def server(argv: list[str], env: dict[str, str], ready_path: str, timeout_s: float = 900.0) -> Iterator[int]:
+    """A server subprocess on a free port; yields the port once ready, stops it afterwards."""
+    with tempfile.TemporaryFile() as out:
+        proc, port = launch(argv, env, ready_path, out, timeout_s)
+        try:
             yield port
         finally:
             proc.terminate()

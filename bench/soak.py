@@ -34,7 +34,7 @@ import numpy as np
 from bench.common import REPORTS, ROOT, machine, machine_label
 from bench.service import (
     _flush,
-    _free_port,
+    launch,
     max_rate,
     mixed_traffic,
     model_card,
@@ -150,24 +150,6 @@ def bank_size(port: int) -> int:
     return int(float(line.split()[1]))
 
 
-def start(model: Path, env: dict[str, str], out: Any) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
-    argv = [a.replace("{port}", str(port)) for a in serve_argv(model, SOAK_REDIS_URL)]
-    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 900
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("server not ready in time")
-        time.sleep(0.5)
-
-
 def soak(args: argparse.Namespace) -> dict[str, Any]:
     model = Path(args.model)
     card = model_card(model)
@@ -180,7 +162,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"model": model.name, **card, "workers": args.workers, "capacity": capacity}
     result["load_average_at_start"] = os.getloadavg()[0]
     with tempfile.TemporaryFile() as out:
-        proc, port = start(model, env, out)
+        proc, port = launch(serve_argv(model, SOAK_REDIS_URL), env, "/readyz", out)
         try:
             asyncio.run(open_loop("127.0.0.1", port, 100, 3.0, mixed_traffic(model, 9)))  # warm-up
             steps = sweep(port, args.sweep_rates, args.sweep_duration, mixed_traffic(model, 1))
