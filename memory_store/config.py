@@ -98,6 +98,8 @@ class StoreConfig:
             raise ValueError(f"user_memory_capacity must be >= 1, got {self.user_memory_capacity}")
         if self.history_len < 1:
             raise ValueError(f"history_len must be >= 1, got {self.history_len}")
+        if self.redis_tls_ca_file is not None and not (self.redis_url or "").startswith("rediss://"):
+            raise ValueError("redis_tls_ca_file needs a rediss:// URL (TLS)")
         if self.redis_url is None and self.data_dir is None:
             raise ValueError("the embedded backend (no redis_url) needs a data_dir")
         if self.connect_attempts < 1:

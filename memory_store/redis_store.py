@@ -75,9 +75,7 @@ def _client(config: StoreConfig) -> aioredis.Redis:
     options: dict[str, Any] = {"decode_responses": False}
     if config.redis_password is not None:
         options["password"] = config.redis_password
-    if config.redis_tls_ca_file is not None:
-        if not config.redis_url.startswith("rediss://"):
-            raise ValueError("redis_tls_ca_file needs a rediss:// URL (TLS)")
+    if config.redis_tls_ca_file is not None:  # StoreConfig checked that the URL is rediss://
         options["ssl_ca_certs"] = str(config.redis_tls_ca_file)
     client: aioredis.Redis = aioredis.from_url(config.redis_url, **options)
     return client
