@@ -50,7 +50,7 @@ from memory_store.base import (
     snapshot_file,
 )
 from memory_store.config import StoreConfig
-from memory_store.index import MemoryIndex, _savez
+from memory_store.index import MemoryIndex, _savez, search_now
 from memory_store.wal import AppendLog, Record
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ class EmbeddedMemoryStore:
     async def search(self, queries: np.ndarray, k: int, with_keys: bool = False) -> SearchResult:
         check_k(k)
         unit = normalise_rows(queries, self.dim, "queries")
-        return await asyncio.to_thread(self._index.search, unit, k, with_keys)
+        return await search_now(self._index, unit, k, with_keys)
 
     async def update_user_memories(
         self,

@@ -8,10 +8,14 @@
 * FAISS is not safe for concurrent add and search: every call takes a readers-writer lock (searches
   share it, adds, removes and rebuilds hold it alone; writers are preferred so a storm of searches
   cannot starve the replication log). FAISS releases the GIL, so searches run in parallel threads.
+* The stores search in the event-loop thread itself while no writer holds the lock (:func:`search_now`):
+  a micro-batch search takes well under a millisecond, less than a hop to a worker thread costs under
+  load. Only while a writer holds it (a log batch, a rebuild) does the search wait in a worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -50,6 +54,27 @@ class ReadWriteLock:
             self._readers += 1
         try:
             yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def try_read(self) -> Iterator[bool]:
+        """Like :meth:`read`, but never waits: yields False (holding nothing) while a writer holds or
+        awaits the lock, so an event-loop thread can fall back to a worker thread instead of blocking."""
+        with self._cond:
+            if self._writer or self._writers_waiting:
+                acquired = False
+            else:
+                self._readers += 1
+                acquired = True
+        if not acquired:
+            yield False
+            return
+        try:
+            yield True
         finally:
             with self._cond:
                 self._readers -= 1
@@ -271,16 +296,29 @@ class MemoryIndex:
     def search(self, queries: np.ndarray, k: int, with_keys: bool = False) -> SearchResult:
         """Top-k by inner product for unit-norm queries (B, dim) float32; ``with_keys`` adds the stored
         vectors of the hits (B, k, dim), zeros at padding, read under the same lock as the hits."""
-        keys = None
+        self._set_threads()
+        with self.lock.read():
+            return self._search(queries, k, with_keys)
+
+    def try_search(self, queries: np.ndarray, k: int, with_keys: bool = False) -> SearchResult | None:
+        """:meth:`search` if no writer holds or awaits the lock, else None at once (never blocks)."""
+        self._set_threads()
+        with self.lock.try_read() as acquired:
+            return self._search(queries, k, with_keys) if acquired else None
+
+    def _set_threads(self) -> None:
         if self.params.threads is not None:
             faiss.omp_set_num_threads(self.params.threads)  # this thread's setting (see IndexParams)
-        with self.lock.read():
-            scores, ids = self._index.search(queries, k)  # (B, k) each
-            items, users, plens, ts = self._meta.gather(ids)
-            if with_keys:
-                keys = np.zeros((*ids.shape, self.dim), np.float32)
-                present = ids >= 0
-                keys[present] = self._reconstruct(ids[present])
+
+    def _search(self, queries: np.ndarray, k: int, with_keys: bool) -> SearchResult:
+        """The search itself; the caller holds the read lock."""
+        keys = None
+        scores, ids = self._index.search(queries, k)  # (B, k) each
+        items, users, plens, ts = self._meta.gather(ids)
+        if with_keys:
+            keys = np.zeros((*ids.shape, self.dim), np.float32)
+            present = ids >= 0
+            keys[present] = self._reconstruct(ids[present])
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return SearchResult(
             ids=ids, scores=scores, items=items, users=users, prefix_lens=plens, timestamps=ts, keys=keys
@@ -419,3 +457,14 @@ def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """``np.savez`` with named arrays (its stub types ``**kwds`` as bool)."""
     savez: Any = np.savez
     savez(path, **arrays)
+
+
+async def search_now(
+    index: MemoryIndex, queries: np.ndarray, k: int, with_keys: bool = False
+) -> SearchResult:
+    """:meth:`MemoryIndex.search` from a coroutine: in the calling thread when the lock is free, else in a
+    worker thread, so the event loop never blocks behind a writer."""
+    result = index.try_search(queries, k, with_keys)
+    if result is None:
+        result = await asyncio.to_thread(index.search, queries, k, with_keys)
+    return result

@@ -55,7 +55,7 @@ from memory_store.base import (
     snapshot_file,
 )
 from memory_store.config import StoreConfig
-from memory_store.index import IndexImage, MemoryIndex
+from memory_store.index import IndexImage, MemoryIndex, search_now
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ WRITE_CHUNK = 1000  # rows per script call: bounds the time Redis is blocked by 
 PIPELINE_DEPTH = 8  # script calls in flight per round trip for bulk writes
 READ_COUNT = 1000  # log entries per XREAD
 BLOCK_MS = 1000
+# Log batches up to this many entries are applied in the event-loop thread (well under a millisecond);
+# larger ones in a worker thread.
+INLINE_APPLY_MAX = 16
 REBUILD_CHUNK = 5000
 TAIL_MAX_BACKOFF_S = 1.0  # while Redis is down the tail retries this often, so it resumes soon after
 WATCH_ATTEMPTS = 20
@@ -299,7 +302,7 @@ class RedisMemoryStore:
     async def search(self, queries: np.ndarray, k: int, with_keys: bool = False) -> SearchResult:
         check_k(k)
         unit = normalise_rows(queries, self.dim, "queries")
-        return await asyncio.to_thread(self._index.search, unit, k, with_keys)
+        return await search_now(self._index, unit, k, with_keys)
 
     # --------------------------------------------------------------------------------- user memories
 
@@ -395,7 +398,10 @@ class RedisMemoryStore:
             return 0
         entries = reply[0][1]
         async with self._apply_lock:
-            await asyncio.to_thread(self._apply_entries, entries)
+            if len(entries) <= INLINE_APPLY_MAX:  # the live trickle: cheaper here than a thread hop
+                self._apply_entries(entries)
+            else:  # a catch-up or bulk load: keep the event loop free meanwhile
+                await asyncio.to_thread(self._apply_entries, entries)
             await self._set_applied(entries[-1][0].decode())
         return len(entries)
 

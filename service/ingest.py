@@ -7,7 +7,6 @@ starts the history (no memory). In frozen-memory mode no memory is written at al
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -60,7 +59,7 @@ class Ingestor:
             res = await self.store.append_interactions(first)
             accepted, duplicates = res.accepted, res.duplicates
         if with_memory:
-            keys = await asyncio.to_thread(self.recommender.encode, [prefixes[i] for i in with_memory])
+            keys = self.recommender.encode([prefixes[i] for i in with_memory])  # in the loop, as /recommend
             lens = np.array([len(prefixes[i]) for i in with_memory], dtype=np.int32)
             res = await self.store.ingest([events[i] for i in with_memory], keys, lens)
             accepted, duplicates = accepted + res.accepted, duplicates + res.duplicates

@@ -46,7 +46,9 @@ class Settings(BaseSettings):
         default=300.0, ge=0.0, description="seconds between index snapshots (also one at shutdown); 0: off"
     )
     exact_threshold: int = Field(default=50_000, ge=1, description="memories below which search is exact")
-    nprobe: int = Field(default=128, ge=1, description="IVF lists scanned per query")
+    nprobe: int = Field(
+        default=32, ge=1, description="IVF lists scanned per query (recall against latency; reports/ann.md)"
+    )
     device: str = "cpu"
     log_level: str = "info"
 

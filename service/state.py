@@ -1,4 +1,7 @@
-"""The objects the lifespan builds once and the routes receive through ``Depends``."""
+"""The objects the lifespan builds once and the routes receive through ``Depends``.
+
+The providers are coroutines on purpose: FastAPI runs a plain-function dependency in its thread pool,
+one thread hop (and, under load, a GIL hand-off) per dependency per request."""
 
 from __future__ import annotations
 
@@ -25,17 +28,17 @@ class Runtime:
     ingestor: Ingestor
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 

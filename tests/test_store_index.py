@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+import time
 from pathlib import Path
 
 import faiss
@@ -12,7 +14,7 @@ import pytest
 
 from memory_store.base import MemoryBatch
 from memory_store.config import IndexParams
-from memory_store.index import MemoryIndex, choose_nlist
+from memory_store.index import MemoryIndex, choose_nlist, search_now
 
 DIM = 16
 
@@ -161,3 +163,78 @@ def test_search_uses_the_configured_threads_in_any_thread() -> None:
         assert before > 1
     with pytest.raises(ValueError, match="threads"):
         IndexParams(threads=0)
+
+
+def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    q = rng.standard_normal((n, DIM)).astype(np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def test_try_search_answers_when_free_and_refuses_at_once_while_a_writer_holds_the_lock() -> None:
+    index = MemoryIndex(DIM, IndexParams())
+    rng = np.random.default_rng(3)
+    ids = np.arange(1, 101, dtype=np.int64)
+    index.add(ids, batch(ids, rng))
+    q = _unit(rng, 4)
+    free = index.try_search(q, 5)
+    assert free is not None
+    np.testing.assert_array_equal(free.ids, index.search(q, 5).ids)
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with index.lock.write():
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    held.wait(5)
+    try:
+        t0 = time.perf_counter()
+        assert index.try_search(q, 5) is None
+        assert time.perf_counter() - t0 < 0.05  # refused at once, not after the writer
+    finally:
+        release.set()
+        t.join()
+    after = index.try_search(q, 5)  # the refusal left no reader count behind: a writer can still enter
+    assert after is not None
+    index.add(np.array([101], np.int64), batch(np.array([101], np.int64), rng))
+    assert len(index) == 101
+
+
+async def test_search_now_waits_for_a_writer_off_the_event_loop() -> None:
+    """While a writer holds the index, a coroutine's search waits in a worker thread: the loop keeps
+    running other tasks, and the answer comes once the writer is done."""
+    index = MemoryIndex(DIM, IndexParams())
+    rng = np.random.default_rng(4)
+    ids = np.arange(1, 51, dtype=np.int64)
+    index.add(ids, batch(ids, rng))
+    q = _unit(rng, 2)
+    expected = index.search(q, 3).ids
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with index.lock.write():
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    held.wait(5)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    tick_task = asyncio.create_task(ticker())
+    search = asyncio.create_task(search_now(index, q, 3))
+    await asyncio.sleep(0.2)
+    assert not search.done() and ticks >= 5  # blocked on the writer, yet the loop ran on
+    release.set()
+    result = await asyncio.wait_for(search, 5)
+    tick_task.cancel()
+    t.join()
+    np.testing.assert_array_equal(result.ids, expected)

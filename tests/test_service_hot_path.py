@@ -1,0 +1,63 @@
+"""The request path's performance properties: length-chunked encoding gives the same states as encoding
+each history alone; on the Redis backend a steady-state /recommend or /interactions never leaves the
+event-loop thread (no thread-pool dependency, no worker-thread stage); start-up objects are frozen
+out of the garbage collector's full passes."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_service_support import model_dir, running_app, service_redis, toy_root  # noqa: F401
+
+from model import artifact
+from service.recommender import ENCODE_CHUNK, Recommender
+
+
+def test_chunked_encoding_equals_encoding_each_history_alone(model_dir: Path) -> None:  # noqa: F811
+    rec = Recommender(artifact.load(model_dir))
+    rng = np.random.default_rng(0)
+    n = 3 * ENCODE_CHUNK + 5  # several chunks, the last one partial
+    histories = [rng.integers(1, rec.n_items + 1, size=int(rng.integers(1, 70))).tolist() for _ in range(n)]
+    together = rec.encode(histories)
+    alone = np.concatenate([rec.encode([h]) for h in histories])
+    assert together.shape == (n, rec.encoder.cfg.dim)
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-5)  # in the input order
+
+
+async def test_steady_state_requests_stay_on_the_event_loop_thread(
+    model_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    service_redis: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = {"model_dir": model_dir, "store_dir": tmp_path / "s", "redis_url": service_redis}
+    async with running_app(**settings) as (app, client):
+        store = app.state.runtime.store
+        stats = await store.stats()
+        assert stats.index_size == stats.memories  # the bank load is applied in full
+        assert gc.get_freeze_count() > 0  # start-up objects are out of the collector's passes
+
+        def no_thread(*_: Any, **__: Any) -> Any:
+            raise AssertionError("a steady-state request left the event-loop thread")
+
+        monkeypatch.setattr(asyncio, "to_thread", no_thread)
+        monkeypatch.setattr("fastapi.dependencies.utils.run_in_threadpool", no_thread)
+        monkeypatch.setattr("fastapi.routing.run_in_threadpool", no_thread)
+        events = {"events": [{"user_id": "hot", "item_id": f"i{i}"} for i in (3, 4, 5)]}
+        r = await client.post("/interactions", json=events)
+        assert r.status_code == 200 and r.json()["accepted"] == 3, r.text
+        req = {"user_id": "reader", "history": ["i3", "i4"], "explain": True, "n": 3}
+        body = (await client.post("/recommend", json=req)).json()
+        assert body["strategy"] == "retrieval"
+        assert any(m["user_id"] == "hot" for m in body["memories"])  # the new memory, applied inline
+        many = await asyncio.gather(
+            *(client.post("/recommend", json={"user_id": f"u{i}", "n": 5}) for i in range(20))
+        )
+        assert all(m.status_code == 200 for m in many)
+        monkeypatch.undo()  # the shutdown snapshot is written in a worker thread, as it should be
+    assert gc.get_freeze_count() == 0  # unfrozen at shutdown
