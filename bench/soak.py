@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from bench.service import (
     mixed_traffic,
     model_card,
     open_loop,
+    run_fast,
     serve_argv,
     sweep,
 )
@@ -164,7 +164,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryFile() as out:
         proc, port = launch(serve_argv(model, SOAK_REDIS_URL), env, "/readyz", out)
         try:
-            asyncio.run(open_loop("127.0.0.1", port, 100, 3.0, mixed_traffic(model, 9)))  # warm-up
+            run_fast(open_loop("127.0.0.1", port, 100, 3.0, mixed_traffic(model, 9)))  # warm-up
             steps = sweep(port, args.sweep_rates, args.sweep_duration, mixed_traffic(model, 1))
             sustainable = max_rate(steps, 50.0)
             reference = service_benchmark_rate() or sustainable
@@ -182,7 +182,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             windows = []
             make = mixed_traffic(model, 2)  # one stream of requests across the windows
             for w in range(int(args.duration // args.window)):
-                step = asyncio.run(open_loop("127.0.0.1", port, rate, args.window, lambda _: make(0)))
+                step = run_fast(open_loop("127.0.0.1", port, rate, args.window, lambda _: make(0)))
                 step |= {"window": w, "rss_mb": process_tree_rss_mb(proc.pid), "bank": bank_size(port)}
                 windows.append(step)
                 log.info(

@@ -48,6 +48,7 @@ def test_report_shows_every_figure() -> None:
             "floor_bare_fastapi": {"max_rps_p99_50ms": 1500.0},
             "floor_pipeline": {"concurrency": 32, "rps": 2000.0, **pct},
             "freshness": {"trials": 5, "not_seen": 0, **pct},
+            "cpu_jitter": {"p50_ms": 1.5, "p99_ms": 9.25, "max_ms": 17.0},
         },
         "drift": {
             "command": "python -m bench.service drift",
@@ -70,4 +71,5 @@ def test_report_shows_every_figure() -> None:
     md = render_md(report)
     assert "`load.max_rps_p99_50ms` = **500** req/s" in md
     assert "| 500 | 500 | 6.7 | 20.0 | 0 |" in md
+    assert "p50 1.5 ms, p99 9.2 ms, max 17.0 ms" in md
     assert "| live | 0.2000 | 0.1000 | 7 | 40 | 4 |" in md and "HR@10 +0.1000" in md

@@ -1,0 +1,182 @@
+"""What approximate search costs the service in accuracy, and what it saves in time.
+
+    python -m bench.ann --model artifacts/beauty --nprobes 8 16 32 64 128
+
+The service searches its memory index with FAISS IVF once the bank holds ``exact_threshold`` memories
+or more; ``nprobe`` lists are scanned per query. This benchmark loads a model directory's bank into the
+service's own index (`memory_store.index.MemoryIndex`, the parameters the service uses) and into an exact
+one, answers every test user of the model's dataset through the service's model path (encode → search →
+fuse → rank with seen items masked), and reports per nprobe: recall@K of the retrieved memories against
+exact search, the share of top-10 lists identical to the exact ones, the mean top-10 overlap, test
+HR@10 / NDCG@10 (masked protocol) and the search time per query (one thread, batches of 16, every query
+a different user, so the index is read from memory as in serving). Writes ``reports/ann.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from bench.common import REPORTS, machine, machine_label
+from memory_store import IndexParams, MemoryBatch
+from memory_store.index import MemoryIndex
+from model import artifact
+from model.data import leave_one_out, load_dataset
+from service.recommender import Recommender
+
+log = logging.getLogger("bench.ann")
+
+BATCH = 16  # queries per search call: a busy replica's micro-batch
+
+
+def build_index(art: artifact.Artifact, params: IndexParams) -> MemoryIndex:
+    bank = art.bank
+    assert bank is not None, "the model directory holds no memory bank (train with --stage all)"
+    users = tuple(art.vocab.users[int(u)] for u in bank.users)
+    batch = MemoryBatch.create(
+        bank.keys, bank.items, users, np.zeros(len(bank)), bank.prefix_lens, art.encoder.cfg.dim
+    )
+    index = MemoryIndex(art.encoder.cfg.dim, params)
+    index.add(np.arange(1, len(bank) + 1, dtype=np.int64), batch)
+    return index
+
+
+def answer(
+    rec: Recommender, index: MemoryIndex, states: np.ndarray, masks: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Top-10 item ids (N, 10), retrieved memory ids (N, K) and search seconds per query."""
+    tops, ids, search_s = [], [], 0.0
+    unit = states / np.linalg.norm(states, axis=1, keepdims=True)
+    for s in range(0, len(states), BATCH):
+        q = np.ascontiguousarray(unit[s : s + BATCH], dtype=np.float32)
+        t0 = time.perf_counter()
+        hits = index.search(q, rec.k_max, with_keys=True)
+        search_s += time.perf_counter() - t0
+        assert hits.keys is not None
+        h = rec.fuse(states[s : s + BATCH], hits.keys, np.where(hits.ids >= 0, hits.items, 0), hits.scores)
+        ranked = rec.rank(h, masks[s : s + BATCH], [10] * len(q))
+        tops.append(np.stack([np.pad(r[0], (0, 10 - len(r[0])), constant_values=-1) for r in ranked]))
+        ids.append(hits.ids)
+    return np.concatenate(tops), np.concatenate(ids), search_s / len(states)
+
+
+def accuracy(tops: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    hit = tops == targets[:, None]  # (N, 10)
+    rank = np.argmax(hit, axis=1)
+    found = hit.any(axis=1)
+    ndcg = np.where(found, 1.0 / np.log2(rank + 2), 0.0)
+    return {"hr@10": float(found.mean()), "ndcg@10": float(ndcg.mean())}
+
+
+def compare(tops: np.ndarray, ids: np.ndarray, ref_tops: np.ndarray, ref_ids: np.ndarray) -> dict[str, float]:
+    recall = np.mean(
+        [
+            len(set(a[a >= 0]) & set(b[b >= 0])) / max((b >= 0).sum(), 1)
+            for a, b in zip(ids, ref_ids, strict=True)
+        ]
+    )
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(tops, ref_tops, strict=True)])
+    return {
+        "memory_recall": float(recall),
+        "top10_identical": float((tops == ref_tops).all(axis=1).mean()),
+        "top10_overlap": float(overlap),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    art = artifact.load(args.model)
+    rec = Recommender(art)
+    split = leave_one_out(load_dataset(art.dataset, args.data_dir))
+    test = split.test
+    rows = np.random.default_rng(args.seed).permutation(len(test))[: args.users]  # a random order of users
+    histories = [test.inputs[i, : test.lengths[i]].tolist() for i in rows]
+    indptr, seen = split.test_seen
+    masks = [np.unique(seen[indptr[i] : indptr[i + 1]]) for i in rows]
+    states = rec.encode(histories)
+    params = IndexParams(threads=1)
+    exact = build_index(art, replace(params, exact_threshold=len(art.bank or []) + 1))
+    approx = build_index(art, params)
+    ref_tops, ref_ids, exact_s = answer(rec, exact, states, masks)
+    result: dict[str, Any] = {
+        "model": Path(args.model).name,
+        "model_version": art.model_version,
+        "dataset": art.dataset,
+        "memories": len(exact),
+        "index_kind": approx.kind,
+        "k": rec.k_max,
+        "users": len(rows),
+        "exact": {**accuracy(ref_tops, test.targets[rows]), "search_ms_per_query": exact_s * 1e3},
+        "nprobe": {},
+    }
+    for nprobe in args.nprobes:
+        approx.set_nprobe(nprobe)
+        tops, ids, search_s = answer(rec, approx, states, masks)
+        result["nprobe"][str(nprobe)] = {
+            **accuracy(tops, test.targets[rows]),
+            **compare(tops, ids, ref_tops, ref_ids),
+            "search_ms_per_query": search_s * 1e3,
+        }
+        log.info("nprobe %d: %s", nprobe, result["nprobe"][str(nprobe)])
+    return result
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        "# Approximate retrieval in the service",
+        "",
+        f"`{r['command']}` on {r['machine']}, {r['date']}.",
+        "",
+        f"Model `{r['model']}` (`{r['model_version']}`, {r['dataset']}), its bank of {r['memories']} "
+        f"memories in the service's index ({r['index_kind']}), K = {r['k']}; {r['users']} test users "
+        "answered through the service's model path with seen items masked. Recall and top-10 agreement "
+        f"are against exact search; search time is per query, one thread, batches of {BATCH}.",
+        "",
+        "| search | memory recall@K | top-10 identical | top-10 overlap | HR@10 | NDCG@10 | ms/query |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    e = r["exact"]
+    lines.append(f"| exact | 1.000 | 1.000 | 1.000 | {e['hr@10']:.4f} | {e['ndcg@10']:.4f} | "
+                 f"{e['search_ms_per_query']:.3f} |")  # fmt: skip
+    for nprobe, v in r["nprobe"].items():
+        cells = [f"{v['memory_recall']:.3f}", f"{v['top10_identical']:.3f}", f"{v['top10_overlap']:.3f}"]
+        cells += [f"{v['hr@10']:.4f}", f"{v['ndcg@10']:.4f}", f"{v['search_ms_per_query']:.3f}"]
+        lines.append(f"| IVF, nprobe {nprobe} | " + " | ".join(cells) + " |")
+    return "\n".join([*lines, ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="artifacts/beauty")
+    p.add_argument("--nprobes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    p.add_argument("--users", type=int, default=None, help="test users to answer (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = run(args)
+    result["command"] = shlex.join(
+        ["python", "-m", "bench.ann", *(argv if argv is not None else sys.argv[1:])]
+    )
+    result["machine"] = machine_label(machine())
+    result["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    (REPORTS / "ann.json").write_text(json.dumps(result, indent=2) + "\n")
+    (REPORTS / "ann.md").write_text(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
