@@ -7,6 +7,7 @@ starts the history (no memory). In frozen-memory mode no memory is written at al
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -17,6 +18,8 @@ from service.metrics import Metrics
 from service.recommender import Recommender
 
 log = logging.getLogger(__name__)
+
+INLINE_ENCODE_MAX = 64  # events per batch encoded in the event-loop thread (about 5 ms of CPU)
 
 
 class Ingestor:
@@ -59,11 +62,18 @@ class Ingestor:
             res = await self.store.append_interactions(first)
             accepted, duplicates = res.accepted, res.duplicates
         if with_memory:
-            keys = self.recommender.encode([prefixes[i] for i in with_memory])  # in the loop, as /recommend
+            keys = await self._encode([prefixes[i] for i in with_memory])
             lens = np.array([len(prefixes[i]) for i in with_memory], dtype=np.int32)
             res = await self.store.ingest([events[i] for i in with_memory], keys, lens)
             accepted, duplicates = accepted + res.accepted, duplicates + res.duplicates
         return self._count(accepted, duplicates)
+
+    async def _encode(self, prefixes: list[list[int]]) -> np.ndarray:
+        """Memory keys (n, D): a few events are encoded in the event-loop thread, as /recommend batches
+        are; a large batch in a worker thread, so it does not hold up every other request meanwhile."""
+        if len(prefixes) <= INLINE_ENCODE_MAX:
+            return self.recommender.encode(prefixes)
+        return await asyncio.to_thread(self.recommender.encode, prefixes)
 
     def _count(self, accepted: int, duplicates: int) -> tuple[int, int]:
         self.metrics.events.labels("accepted").inc(accepted)

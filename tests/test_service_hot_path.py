@@ -1,7 +1,8 @@
 """The request path's performance properties: length-chunked encoding gives the same states as encoding
 each history alone; on the Redis backend a steady-state /recommend or /interactions never leaves the
-event-loop thread (no thread-pool dependency, no worker-thread stage); start-up objects are frozen
-out of the garbage collector's full passes."""
+event-loop thread (no thread-pool dependency, no worker-thread stage) while a large /interactions
+batch is encoded in a worker thread; start-up objects are frozen out of the garbage collector's full
+passes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from test_service_support import model_dir, running_app, service_redis, toy_root  # noqa: F401
 
 from model import artifact
+from service.ingest import INLINE_ENCODE_MAX
 from service.recommender import ENCODE_CHUNK, Recommender
 
 
@@ -61,3 +63,27 @@ async def test_steady_state_requests_stay_on_the_event_loop_thread(
         assert all(m.status_code == 200 for m in many)
         monkeypatch.undo()  # the shutdown snapshot is written in a worker thread, as it should be
     assert gc.get_freeze_count() == 0  # unfrozen at shutdown
+
+
+async def test_a_large_interactions_batch_is_encoded_off_the_event_loop(
+    model_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with running_app(model_dir=model_dir, store_dir=tmp_path / "s") as (app, client):
+        encode = app.state.runtime.ingestor.recommender.encode
+        offloaded: list[int] = []
+        real_to_thread = asyncio.to_thread
+
+        async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            if fn == encode:
+                offloaded.append(len(args[0]))
+            return await real_to_thread(fn, *args, **kwargs)
+
+        monkeypatch.setattr(asyncio, "to_thread", counting)
+        small = [{"user_id": "u0", "item_id": f"i{i % 40}"} for i in range(INLINE_ENCODE_MAX)]
+        assert (await client.post("/interactions", json={"events": small})).json()["accepted"] == len(small)
+        assert offloaded == []
+        large = [{"user_id": f"u{i % 7}", "item_id": f"i{i % 40}"} for i in range(INLINE_ENCODE_MAX + 1)]
+        assert (await client.post("/interactions", json={"events": large})).json()["accepted"] == len(large)
+        assert offloaded == [len(large)]
