@@ -6,6 +6,8 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -170,15 +172,10 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
     return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
-def test_try_search_answers_when_free_and_refuses_at_once_while_a_writer_holds_the_lock() -> None:
-    index = MemoryIndex(DIM, IndexParams())
-    rng = np.random.default_rng(3)
-    ids = np.arange(1, 101, dtype=np.int64)
-    index.add(ids, batch(ids, rng))
-    q = _unit(rng, 4)
-    free = index.try_search(q, 5)
-    assert free is not None
-    np.testing.assert_array_equal(free.ids, index.search(q, 5).ids)
+@contextmanager
+def writer_holding(index: MemoryIndex) -> Iterator[Callable[[], None]]:
+    """A thread holds the index's write lock inside the block until the yielded function releases it
+    (at the latest when the block ends)."""
     held, release = threading.Event(), threading.Event()
 
     def writer() -> None:
@@ -188,14 +185,28 @@ def test_try_search_answers_when_free_and_refuses_at_once_while_a_writer_holds_t
 
     t = threading.Thread(target=writer)
     t.start()
-    held.wait(5)
+    assert held.wait(5)
     try:
-        t0 = time.perf_counter()
-        assert index.try_search(q, 5) is None
-        assert time.perf_counter() - t0 < 0.05  # refused at once, not after the writer
+        yield release.set
     finally:
         release.set()
         t.join()
+
+
+def test_try_search_answers_when_free_and_refuses_at_once_while_a_writer_holds_the_lock() -> None:
+    index = MemoryIndex(DIM, IndexParams())
+    rng = np.random.default_rng(3)
+    ids = np.arange(1, 101, dtype=np.int64)
+    index.add(ids, batch(ids, rng))
+    q = _unit(rng, 4)
+    free = index.try_search(q, 5)
+    assert free is not None
+    np.testing.assert_array_equal(free.ids, index.search(q, 5).ids)
+    with writer_holding(index) as release:
+        t0 = time.perf_counter()
+        assert index.try_search(q, 5) is None
+        assert time.perf_counter() - t0 < 0.05  # refused at once, not after the writer
+        release()
     after = index.try_search(q, 5)  # the refusal left no reader count behind: a writer can still enter
     assert after is not None
     index.add(np.array([101], np.int64), batch(np.array([101], np.int64), rng))
@@ -211,16 +222,6 @@ async def test_search_now_waits_for_a_writer_off_the_event_loop() -> None:
     index.add(ids, batch(ids, rng))
     q = _unit(rng, 2)
     expected = index.search(q, 3).ids
-    held, release = threading.Event(), threading.Event()
-
-    def writer() -> None:
-        with index.lock.write():
-            held.set()
-            release.wait(10)
-
-    t = threading.Thread(target=writer)
-    t.start()
-    held.wait(5)
     ticks = 0
 
     async def ticker() -> None:
@@ -229,12 +230,12 @@ async def test_search_now_waits_for_a_writer_off_the_event_loop() -> None:
             await asyncio.sleep(0.01)
             ticks += 1
 
-    tick_task = asyncio.create_task(ticker())
-    search = asyncio.create_task(search_now(index, q, 3))
-    await asyncio.sleep(0.2)
-    assert not search.done() and ticks >= 5  # blocked on the writer, yet the loop ran on
-    release.set()
-    result = await asyncio.wait_for(search, 5)
-    tick_task.cancel()
-    t.join()
+    with writer_holding(index) as release:
+        tick_task = asyncio.create_task(ticker())
+        search = asyncio.create_task(search_now(index, q, 3))
+        await asyncio.sleep(0.2)
+        assert not search.done() and ticks >= 5  # blocked on the writer, yet the loop ran on
+        release()
+        result = await asyncio.wait_for(search, 5)
+        tick_task.cancel()
     np.testing.assert_array_equal(result.ids, expected)
