@@ -55,10 +55,7 @@ class ReadWriteLock:
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            self._release_read()
 
     @contextmanager
     def try_read(self) -> Iterator[bool]:
@@ -76,10 +73,13 @@ class ReadWriteLock:
         try:
             yield True
         finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            self._release_read()
+
+    def _release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
 
     @contextmanager
     def write(self) -> Iterator[None]:
