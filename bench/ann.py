@@ -34,6 +34,8 @@ from memory_store import IndexParams, MemoryBatch
 from memory_store.index import MemoryIndex
 from model import artifact
 from model.data import leave_one_out, load_dataset
+from model.finetune import limit_depth
+from model.memory import Retrieved
 from service.recommender import Recommender
 
 log = logging.getLogger("bench.ann")
@@ -54,9 +56,10 @@ def build_index(art: artifact.Artifact, params: IndexParams) -> MemoryIndex:
 
 
 def answer(
-    rec: Recommender, index: MemoryIndex, states: np.ndarray, masks: list[np.ndarray]
+    rec: Recommender, index: MemoryIndex, states: np.ndarray, depths: np.ndarray, masks: list[np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Top-10 item ids (N, 10), retrieved memory ids (N, K) and search seconds per query."""
+    """Top-10 item ids (N, 10), fused memory ids (N, K; -1 past each row's depth) and search seconds per
+    query, the way `service.pipeline` answers."""
     tops, ids, search_s = [], [], 0.0
     unit = states / np.linalg.norm(states, axis=1, keepdims=True)
     for s in range(0, len(states), BATCH):
@@ -65,10 +68,11 @@ def answer(
         hits = index.search(q, rec.k_max, with_keys=True)
         search_s += time.perf_counter() - t0
         assert hits.keys is not None
-        h = rec.fuse(states[s : s + BATCH], hits.keys, np.where(hits.ids >= 0, hits.items, 0), hits.scores)
+        used = limit_depth(Retrieved(hits.ids, hits.scores), depths[s : s + BATCH])
+        h = rec.fuse(states[s : s + BATCH], hits.keys, np.where(used.ids >= 0, hits.items, 0), used.scores)
         ranked = rec.rank(h, masks[s : s + BATCH], [10] * len(q))
         tops.append(np.stack([np.pad(r[0], (0, 10 - len(r[0])), constant_values=-1) for r in ranked]))
-        ids.append(hits.ids)
+        ids.append(used.ids)
     return np.concatenate(tops), np.concatenate(ids), search_s / len(states)
 
 
@@ -106,11 +110,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     histories = [test.inputs[i, : test.lengths[i]].tolist() for i in rows]
     indptr, seen = split.test_seen
     masks = [np.unique(seen[indptr[i] : indptr[i + 1]]) for i in rows]
-    states = rec.encode(histories)
+    states, depths = rec.encode_with_depths(histories)
     params = IndexParams(threads=1)
     exact = build_index(art, replace(params, exact_threshold=len(art.bank or []) + 1))
     approx = build_index(art, params)
-    ref_tops, ref_ids, exact_s = answer(rec, exact, states, masks)
+    ref_tops, ref_ids, exact_s = answer(rec, exact, states, depths, masks)
     result: dict[str, Any] = {
         "model": Path(args.model).name,
         "model_version": art.model_version,
@@ -124,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     for nprobe in args.nprobes:
         approx.set_nprobe(nprobe)
-        tops, ids, search_s = answer(rec, approx, states, masks)
+        tops, ids, search_s = answer(rec, approx, states, depths, masks)
         result["nprobe"][str(nprobe)] = {
             **accuracy(tops, test.targets[rows]),
             **compare(tops, ids, ref_tops, ref_ids),
