@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import accuracy
+from bench.ann import accuracy as ann_accuracy
+from bench.ann import compare
 from bench.common import METRICS, PROTOCOLS, aggregate, display_path
 
 
@@ -52,3 +55,16 @@ def test_display_paths_hide_the_machine(tmp_path: Path) -> None:
 
     assert display_path(ROOT / "reports" / "x.json") == "reports/x.json"
     assert display_path(tmp_path / "m") == "m"
+
+
+def test_ann_metrics_on_known_rankings() -> None:
+    tops = np.array([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    got = ann_accuracy(tops, np.array([7, 99]))  # rank 3 for the first target, a miss for the second
+    assert got == pytest.approx({"hr@10": 0.5, "ndcg@10": 0.5 / np.log2(4)})
+    ids = np.array([[1, 2, 3, -1], [4, 5, 6, 7]])
+    ref_ids = np.array([[1, 2, 9, -1], [4, 5, 6, 7]])
+    ref_tops = np.array([tops[0], tops[1][::-1]])  # same items, another order
+    cmp = compare(tops, ids, ref_tops, ref_ids)
+    assert cmp == pytest.approx(
+        {"memory_recall": (2 / 3 + 1) / 2, "top10_identical": 0.5, "top10_overlap": 1.0}
+    )
