@@ -35,7 +35,7 @@ from memory_store.index import MemoryIndex
 from model import artifact
 from model.data import leave_one_out, load_dataset
 from model.finetune import limit_depth
-from model.memory import Retrieved
+from model.memory import Retrieved, l2_normalise
 from service.recommender import Recommender
 
 log = logging.getLogger("bench.ann")
@@ -61,9 +61,9 @@ def answer(
     """Top-10 item ids (N, 10), fused memory ids (N, K; -1 past each row's depth) and search seconds per
     query, the way `service.pipeline` answers."""
     tops, ids, search_s = [], [], 0.0
-    unit = states / np.linalg.norm(states, axis=1, keepdims=True)
+    unit = l2_normalise(states)  # (N, D), as the store normalises its queries
     for s in range(0, len(states), BATCH):
-        q = np.ascontiguousarray(unit[s : s + BATCH], dtype=np.float32)
+        q = np.ascontiguousarray(unit[s : s + BATCH])
         t0 = time.perf_counter()
         hits = index.search(q, rec.k_max, with_keys=True)
         search_s += time.perf_counter() - t0

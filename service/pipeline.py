@@ -179,19 +179,6 @@ class Pipeline:
             self.metrics.k_used.observe(a.k_used)
         return out
 
-    def _fuse_and_rank(
-        self,
-        states: np.ndarray,
-        memories: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
-        masks: list[IntArray],
-        n: list[int],
-    ) -> list[tuple[IntArray, np.ndarray]]:
-        """Fusion, then ranking of the whole catalogue."""
-        with self._stage("fuse"):
-            h = self.recommender.fuse(states, *memories) if memories is not None else torch.from_numpy(states)
-        with self._stage("rank"):
-            return self.recommender.rank(h, masks, n)
-
     async def _warm(
         self, queries: list[Query], histories: list[list[int]], masks: list[IntArray]
     ) -> list[Answer]:
@@ -207,7 +194,10 @@ class Pipeline:
                 retrieved = limit_depth(Retrieved(hits.ids, hits.scores), depths)
                 assert hits.keys is not None
                 memories = (hits.keys, np.where(retrieved.ids >= 0, hits.items, 0), retrieved.scores)
-        ranked = self._fuse_and_rank(states, memories, masks, [q.n for q in queries])
+        with self._stage("fuse"):
+            h = rec.fuse(states, *memories) if memories is not None else torch.from_numpy(states)
+        with self._stage("rank"):
+            ranked = rec.rank(h, masks, [q.n for q in queries])
         return [_answer(q, ranked[i], hits, retrieved, i, rec.retrieval) for i, q in enumerate(queries)]
 
 
