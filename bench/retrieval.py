@@ -47,6 +47,8 @@ VARIANTS: dict[str, list[str]] = {
     "similarity_bias": ["--similarity-bias"],
     "adaptive_k": ["--adaptive-k"],
     "cross_user": ["--cross-user"],
+    "user_memories": ["--user-memories"],
+    "user_memories_fewest": ["--user-memories", "--memory-quality", "fewest_accesses"],
     "random_retrieval": ["--retrieval", "random"],
 }
 

@@ -51,11 +51,22 @@ class UserMemories:
 QualityFn = Callable[[UserMemories, float], np.ndarray]
 
 
-def recency_frequency_quality(entries: UserMemories, now: float) -> np.ndarray:
-    """Default quality: log-frequency of use, halved for every week since the entry was last touched."""
-    use = 1.0 + np.log1p(entries.freq.astype(np.float64)) + np.log1p(entries.access_count.astype(np.float64))
-    age = np.maximum(now - entries.last_access, 0.0)
-    return use * np.exp2(-age / HALF_LIFE_S)  # (n,)
+def recency_frequency(half_life: float) -> QualityFn:
+    """Quality = log-frequency of use (observations and retrievals), halved for every ``half_life``
+    since the entry was last touched; ``half_life`` is in the clock's unit (seconds in the store, a
+    user's interaction count in the offline simulation of ``model.user_memory``)."""
+
+    def quality(entries: UserMemories, now: float) -> np.ndarray:
+        use = 1.0 + np.log1p(entries.freq.astype(np.float64))
+        use = use + np.log1p(entries.access_count.astype(np.float64))
+        age = np.maximum(now - entries.last_access, 0.0)
+        return use * np.exp2(-age / half_life)  # (n,)
+
+    return quality
+
+
+# The store's default: a week's half-life on the wall clock.
+recency_frequency_quality = recency_frequency(HALF_LIFE_S)
 
 
 def fewest_accesses_quality(entries: UserMemories, now: float) -> np.ndarray:

@@ -28,6 +28,7 @@ from model.finetune import (
 from model.fusion import FusionConfig
 from model.sasrec import EncoderConfig, SASRec
 from model.train import OBJECTIVES, SCHEMES, TrainConfig, evaluate_encoder, train
+from model.user_memory import QUALITIES, build_table
 
 log = logging.getLogger("memrec")
 
@@ -85,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--similarity-bias", action="store_true", help="add retrieval similarity to attention")
     f.add_argument("--adaptive-k", action="store_true", help="RAMRec's entropy rule picks K ≤ --k per query")
     f.add_argument("--cross-user", action="store_true", help="retrieve other users' memories only")
+    f.add_argument(
+        "--user-memories", action="store_true", help="fuse each user's own memories (RAMRec) as extra slots"
+    )
+    f.add_argument("--user-capacity", type=int, default=75, help="user memories kept per user (C)")
+    f.add_argument(
+        "--memory-quality",
+        choices=QUALITIES,
+        default="recency_frequency",
+        help="eviction order of the user memories (fewest_accesses: RAMRec's original)",
+    )
     f.add_argument(
         "--retrieval", choices=("similarity", "random"), default="similarity", help="random: the control"
     )
@@ -191,6 +202,7 @@ def _finetune(
         residual_norm=args.residual_norm,
         gate=args.gate,
         similarity_bias=args.similarity_bias,
+        user_memories=args.user_memories,
     )
     cfg = FinetuneConfig(
         k=args.k,
@@ -200,6 +212,9 @@ def _finetune(
         batch_size=args.ft_batch_size,
         adaptive_k=args.adaptive_k,
         cross_user=args.cross_user,
+        user_memories=args.user_memories,
+        user_capacity=args.user_capacity,
+        memory_quality=args.memory_quality,
         retrieval=args.retrieval,
         seed=args.seed,
         device=args.device,
@@ -259,7 +274,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if art.fusion is not None and art.bank is not None:
         cfg = FinetuneConfig(**art.finetune_config)
         cfg.device = args.device
-        model = RetrievalModel(art.encoder, art.fusion, art.bank, cfg)
+        um_cfg = cfg.user_memory()
+        table = None if um_cfg is None else build_table(art.encoder, split, um_cfg, args.device)
+        model = RetrievalModel(art.encoder, art.fusion, art.bank, cfg, table)
         queries = model.queries(samples)
         out.update(evaluate_retrieval(model, queries, samples, seen, args.device, head))
         out["encoder"] = encoder_metrics

@@ -27,6 +27,7 @@ from model.fusion import FusionConfig, RetrievalFusion
 from model.memory import FloatArray, MemoryBank, Retrieved, encode_samples
 from model.sasrec import SASRec
 from model.train import EpochLog
+from model.user_memory import UserMemoryConfig, UserMemoryTable, build_table
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,11 @@ class FinetuneConfig:
     adaptive_k: bool = False  # RAMRec's entropy rule picks K ≤ k per query
     cross_user: bool = False  # retrieve other users' memories only
     k_min: int = 3
+    user_memories: bool = False  # the user's own memories (RAMRec) join the retrieved ones
+    user_capacity: int = 75
+    memory_quality: str = "recency_frequency"  # eviction order of the user memories
+    memory_access_top: int = 5
+    memory_half_life: float = 50.0  # interactions
     seed: int = 0
     device: str = "cpu"
 
@@ -53,6 +59,13 @@ class FinetuneConfig:
     def adaptive(self) -> AdaptiveKConfig | None:
         return AdaptiveKConfig(k_base=self.k, k_min=self.k_min, k_max=self.k) if self.adaptive_k else None
 
+    def user_memory(self) -> UserMemoryConfig | None:
+        if not self.user_memories:
+            return None
+        return UserMemoryConfig(
+            self.user_capacity, self.memory_quality, self.memory_access_top, self.memory_half_life
+        )
+
 
 @dataclass
 class Queries:
@@ -60,6 +73,11 @@ class Queries:
 
     states: FloatArray  # (N, D)
     retrieved: Retrieved  # (N, K)
+    user_items: IntArray | None = None  # (N, C) the user's own memories, 0 = empty; None when off
+
+    def subset(self, idx: IntArray) -> tuple[FloatArray, Retrieved, IntArray | None]:
+        user = None if self.user_items is None else self.user_items[idx]
+        return self.states[idx], Retrieved(self.retrieved.ids[idx], self.retrieved.scores[idx]), user
 
 
 @dataclass
@@ -76,20 +94,33 @@ def limit_depth(retrieved: Retrieved, k: IntArray) -> Retrieved:
 
 
 class RetrievalModel:
-    """Frozen encoder + memory bank + fusion: scores for queries whose memories are retrieved."""
+    """Frozen encoder + memory bank (+ the users' own memories) + fusion: scores for queries whose
+    memories are retrieved. ``user_table`` holds the user-memory snapshots of the split being served
+    when the fine-tune config turns user memories on."""
 
     def __init__(
-        self, encoder: SASRec, fusion: RetrievalFusion, bank: MemoryBank, cfg: FinetuneConfig
+        self,
+        encoder: SASRec,
+        fusion: RetrievalFusion,
+        bank: MemoryBank,
+        cfg: FinetuneConfig,
+        user_table: UserMemoryTable | None = None,
     ) -> None:
         self.encoder = encoder
         self.fusion = fusion
         self.bank = bank
         self.cfg = cfg
+        self.user_table = user_table
 
     def memory_tensors(
-        self, retrieved: Retrieved, device: torch.device
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Retrieved ids → keys (B, K, D), values (B, K, D), mask (B, K), sims (B, K) on ``device``."""
+        self,
+        states: Tensor,
+        retrieved: Retrieved,
+        user_items: IntArray | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """Retrieved ids (B, K) and user memories (B, C) → keys, values (B, S, D), mask, sims (B, S)
+        and the user-slot mask (B, S) or None; S = K + C, the user's slots last."""
+        device = states.device
         ids = retrieved.ids
         safe = np.maximum(ids, 0)
         keys = torch.from_numpy(self.bank.unit_keys[safe]).to(device)  # normalised, as the store keeps them
@@ -97,12 +128,25 @@ class RetrievalModel:
         values = self.encoder.item_emb(item_ids)  # frozen table; padding row for empty slots
         mask = torch.from_numpy(ids >= 0).to(device)
         sims = torch.from_numpy(np.where(ids >= 0, retrieved.scores, 0.0).astype(np.float32)).to(device)
-        return keys, values, mask, sims
+        if user_items is None:
+            return keys, values, mask, sims, None
+        u_values = self.encoder.item_emb(torch.from_numpy(user_items).to(device))  # (B, C, D)
+        u_keys = F.normalize(u_values, dim=-1)
+        u_mask = torch.from_numpy(user_items > 0).to(device)
+        u_sims = torch.einsum("bd,bcd->bc", F.normalize(states, dim=-1), u_keys) * u_mask
+        user_slots = torch.cat([torch.zeros_like(mask), torch.ones_like(u_mask)], dim=1)
+        return (
+            torch.cat([keys, u_keys], dim=1),
+            torch.cat([values, u_values], dim=1),
+            torch.cat([mask, u_mask], dim=1),
+            torch.cat([sims, u_sims], dim=1),
+            user_slots,
+        )
 
-    def scores(self, states: Tensor, retrieved: Retrieved) -> Tensor:
+    def scores(self, states: Tensor, retrieved: Retrieved, user_items: IntArray | None = None) -> Tensor:
         """states (B, D) frozen encoder output → scores over all ids (B, n_items + 1)."""
-        keys, values, mask, sims = self.memory_tensors(retrieved, states.device)
-        fused = self.fusion(states, keys, values, mask, sims)
+        keys, values, mask, sims, user_slots = self.memory_tensors(states, retrieved, user_items)
+        fused = self.fusion(states, keys, values, mask, sims, user_slots)
         return self.encoder.scores(fused)
 
     def retrieve(self, states: FloatArray, samples: Samples) -> Retrieved:
@@ -124,11 +168,14 @@ class RetrievalModel:
 
     def queries(self, samples: Samples) -> Queries:
         states = encode_samples(self.encoder, samples, self.cfg.device)
-        return Queries(states, self.retrieve(states, samples))
+        return Queries(states, self.retrieve(states, samples), self.user_items(samples))
 
-
-def _subset(retrieved: Retrieved, idx: IntArray) -> Retrieved:
-    return Retrieved(retrieved.ids[idx], retrieved.scores[idx])
+    def user_items(self, samples: Samples) -> IntArray | None:
+        if not self.cfg.user_memories:
+            return None
+        if self.user_table is None:
+            raise ValueError("this model reads user memories: set user_table (model.user_memory.build_table)")
+        return self.user_table.lookup(samples)
 
 
 def evaluate_retrieval(
@@ -144,8 +191,8 @@ def evaluate_retrieval(
     dev = torch.device(device)
 
     def score_fn(_x: Tensor, _lengths: Tensor, idx: IntArray) -> Tensor:
-        states = torch.from_numpy(queries.states[idx]).to(dev)
-        return model.scores(states, _subset(queries.retrieved, idx))
+        states, retrieved, user_items = queries.subset(idx)
+        return model.scores(torch.from_numpy(states).to(dev), retrieved, user_items)
 
     return evaluate(score_fn, samples, seen, device=device, head=head)
 
@@ -169,8 +216,10 @@ def finetune(
     t0 = time.perf_counter()
     bank, train_states = build_bank(encoder, split.train, cfg.device)
     fusion = RetrievalFusion(fusion_cfg).to(dev)
-    model = RetrievalModel(encoder, fusion, bank, cfg)
-    train_q = Queries(train_states, model.retrieve(train_states, split.train))
+    um_cfg = cfg.user_memory()
+    table = None if um_cfg is None else build_table(encoder, split, um_cfg, cfg.device)
+    model = RetrievalModel(encoder, fusion, bank, cfg, table)
+    train_q = Queries(train_states, model.retrieve(train_states, split.train), model.user_items(split.train))
     valid_q = model.queries(split.valid)
     log.info("memory bank: %d memories, states and retrieval in %.1fs", len(bank), time.perf_counter() - t0)
 
@@ -215,8 +264,8 @@ def _epoch(
     total, n = 0.0, 0
     for s in tqdm(range(0, len(perm), cfg.batch_size), desc=desc, leave=False, mininterval=2.0):
         idx = perm[s : s + cfg.batch_size]
-        states = torch.from_numpy(queries.states[idx]).to(dev)
-        scores = model.scores(states, _subset(queries.retrieved, idx))
+        states, retrieved, user_items = queries.subset(idx)
+        scores = model.scores(torch.from_numpy(states).to(dev), retrieved, user_items)
         loss = F.cross_entropy(scores, torch.from_numpy(targets[idx]).to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
@@ -231,7 +280,7 @@ def evaluate_on_test(
 ) -> tuple[RetrievalModel, Metrics]:
     """Add the validation pairs to the bank (never test targets) and evaluate on the test samples."""
     valid_bank, _ = build_bank(model.encoder, split.valid, cfg.device)
-    full = RetrievalModel(model.encoder, model.fusion, model.bank.concat(valid_bank), cfg)
+    full = RetrievalModel(model.encoder, model.fusion, model.bank.concat(valid_bank), cfg, model.user_table)
     test_q = full.queries(split.test)
     head = head_items(split.train.targets, model.encoder.cfg.n_items)
     return full, evaluate_retrieval(full, test_q, split.test, split.test_seen, cfg.device, head)
@@ -248,7 +297,7 @@ def retrieval_cost(model: RetrievalModel, split: Split, n_queries: int = 2_000) 
     bank = train_bank.concat(build_bank(model.encoder, split.valid, device)[0])
     build_s = time.perf_counter() - t0
     arrays = (bank.keys, bank.unit_keys, bank.items, bank.users, bank.prefix_lens)
-    full = RetrievalModel(model.encoder, model.fusion, bank, model.cfg)
+    full = RetrievalModel(model.encoder, model.fusion, bank, model.cfg, model.user_table)
     samples = split.test.subset(np.arange(min(n_queries, len(split.test))))
     t0 = time.perf_counter()
     states = encode_samples(model.encoder, samples, device)
@@ -260,8 +309,9 @@ def retrieval_cost(model: RetrievalModel, split: Split, n_queries: int = 2_000) 
     with torch.inference_mode():
         for s in range(0, len(states), 256):
             rows = np.arange(s, min(s + 256, len(states)))
-            keys, values, mask, sims = full.memory_tensors(_subset(retrieved, rows), dev)
-            model.fusion(torch.from_numpy(states[rows]).to(dev), keys, values, mask, sims)
+            q = Queries(states, retrieved, full.user_items(samples)).subset(rows)
+            h = torch.from_numpy(q[0]).to(dev)
+            model.fusion(h, *full.memory_tensors(h, q[1], q[2]))
     t3 = time.perf_counter()
     per_1k = 1000.0 / len(states)
     return {

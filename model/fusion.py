@@ -17,6 +17,9 @@ Our switchable changes, each off by default until a benchmark shows it helps:
   the original where it never was.
 * ``similarity_bias``: similarity-aware attention: a learned multiple of each memory's cosine similarity
   to the query is added to the attention logits, so the retriever's ranking informs the attention.
+* ``user_memories``: the user's own memories (RAMRec; ``model.user_memory``) join the retrieved ones as
+  extra slots (key = the unit item embedding, value = the embedding); a learned type vector added to
+  their keys lets attention tell the two kinds apart.
 
 Empty memory slots (fewer survivors than K) are masked; a query with no memory at all keeps ĥ = h.
 """
@@ -46,6 +49,7 @@ class FusionConfig:
     gate: bool = False
     gate_cap: float = 0.3
     similarity_bias: bool = False
+    user_memories: bool = False
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
 
@@ -111,6 +115,7 @@ class RetrievalFusion(nn.Module):
         self.seq_tar = Channel(cfg)
         self.tar_seq = Channel(cfg) if cfg.beta < 1.0 else None
         self.gate = nn.Linear(2 * cfg.dim, 1) if cfg.gate else None
+        self.user_type = nn.Parameter(torch.zeros(cfg.dim)) if cfg.user_memories else None
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -122,9 +127,20 @@ class RetrievalFusion(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def forward(self, h: Tensor, keys: Tensor, values: Tensor, mask: Tensor, sims: Tensor) -> Tensor:
+    def forward(
+        self,
+        h: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        mask: Tensor,
+        sims: Tensor,
+        user_slots: Tensor | None = None,
+    ) -> Tensor:
         """h (B, D); keys (B, K, D) memory states; values (B, K, D) next-item embeddings;
-        mask (B, K) True where a memory is present; sims (B, K) cosine similarity to the query."""
+        mask (B, K) True where a memory is present; sims (B, K) cosine similarity to the query;
+        user_slots (B, K) True at the user's own memories (only with ``user_memories``)."""
+        if self.user_type is not None and user_slots is not None:
+            keys = keys + user_slots[..., None].to(keys.dtype) * self.user_type
         has_memory = mask.any(dim=1)  # (B,)
         safe_mask = mask | ~has_memory[:, None]  # rows with no memory attend to zeros, result discarded
         r = self.seq_tar(h, keys, values, safe_mask, sims)

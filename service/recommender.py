@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from model.adaptive import adaptive_k
-from model.artifact import Artifact
+from model.artifact import Artifact, ArtifactError
 from model.finetune import FinetuneConfig
 from model.fusion import RetrievalFusion
 from model.sasrec import SASRec
@@ -26,6 +26,12 @@ class Recommender:
         self.encoder: SASRec = art.encoder.eval()
         self.fusion: RetrievalFusion | None = art.fusion.eval() if art.fusion is not None else None
         self.cfg = FinetuneConfig(**art.finetune_config) if self.fusion is not None else None
+        if self.cfg is not None and self.cfg.user_memories:
+            # Serving it without them would answer with a model other than the one evaluated.
+            raise ArtifactError(
+                f"model {art.model_version} fuses per-user memories (fine-tune flag --user-memories), "
+                "which the service does not read yet; serve a model trained without that flag"
+            )
         self.max_len = self.encoder.cfg.max_len
         self.n_items = self.encoder.cfg.n_items
         self.popular = _popularity(art)
