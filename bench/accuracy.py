@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from bench.common import REPORTS, RUNS, aggregate, cost_table, metric_table, run_recorded
@@ -55,15 +57,48 @@ PROTOCOL_NOTE = [
 ]
 
 
+ENCODERS = REPORTS / "encoders"
+ENCODER_FILES = ("config.json", "vocab.json", "model.safetensors")
+
+
+def encoder_dir(dataset: str, variant: str, seed: int) -> Path:
+    """Where the trained encoder of one run is: its run directory while it trains (and on the machine
+    that trained it), else the copy archived under ``reports/encoders/`` when the run finished. `runs/`
+    does not travel between machines; the retrieval benchmark fine-tunes on the very encoder whose
+    result file exists, whichever machine trained it."""
+    run = RUNS / "accuracy" / dataset / f"{variant}-seed{seed}"
+    archived = ENCODERS / f"{dataset}.{variant}.seed{seed}"
+    if not (run / "config.json").is_file() and (archived / "config.json").is_file():
+        return archived
+    return run
+
+
+def archive_encoder(dataset: str, variant: str, seed: int) -> None:
+    """Copy a finished run's model directory (weights, vocabulary, config; no checkpoints) into
+    ``reports/encoders/``, once."""
+    run = RUNS / "accuracy" / dataset / f"{variant}-seed{seed}"
+    archived = ENCODERS / f"{dataset}.{variant}.seed{seed}"
+    if (archived / "config.json").is_file() or not (run / "config.json").is_file():
+        return
+    archived.mkdir(parents=True, exist_ok=True)
+    for name in ENCODER_FILES:
+        shutil.copyfile(run / name, archived / name)
+    log.info("archived the encoder of %s %s seed %d in %s", dataset, variant, seed, archived.name)
+
+
 def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> bool:
-    """Train (or resume) one seed and write its result file; False if training failed."""
+    """Train (or resume) one seed, write its result file and archive its encoder; False if training
+    failed."""
     objective, scheme = VARIANTS[variant]
     out = RUNS / "accuracy" / dataset / f"{variant}-seed{seed}"
     cli_args = ["--dataset", dataset, "--stage", "pretrain", "--objective", objective, "--scheme", scheme]
     cli_args += ["--seed", str(seed), "--epochs", str(args.epochs), "--patience", str(args.patience)]
     cli_args += ["--out", str(out), "--resume"]
     record = {"dataset": dataset, "variant": variant, "objective": objective, "scheme": scheme, "seed": seed}
-    return run_recorded(RESULTS / f"{dataset}.{variant}.seed{seed}.json", cli_args, args, record)
+    if not run_recorded(RESULTS / f"{dataset}.{variant}.seed{seed}.json", cli_args, args, record):
+        return False
+    archive_encoder(dataset, variant, seed)
+    return True
 
 
 def markdown(report: dict[str, Any]) -> str:

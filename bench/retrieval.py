@@ -27,6 +27,7 @@ from bench.common import (
     RUNS,
     aggregate,
     cost_table,
+    display_path,
     evaluate_cli,
     fmt,
     metric_table,
@@ -61,7 +62,7 @@ def pretrain_only(dataset: str, seed: int, args: argparse.Namespace) -> bool:
         return True
     if not accuracy.run_one(dataset, args.encoder, seed, args):
         return False
-    encoder_dir = RUNS / "accuracy" / dataset / f"{args.encoder}-seed{seed}"
+    encoder_dir = accuracy.encoder_dir(dataset, args.encoder, seed)
     test = evaluate_cli(encoder_dir, device=args.device, data_dir=args.data_dir)
     if test is None:
         return False
@@ -73,7 +74,14 @@ def pretrain_only(dataset: str, seed: int, args: argparse.Namespace) -> bool:
 
 
 def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> bool:
-    encoder_dir = RUNS / "accuracy" / dataset / f"{args.encoder}-seed{seed}"
+    encoder_dir = accuracy.encoder_dir(dataset, args.encoder, seed)
+    if not (encoder_dir / "config.json").is_file():
+        log.error(
+            "no encoder for %s %s seed %d on this machine (neither %s nor an archived copy); its result "
+            "file predates archiving: delete it to retrain",
+            dataset, args.encoder, seed, display_path(encoder_dir),
+        )  # fmt: skip
+        return False
     out = RUNS / "retrieval" / dataset / f"{args.encoder}-{variant}-seed{seed}"
     cli_args = ["--dataset", dataset, "--stage", "finetune", "--from", str(encoder_dir), "--out", str(out)]
     cli_args += ["--seed", str(seed), *VARIANTS[variant]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,24 @@ def test_ann_metrics_on_known_rankings() -> None:
     assert cmp == pytest.approx(
         {"memory_recall": (2 / 3 + 1) / 2, "top10_identical": 0.5, "top10_overlap": 1.0}
     )
+
+
+def test_finished_encoders_are_archived_and_found_on_another_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(accuracy, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(accuracy, "ENCODERS", tmp_path / "reports" / "encoders")
+    run = tmp_path / "runs" / "accuracy" / "beauty" / "pretrain-seed1"
+    assert accuracy.encoder_dir("beauty", "pretrain", 1) == run  # nothing trained yet: where it will be
+    (run / "checkpoints").mkdir(parents=True)
+    accuracy.archive_encoder("beauty", "pretrain", 1)  # still training: nothing to archive
+    assert not (tmp_path / "reports").exists()
+    for name in accuracy.ENCODER_FILES:
+        (run / name).write_text(name)
+    accuracy.archive_encoder("beauty", "pretrain", 1)
+    archived = tmp_path / "reports" / "encoders" / "beauty.pretrain.seed1"
+    assert sorted(p.name for p in archived.iterdir()) == sorted(accuracy.ENCODER_FILES)  # no checkpoints
+    assert accuracy.encoder_dir("beauty", "pretrain", 1) == run  # this machine still has the run
+    shutil.rmtree(tmp_path / "runs")  # another machine: only the repository travels
+    assert accuracy.encoder_dir("beauty", "pretrain", 1) == archived
+    assert (archived / "model.safetensors").read_text() == "model.safetensors"
