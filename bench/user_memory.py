@@ -161,6 +161,51 @@ def distinct_before(samples: Samples) -> IntArray:
     return out
 
 
+def fused_rows(model_dirs: list[str]) -> list[dict[str, Any]]:
+    """Test metrics of fine-tuned model directories (with and without user memories) next to their
+    encoder's, read from each directory's config.json."""
+    rows = []
+    for d in model_dirs:
+        config = json.loads((Path(d) / "config.json").read_text())
+        ft, metrics = config.get("finetune", {}), config["metrics"]
+        rows.append(
+            {
+                "model": display_path(Path(d)),
+                "user_memories": bool(ft.get("user_memories")),
+                "quality": ft.get("memory_quality") if ft.get("user_memories") else None,
+                "capacity": ft.get("user_capacity") if ft.get("user_memories") else None,
+                "test": {p: metrics["test"][p] for p in ("unmasked", "masked")},
+                "encoder_test": {p: metrics["encoder"]["test"][p] for p in ("unmasked", "masked")},
+                "best_epoch": metrics.get("best_epoch"),
+                "sec_per_epoch": metrics.get("sec_per_epoch"),
+            }
+        )
+    return rows
+
+
+def fused_md(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Fused models (one seed)",
+        "",
+        "The same frozen encoder fine-tuned with the published module (K = 20) and with the user's own",
+        "memories as extra fusion slots (`--user-memories`); test metrics from each model directory.",
+        "",
+        "| model | user memories | NDCG@10 | HR@10 | masked NDCG@10 | encoder NDCG@10 | s/epoch |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        um = f"C={r['capacity']}, {r['quality']}" if r["user_memories"] else "–"
+        t, e = r["test"], r["encoder_test"]
+        cells = [f"`{r['model']}`", um, f"{t['unmasked']['ndcg@10']:.4f}", f"{t['unmasked']['hr@10']:.4f}"]
+        cells += [f"{t['masked']['ndcg@10']:.4f}", f"{e['unmasked']['ndcg@10']:.4f}"]
+        cells.append(f"{r['sec_per_epoch']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# User memories: which quality function keeps the useful ones",
@@ -187,6 +232,7 @@ def markdown(result: dict[str, Any]) -> str:
         cells += [f"{r['hr@10']:.4f}", f"{r['ndcg@10']:.4f}", f"{r['repeat_recall']:.3f}"]
         cells += [str(r["evictions"]), f"{r['replay_seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += fused_md(result.get("fused", []))
     return "\n".join([*lines, ""])
 
 
@@ -199,11 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--half-lives", type=float, nargs="+", default=[10.0, UserMemoryConfig.half_life])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="user_memory", help="report name under reports/")
+    p.add_argument("--fused", nargs="*", default=[], help="fine-tuned model directories to list")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     result = run(args)
     result["access_top"] = args.access_top
+    result["fused"] = fused_rows(args.fused)
     result["command"] = shlex.join(
         ["python", "-m", "bench.user_memory", *(argv if argv is not None else sys.argv[1:])]
     )

@@ -178,3 +178,22 @@ def test_bench_memory_measures_on_a_hand_made_case() -> None:
     # one-hot embeddings: a target is covered (cosine 1) when held, else 0 (empty slots never count)
     assert got["coverage"] == pytest.approx(1 / 5)  # only p=2's target is held
     assert seen_before(seqs, samples.subset(order[2:3]))[1].tolist() == [1, 2, 1]
+
+
+def test_bench_lists_fused_models_from_their_directories(tmp_path: Path) -> None:
+    from bench.user_memory import fused_md, fused_rows
+
+    def metrics(ndcg: float) -> dict[str, dict[str, float]]:
+        return {p: {"ndcg@10": ndcg, "hr@10": 2 * ndcg} for p in ("unmasked", "masked")}
+
+    for name, ft in (("plain", {"k": 20}), ("um", {"user_memories": True, "memory_quality": "fewest_accesses",
+                                                   "user_capacity": 75})):  # fmt: skip
+        (tmp_path / name).mkdir()
+        config = {"finetune": ft, "metrics": {"test": metrics(0.05), "encoder": {"test": metrics(0.06)},
+                                              "best_epoch": 3, "sec_per_epoch": 12.5}}  # fmt: skip
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    rows = fused_rows([str(tmp_path / "plain"), str(tmp_path / "um")])
+    assert [r["user_memories"] for r in rows] == [False, True] and rows[1]["quality"] == "fewest_accesses"
+    table = fused_md(rows)
+    assert table[-2].endswith("| – | 0.0500 | 0.1000 | 0.0500 | 0.0600 | 12.5 |")
+    assert "| C=75, fewest_accesses |" in table[-1]
