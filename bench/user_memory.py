@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     distinct = distinct_before(samples)
     lengths = np.bincount(samples.users) + 1  # sequence length per user (its samples + the first item)
     out: dict[str, Any] = {
-        "model": display_path(Path(args.model)),
+        "model": display_path(Path(args.model).resolve()),
         "dataset": data.name,
         "users": int(len(split.test)),
         "samples": int(len(samples)),
@@ -170,7 +170,7 @@ def fused_rows(model_dirs: list[str]) -> list[dict[str, Any]]:
         ft, metrics = config.get("finetune", {}), config["metrics"]
         rows.append(
             {
-                "model": display_path(Path(d)),
+                "model": display_path(Path(d).resolve()),
                 "user_memories": bool(ft.get("user_memories")),
                 "quality": ft.get("memory_quality") if ft.get("user_memories") else None,
                 "capacity": ft.get("user_capacity") if ft.get("user_memories") else None,
@@ -191,7 +191,8 @@ def fused_md(rows: list[dict[str, Any]]) -> list[str]:
         "## Fused models (one seed)",
         "",
         "The same frozen encoder fine-tuned with the published module (K = 20) and with the user's own",
-        "memories as extra fusion slots (`--user-memories`); test metrics from each model directory.",
+        "memories as extra fusion slots: `memrec train --stage finetune --from ENCODER --seed 0` with or",
+        "without `--user-memories`; test metrics from each model directory.",
         "",
         "| model | user memories | NDCG@10 | HR@10 | masked NDCG@10 | encoder NDCG@10 | s/epoch |",
         "|---|---|---:|---:|---:|---:|---:|",
