@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default=None, help="default: the model's dataset")
     p.add_argument("--capacities", type=int, nargs="+", default=[10, 25, 50, 75])
     p.add_argument("--access-top", type=int, default=UserMemoryConfig.access_top)
-    p.add_argument("--half-lives", type=float, nargs="+", default=[10.0, UserMemoryConfig.half_life])
+    p.add_argument("--half-lives", type=float, nargs="+", default=[10.0, 50.0])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="user_memory", help="report name under reports/")
     p.add_argument("--fused", nargs="*", default=[], help="fine-tuned model directories to list")

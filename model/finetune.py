@@ -49,7 +49,7 @@ class FinetuneConfig:
     user_capacity: int = 75
     memory_quality: str = "recency_frequency"  # eviction order of the user memories
     memory_access_top: int = 5
-    memory_half_life: float = 50.0  # interactions
+    memory_half_life: float = 10.0  # interactions
     seed: int = 0
     device: str = "cpu"
 
