@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -101,6 +102,16 @@ async def snapshot_every(store: MemoryStore, interval_s: float) -> None:
         await snapshot_now(store)
 
 
+async def watch_loop_lag(metrics: Metrics, interval_s: float) -> None:
+    """Observe how late a timer of ``interval_s`` fires: the time the event loop was busy elsewhere
+    (inline model work, a long callback, the collector). With request latency it tells the tail this
+    process causes from the tail the host's scheduling adds."""
+    while True:
+        t0 = time.perf_counter()
+        await asyncio.sleep(interval_s)
+        metrics.loop_lag.observe(max(time.perf_counter() - t0 - interval_s, 0.0))
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -115,10 +126,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     snapshots = None
     if settings.snapshot_interval_s > 0:
         snapshots = asyncio.create_task(snapshot_every(runtime.store, settings.snapshot_interval_s))
+    lag = None
+    if settings.loop_lag_interval_s > 0:
+        lag = asyncio.create_task(watch_loop_lag(app.state.metrics, settings.loop_lag_interval_s))
     try:
         yield
     finally:
         app.state.runtime = None
+        if lag is not None:
+            lag.cancel()
+            await asyncio.gather(lag, return_exceptions=True)
         await runtime.pipeline.stop()
         if snapshots is not None:
             snapshots.cancel()

@@ -58,6 +58,12 @@ class Metrics:
         self.ingest_pending = Gauge(
             "memrec_ingest_pending_entries", "Replication log entries not yet in this index", registry=r
         )
+        self.loop_lag = Histogram(
+            "memrec_event_loop_lag_seconds",
+            "How late a periodic timer ran: time the event loop spent on other work first",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         for stage in STAGES:
             self.stage_latency.labels(stage)
 

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     snapshot_interval_s: float = Field(
         default=300.0, ge=0.0, description="seconds between index snapshots (also one at shutdown); 0: off"
     )
+    loop_lag_interval_s: float = Field(
+        default=0.05, ge=0.0, description="period of the event-loop lag probe (a histogram); 0: off"
+    )
     exact_threshold: int = Field(default=50_000, ge=1, description="memories below which search is exact")
     nprobe: int = Field(
         default=32, ge=1, description="IVF lists scanned per query (recall against latency; reports/ann.md)"

@@ -201,3 +201,25 @@ async def test_encoder_only_model_serves_without_retrieval(toy_root: Path, tmp_p
         assert (await client.post("/interactions", json={"events": events})).json()["accepted"] == 2
         cold = (await client.post("/recommend", json={"user_id": "nobody", "n": 3})).json()
         assert cold["strategy"] == "popular" and len(cold["items"]) == 3
+
+
+async def test_loop_lag_probe_sees_a_blocked_event_loop(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    import asyncio
+    import time
+
+    async with running_app(model_dir=model_dir, store_dir=tmp_path / "s", loop_lag_interval_s=0.01) as (
+        app,
+        client,
+    ):
+        await asyncio.sleep(0.05)  # a few on-time ticks
+        time.sleep(0.08)  # the loop is blocked: the pending tick fires ~70 ms late
+        await asyncio.sleep(0.05)
+        hist = app.state.metrics.loop_lag
+        buckets = {
+            s.labels["le"]: s.value for s in next(iter(hist.collect())).samples if s.name.endswith("_bucket")
+        }
+        total = buckets["+Inf"]
+        assert total >= 3
+        assert buckets["0.05"] <= total - 1  # the blocked tick was later than 50 ms
+        assert buckets["0.01"] >= 1  # and an unblocked one was (nearly) on time
+        assert "memrec_event_loop_lag_seconds_bucket" in (await client.get("/metrics")).text
