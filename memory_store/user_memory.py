@@ -51,18 +51,24 @@ class UserMemories:
 QualityFn = Callable[[UserMemories, float], np.ndarray]
 
 
-def recency_frequency(half_life: float) -> QualityFn:
+@dataclass(frozen=True, slots=True)
+class RecencyFrequency:
     """Quality = log-frequency of use (observations and retrievals), halved for every ``half_life``
     since the entry was last touched; ``half_life`` is in the clock's unit (seconds in the store, a
-    user's interaction count in the offline simulation of ``model.user_memory``)."""
+    user's interaction count in the offline replay of ``model.user_memory``). A class, not a closure,
+    so that a store config holding it pickles into worker processes."""
 
-    def quality(entries: UserMemories, now: float) -> np.ndarray:
+    half_life: float
+
+    def __call__(self, entries: UserMemories, now: float) -> np.ndarray:
         use = 1.0 + np.log1p(entries.freq.astype(np.float64))
         use = use + np.log1p(entries.access_count.astype(np.float64))
         age = np.maximum(now - entries.last_access, 0.0)
-        return use * np.exp2(-age / half_life)  # (n,)
+        return use * np.exp2(-age / self.half_life)  # (n,)
 
-    return quality
+
+def recency_frequency(half_life: float) -> QualityFn:
+    return RecencyFrequency(half_life)
 
 
 # The store's default: a week's half-life on the wall clock.

@@ -88,3 +88,14 @@ def test_pack_unpack_round_trip() -> None:
     order = np.argsort(cur.items)
     for name in ("items", "vectors", "freq", "access_count", "last_access", "first_seen"):
         np.testing.assert_array_equal(getattr(back, name), getattr(cur, name)[order])
+
+
+def test_quality_functions_pickle_into_worker_processes() -> None:
+    import pickle
+
+    from memory_store.user_memory import recency_frequency
+
+    e = entries(items=[1, 2], freq=[3, 1], last=[0.0, 5.0])
+    for quality in (recency_frequency_quality, recency_frequency(10.0), fewest_accesses_quality):
+        clone = pickle.loads(pickle.dumps(quality))
+        np.testing.assert_array_equal(clone(e, 6.0), quality(e, 6.0))
