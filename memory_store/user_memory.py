@@ -72,7 +72,7 @@ def recency_frequency(half_life: float) -> QualityFn:
 
 
 # The store's default: a week's half-life on the wall clock.
-recency_frequency_quality = recency_frequency(HALF_LIFE_S)
+recency_frequency_quality = RecencyFrequency(HALF_LIFE_S)
 
 
 def fewest_accesses_quality(entries: UserMemories, now: float) -> np.ndarray:
