@@ -86,6 +86,36 @@ def archive_encoder(dataset: str, variant: str, seed: int) -> None:
     log.info("archived the encoder of %s %s seed %d in %s", dataset, variant, seed, archived.name)
 
 
+PARKED = REPORTS / "checkpoints"
+
+
+def _checkpoint_paths(dataset: str, variant: str, seed: int) -> tuple[Path, Path]:
+    run = RUNS / "accuracy" / dataset / f"{variant}-seed{seed}" / "checkpoints" / "checkpoint.pt"
+    return run, PARKED / f"{dataset}.{variant}.seed{seed}.pt"
+
+
+def park(dataset: str, variant: str, seed: int) -> bool:
+    """Copy an unfinished run's last checkpoint under ``reports/checkpoints/``, so that the next
+    machine resumes it instead of starting over (`runs/` does not travel). False if there is none or
+    the run already finished."""
+    run, parked = _checkpoint_paths(dataset, variant, seed)
+    if not run.is_file() or (RESULTS / f"{dataset}.{variant}.seed{seed}.json").is_file():
+        return False
+    parked.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run, parked)
+    log.info("parked %s %s seed %d in %s", dataset, variant, seed, parked.name)
+    return True
+
+
+def _unpark(dataset: str, variant: str, seed: int) -> None:
+    """Resume from a parked checkpoint when this machine has none of its own."""
+    run, parked = _checkpoint_paths(dataset, variant, seed)
+    if parked.is_file() and not run.is_file():
+        run.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(parked, run)
+        log.info("resuming %s %s seed %d from %s", dataset, variant, seed, parked.name)
+
+
 def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> bool:
     """Train (or resume) one seed, write its result file and archive its encoder; False if training
     failed."""
@@ -95,9 +125,11 @@ def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> 
     cli_args += ["--seed", str(seed), "--epochs", str(args.epochs), "--patience", str(args.patience)]
     cli_args += ["--out", str(out), "--resume"]
     record = {"dataset": dataset, "variant": variant, "objective": objective, "scheme": scheme, "seed": seed}
+    _unpark(dataset, variant, seed)
     if not run_recorded(RESULTS / f"{dataset}.{variant}.seed{seed}.json", cli_args, args, record):
         return False
     archive_encoder(dataset, variant, seed)
+    _checkpoint_paths(dataset, variant, seed)[1].unlink(missing_ok=True)  # finished: nothing to resume
     return True
 
 
@@ -142,8 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--report-only", action="store_true", help="aggregate existing result files, train nothing"
     )
+    p.add_argument(
+        "--park",
+        action="store_true",
+        help="copy unfinished runs' checkpoints into reports/checkpoints/ for another machine; train nothing",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.park:
+        for seed in args.seeds:
+            for dataset in args.datasets:
+                for variant in args.variants:
+                    park(dataset, variant, seed)
+        return 0
     failed = 0
     if not args.report_only:
         # Seed-major order: a stopped run still leaves one seed of everything rather than three of one.

@@ -90,3 +90,32 @@ def test_finished_encoders_are_archived_and_found_on_another_machine(
     shutil.rmtree(tmp_path / "runs")  # another machine: only the repository travels
     assert accuracy.encoder_dir("beauty", "pretrain", 1) == archived
     assert (archived / "model.safetensors").read_text() == "model.safetensors"
+
+
+def test_unfinished_runs_park_their_checkpoint_and_resume_from_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(accuracy, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path / "reports" / "accuracy_runs")
+    monkeypatch.setattr(accuracy, "PARKED", tmp_path / "reports" / "checkpoints")
+    monkeypatch.setattr(accuracy, "ENCODERS", tmp_path / "reports" / "encoders")
+    run, parked = accuracy._checkpoint_paths("beauty", "pretrain", 2)
+    assert not accuracy.park("beauty", "pretrain", 2)  # nothing trained
+    run.parent.mkdir(parents=True)
+    run.write_bytes(b"epoch 30")
+    assert accuracy.park("beauty", "pretrain", 2) and parked.read_bytes() == b"epoch 30"
+    shutil.rmtree(tmp_path / "runs")  # another machine
+    calls: list[list[str]] = []
+
+    def fake_run(result_file: Path, cli_args: list[str], *_: object, **__: object) -> bool:
+        calls.append(cli_args)
+        assert run.read_bytes() == b"epoch 30"  # the run resumes from the parked checkpoint
+        return True
+
+    monkeypatch.setattr(accuracy, "run_recorded", fake_run)
+    args = accuracy.argparse.Namespace(epochs=200, patience=10)
+    assert accuracy.run_one("beauty", "pretrain", 2, args)
+    assert "--resume" in calls[0] and not parked.exists()  # finished: the parked copy goes
+    (tmp_path / "reports" / "accuracy_runs").mkdir(parents=True)
+    (tmp_path / "reports" / "accuracy_runs" / "beauty.pretrain.seed2.json").write_text("{}")
+    assert not accuracy.park("beauty", "pretrain", 2)  # a finished run is never parked
