@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from bench.common import REPORTS, display_path, machine, machine_label
 from model import artifact
-from model.data import IntArray, Samples, leave_one_out, load_dataset
+from model.data import IntArray, Samples, leave_one_out, load_dataset, seen_csr
 from model.evaluate import evaluate
 from model.memory import encode_samples
 from model.user_memory import UserMemoryConfig, UserMemoryTable, replay, split_samples
@@ -47,10 +47,7 @@ log = logging.getLogger("bench.user_memory")
 
 def seen_before(data_seqs: list[IntArray], samples: Samples) -> tuple[IntArray, IntArray]:
     """CSR over ``samples``: the items of each sample's prefix (the masked protocol's seen items)."""
-    prefixes = [data_seqs[u][:p] for u, p in zip(samples.users, samples.prefix_lens, strict=True)]
-    indptr = np.zeros(len(prefixes) + 1, dtype=np.int64)
-    indptr[1:] = np.cumsum([len(x) for x in prefixes])
-    return indptr, np.concatenate(prefixes).astype(np.int64)
+    return seen_csr([data_seqs[u] for u in samples.users], samples.prefix_lens.tolist())
 
 
 def memory_metrics(
@@ -88,18 +85,21 @@ def repeat_recall(table: UserMemoryTable, samples: Samples, seen_before: np.ndar
     return float(held.mean())
 
 
-def repeats(samples: Samples) -> np.ndarray:
-    """(N,) bool: the target occurred earlier in the same user's sequence."""
+def prior_items(samples: Samples) -> tuple[np.ndarray, IntArray]:
+    """One walk over every user's samples in order: (N,) bool, the target occurred earlier in the
+    user's sequence, and (N,) the distinct items the user had interacted with before the target."""
     order = np.lexsort((samples.prefix_lens, samples.users))
-    out = np.zeros(len(samples), dtype=bool)
-    seen: dict[int, set[int]] = {}
+    repeat = np.zeros(len(samples), dtype=bool)
+    distinct = np.zeros(len(samples), dtype=np.int64)
+    held: dict[int, set[int]] = {}
     for i in order:
-        held = seen.setdefault(int(samples.users[i]), set())
+        items = held.setdefault(int(samples.users[i]), set())
         if samples.prefix_lens[i] == 1:
-            held.add(int(samples.inputs[i, 0]))
-        out[i] = int(samples.targets[i]) in held
-        held.add(int(samples.targets[i]))
-    return out
+            items.add(int(samples.inputs[i, 0]))
+        repeat[i] = int(samples.targets[i]) in items
+        distinct[i] = len(items)
+        items.add(int(samples.targets[i]))
+    return repeat, distinct
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,8 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples = split_samples(split)
     states = encode_samples(art.encoder, samples)
     item_emb = art.encoder.item_emb.weight.detach().float()
-    is_repeat = repeats(samples)
-    distinct = distinct_before(samples)
+    is_repeat, distinct = prior_items(samples)
     lengths = np.bincount(samples.users) + 1  # sequence length per user (its samples + the first item)
     out: dict[str, Any] = {
         "model": display_path(Path(args.model).resolve()),
@@ -144,20 +143,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         log.info("%s", row)
         out["runs"].append(row)
-    return out
-
-
-def distinct_before(samples: Samples) -> IntArray:
-    """(N,) distinct items the user had interacted with before each sample's target."""
-    order = np.lexsort((samples.prefix_lens, samples.users))
-    out = np.zeros(len(samples), dtype=np.int64)
-    held: dict[int, set[int]] = {}
-    for i in order:
-        items = held.setdefault(int(samples.users[i]), set())
-        if samples.prefix_lens[i] == 1:
-            items.add(int(samples.inputs[i, 0]))
-        out[i] = len(items)
-        items.add(int(samples.targets[i]))
     return out
 
 

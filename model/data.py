@@ -306,7 +306,7 @@ def _windows(seqs: list[IntArray], users: list[int], ends: list[int], max_len: i
     return Samples(inputs, lengths, targets, np.array(users, dtype=np.int64), np.array(ends, dtype=np.int64))
 
 
-def _seen_csr(seqs: list[IntArray], ends: list[int]) -> tuple[IntArray, IntArray]:
+def seen_csr(seqs: list[IntArray], ends: list[int]) -> tuple[IntArray, IntArray]:
     prefixes = [seq[:end] for seq, end in zip(seqs, ends, strict=True)]
     indptr = np.zeros(len(prefixes) + 1, dtype=np.int64)
     indptr[1:] = np.cumsum([len(p) for p in prefixes])
@@ -341,8 +341,8 @@ def leave_one_out(data: Interactions, max_len: int = 50) -> Split:
         train=_windows(tr_seqs, tr_users, tr_ends, max_len),
         valid=_windows(*ev["valid"], max_len),
         test=_windows(*ev["test"], max_len),
-        valid_seen=_seen_csr(ev["valid"][0], ev["valid"][2]),
-        test_seen=_seen_csr(ev["test"][0], ev["test"][2]),
+        valid_seen=seen_csr(ev["valid"][0], ev["valid"][2]),
+        test_seen=seen_csr(ev["test"][0], ev["test"][2]),
     )
 
 

@@ -160,19 +160,20 @@ def test_cli_user_memory_model_reloads_and_reproduces_its_test_metrics(
 
 
 def test_bench_memory_measures_on_a_hand_made_case() -> None:
-    from bench.user_memory import distinct_before, memory_metrics, repeat_recall, repeats, seen_before
+    from bench.user_memory import memory_metrics, prior_items, repeat_recall, seen_before
 
     split = split_of([1, 2, 1, 3, 2, 4])
     samples = split_samples(split)
     order = np.argsort(samples.prefix_lens)
-    assert repeats(samples)[order].tolist() == [False, True, False, True, False]
-    assert distinct_before(samples)[order].tolist() == [1, 2, 2, 3, 3]
+    repeats, distinct = prior_items(samples)
+    assert repeats[order].tolist() == [False, True, False, True, False]
+    assert distinct[order].tolist() == [1, 2, 2, 3, 3]
     emb = one_hot_items(7)
     table = replay(emb, samples, emb[samples.targets], UserMemoryConfig(capacity=2, access_top=1))
     snap = table.lookup(samples)[order]
     # repeats: item 1 at p=2 (held: {1, 2}); item 2 at p=4 (held: two of {1, 2, 3}); recall counts them
     assert snap.tolist() == [[1, 0], [1, 2], [1, 2], [1, 3], [1, 2]]  # targets 2, 1, 3, 2, 4
-    assert repeat_recall(table, samples, repeats(samples)) == 0.5  # 1 held at p=2, 2 evicted by p=4
+    assert repeat_recall(table, samples, repeats) == 0.5  # 1 held at p=2, 2 evicted by p=4
     seqs = [np.array([1, 2, 1, 3, 2, 4])]
     got = memory_metrics(torch.from_numpy(emb), table, samples, seen_before(seqs, samples))
     # one-hot embeddings: a target is covered (cosine 1) when held, else 0 (empty slots never count)
