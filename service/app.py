@@ -65,7 +65,7 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     except BaseException:
         await store.close()
         raise
-    rec = Recommender(art)
+    rec = await asyncio.to_thread(Recommender, art, settings.frozen_graphs)
     pipeline = Pipeline(
         rec,
         store,
@@ -77,10 +77,11 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     )
     ingestor = Ingestor(rec, store, metrics, settings.history_len, settings.frozen_memory)
     log.info(
-        "serving %s (%s, retrieval %s) from namespace %s",
+        "serving %s (%s, retrieval %s, %s graphs) from namespace %s",
         art.model_version,
         art.dataset,
         "on" if rec.retrieval else "off",
+        "frozen" if rec.frozen else "eager",
         config.namespace,
     )
     return Runtime(settings, art.model_version, art.vocab, store, pipeline, ingestor)

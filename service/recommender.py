@@ -1,13 +1,24 @@
 """The model half of the request path, pure of HTTP and of the store: encode histories, choose K, fuse
 retrieved memories, rank the whole catalogue. Arrays in, arrays out; every call runs under
 ``torch.inference_mode`` and is safe to run in a worker thread.
+
+A request batch is small (a few rows of ≤ 50 items), so each forward pass costs its ~40 operator calls
+far more than their arithmetic. The encoder and the fusion module are therefore served as frozen
+TorchScript graphs (:func:`freeze`): the same operators without the Python of ``nn.Module`` calls. A
+graph is kept only if it gives exactly the eager module's numbers on probe batches, so the service
+still ranks exactly as the offline evaluator does; otherwise the eager module serves.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.jit import TracerWarning, optimized_execution  # type: ignore[attr-defined]
 
 from model.adaptive import adaptive_k
 from model.artifact import Artifact, ArtifactError
@@ -15,14 +26,74 @@ from model.finetune import FinetuneConfig
 from model.fusion import RetrievalFusion
 from model.sasrec import SASRec
 
+log = logging.getLogger(__name__)
+
 IntArray = np.ndarray
 ENCODE_CHUNK = 16  # rows per encoder pass (see Recommender.encode)
+Inputs = tuple[Tensor, ...]
+
+
+class _Encode(nn.Module):
+    """``SASRec.encode`` as a module's forward, so it can be traced."""
+
+    def __init__(self, encoder: SASRec) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, items: Tensor, lengths: Tensor) -> Tensor:
+        out: Tensor = self.encoder.encode(items, lengths)
+        return out
+
+
+def freeze(
+    module: nn.Module, example: Inputs, probes: Sequence[Inputs], name: str
+) -> Callable[..., Tensor] | None:
+    """A frozen TorchScript graph of ``module`` (eval mode) traced on ``example``, or None when tracing
+    fails or the graph's output differs from the module's on any of ``probes`` (other shapes than the
+    example's, so a shape baked into the trace shows). Call the graph under
+    ``optimized_execution(False)``: the optimizing executor re-specialises a graph for every new
+    input shape, a stall of tens of milliseconds each time, and request shapes vary all the time."""
+    module = module.eval()
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", TracerWarning)  # asserts and Python scalars
+            # TorchScript is deprecated from torch 2.13 on (we pin 2.13); should a later torch drop it,
+            # tracing fails here and the eager module serves.
+            warnings.filterwarnings("ignore", "`torch\\.jit\\.", DeprecationWarning)
+            traced = torch.jit.trace(module, example, check_trace=False)  # type: ignore[no-untyped-call]
+            graph = torch.jit.freeze(traced)
+            with optimized_execution(False):
+                exact = all(torch.equal(graph(*p), module(*p)) for p in probes)
+    except Exception as exc:  # any failure to trace or run the graph: the eager module is always right
+        log.warning("serving the eager %s: tracing failed (%s)", name, exc)
+        return None
+    if not exact:
+        log.warning("serving the eager %s: its frozen graph does not reproduce it exactly", name)
+        return None
+    call: Callable[..., Tensor] = graph
+    return call
+
+
+def _encoder_inputs(n_items: int, rows: int, length: int, seed: int) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, n_items + 1, (rows, length), generator=g)
+    lengths = torch.randint(1, length + 1, (rows,), generator=g)
+    return items * (torch.arange(length) < lengths[:, None]), lengths  # right-padded
+
+
+def _fusion_inputs(dim: int, rows: int, k: int, seed: int) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.nn.functional.normalize(torch.randn(rows, k, dim, generator=g), dim=-1)
+    present = torch.rand(rows, k, generator=g) < 0.8
+    present[0] = False  # a row without any memory
+    sims = torch.rand(rows, k, generator=g)
+    return torch.randn(rows, dim, generator=g), keys, torch.randn(rows, k, dim, generator=g), present, sims
 
 
 class Recommender:
     """Encoder (+ fusion when the artifact has one) of one loaded artifact."""
 
-    def __init__(self, art: Artifact) -> None:
+    def __init__(self, art: Artifact, frozen: bool = True) -> None:
         self.encoder: SASRec = art.encoder.eval()
         self.fusion: RetrievalFusion | None = art.fusion.eval() if art.fusion is not None else None
         self.cfg = FinetuneConfig(**art.finetune_config) if self.fusion is not None else None
@@ -35,6 +106,30 @@ class Recommender:
         self.max_len = self.encoder.cfg.max_len
         self.n_items = self.encoder.cfg.n_items
         self.popular = _popularity(art)
+        self._encode: Callable[[Tensor, Tensor], Tensor] = self.encoder.encode
+        self._fuse: Callable[..., Tensor] | None = self.fusion
+        self.frozen = False
+        if frozen:
+            self._freeze()
+
+    def _freeze(self) -> None:
+        """Swap in frozen graphs of the encoder and the fusion module where they are exact."""
+        n, dim, longest = self.n_items, self.encoder.cfg.dim, self.max_len
+        probes = [
+            _encoder_inputs(n, b, t, seed) for seed, (b, t) in enumerate([(1, 1), (5, 17), (16, longest)])
+        ]
+        encode = freeze(_Encode(self.encoder), _encoder_inputs(n, 3, 7, 99), probes, "encoder")
+        if encode is not None:
+            self._encode = encode
+        if self.fusion is not None and self.k_max > 0:
+            k = self.k_max
+            fprobes = [
+                _fusion_inputs(dim, b, kk, seed) for seed, (b, kk) in enumerate([(1, k), (9, k), (4, 3)])
+            ]
+            fuse = freeze(self.fusion, _fusion_inputs(dim, 3, k, 99), fprobes, "fusion module")
+            if fuse is not None:
+                self._fuse = fuse
+        self.frozen = encode is not None and (self.fusion is None or self._fuse is not self.fusion)
 
     @property
     def retrieval(self) -> bool:
@@ -61,7 +156,8 @@ class Recommender:
             items = np.zeros((len(chunk), int(lengths[chunk].max())), dtype=np.int64)  # (b, T) right-padded
             for j, i in enumerate(chunk):
                 items[j, : lengths[i]] = rows[i]
-            h = self.encoder.encode(torch.from_numpy(items), torch.from_numpy(lengths[chunk]))
+            with optimized_execution(False):  # see freeze()
+                h = self._encode(torch.from_numpy(items), torch.from_numpy(lengths[chunk]))
             out[chunk] = h.float().numpy()
         return out
 
@@ -85,12 +181,13 @@ class Recommender:
     def fuse(self, states: np.ndarray, keys: np.ndarray, items: np.ndarray, sims: np.ndarray) -> Tensor:
         """states (B, D), keys (B, K, D) unit, items (B, K) (0 = empty slot), sims (B, K) → ĥ (B, D)."""
         h = torch.from_numpy(states)
-        if self.fusion is None or keys.shape[1] == 0:
+        if self._fuse is None or keys.shape[1] == 0:
             return h
         present = torch.from_numpy(items > 0)  # (B, K)
         values = self.encoder.item_emb(torch.from_numpy(items))  # padding row for empty slots
         sims_t = torch.from_numpy(np.where(items > 0, sims, 0.0).astype(np.float32))
-        fused: Tensor = self.fusion(h, torch.from_numpy(keys), values, present, sims_t)
+        with optimized_execution(False):  # see freeze()
+            fused: Tensor = self._fuse(h, torch.from_numpy(keys), values, present, sims_t)
         return fused
 
     @torch.inference_mode()

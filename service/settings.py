@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     user_capacity: int | None = Field(default=None, ge=1, description="most memories kept per user")
     graceful_shutdown_s: float = Field(default=20.0, ge=0.0, description="drain time for in-flight requests")
     workers: int = Field(default=1, ge=1, le=64, description="server processes (more than 1 needs Redis)")
+    worker_startup_grace_s: float = Field(
+        default=60.0, gt=0.0, description="a worker dying sooner stops the server; later, it is restarted"
+    )
     torch_threads: int = Field(default=1, ge=1, description="intra-op threads of torch and FAISS")
     batch_max_size: int = Field(default=64, ge=1, description="requests fused into one forward pass")
     batch_max_wait_ms: float = Field(default=1.0, ge=0.0, description="wait for more requests to batch")
@@ -51,6 +54,9 @@ class Settings(BaseSettings):
     exact_threshold: int = Field(default=50_000, ge=1, description="memories below which search is exact")
     nprobe: int = Field(
         default=32, ge=1, description="IVF lists scanned per query (recall against latency; reports/ann.md)"
+    )
+    frozen_graphs: bool = Field(
+        default=True, description="serve encoder and fusion as frozen TorchScript graphs (kept only if exact)"
     )
     device: str = "cpu"
     log_level: str = "info"

@@ -1,5 +1,6 @@
-"""The request path's performance properties: length-chunked encoding gives the same states as encoding
-each history alone; on the Redis backend a steady-state /recommend or /interactions never leaves the
+"""The request path's performance properties: the frozen graphs give exactly the eager modules' numbers
+(and a module whose trace would not is served eager); length-chunked encoding gives the same states as
+encoding each history alone; on the Redis backend a steady-state /recommend or /interactions never leaves the
 event-loop thread (no thread-pool dependency, no worker-thread stage) while a large /interactions
 batch is encoded in a worker thread; start-up objects are frozen out of the garbage collector's full
 passes."""
@@ -13,11 +14,55 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from test_service_support import model_dir, running_app, service_redis, toy_root  # noqa: F401
+from torch import Tensor, nn
 
 from model import artifact
 from service.ingest import INLINE_ENCODE_MAX
-from service.recommender import ENCODE_CHUNK, Recommender
+from service.recommender import ENCODE_CHUNK, Recommender, freeze
+
+
+def test_frozen_graphs_rank_exactly_as_the_eager_modules(model_dir: Path) -> None:  # noqa: F811
+    art = artifact.load(model_dir)
+    frozen, eager = Recommender(art), Recommender(art, frozen=False)
+    assert frozen.frozen and not eager.frozen
+    rng = np.random.default_rng(1)
+    for rows in (1, 7, ENCODE_CHUNK + 3):  # other batch sizes and lengths than the traced ones
+        histories = [
+            rng.integers(1, eager.n_items + 1, size=int(rng.integers(1, 60))).tolist() for _ in range(rows)
+        ]
+        states = eager.encode(histories)
+        np.testing.assert_array_equal(frozen.encode(histories), states)
+        k = eager.k_max
+        keys = rng.standard_normal((rows, k, states.shape[1])).astype(np.float32)
+        keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
+        items = rng.integers(0, eager.n_items + 1, size=(rows, k))  # 0: empty slots
+        items[0] = 0  # a row without any memory keeps its state
+        sims = rng.random((rows, k)).astype(np.float32)
+        fused = eager.fuse(states, keys, items, sims)
+        assert torch.equal(frozen.fuse(states, keys, items, sims), fused)
+        np.testing.assert_array_equal(fused[0].numpy(), states[0])
+        masks = [np.asarray(h, dtype=np.int64) for h in histories]
+        for (fi, fs), (ei, es) in zip(
+            frozen.rank(fused, masks, [10] * rows), eager.rank(fused, masks, [10] * rows), strict=True
+        ):
+            np.testing.assert_array_equal(fi, ei)
+            np.testing.assert_array_equal(fs, es)
+
+
+class _ShapeBound(nn.Module):
+    """Python control flow on a value: a trace records only the branch its example took."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * 2 if bool(x.sum() > 0) else x - 1
+
+
+def test_a_graph_that_does_not_reproduce_its_module_is_not_used() -> None:
+    positive, negative = torch.ones(2, 3), -2 * torch.ones(4, 3)  # 2x: -4, the module: -3
+    assert freeze(_ShapeBound(), (positive,), [(positive,), (negative,)], "toy") is None
+    graph = freeze(_ShapeBound(), (positive,), [(2 * positive,)], "toy")
+    assert graph is not None and torch.equal(graph(positive), 2 * positive)
 
 
 def test_chunked_encoding_equals_encoding_each_history_alone(model_dir: Path) -> None:  # noqa: F811
