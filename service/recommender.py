@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.jit import TracerWarning, optimized_execution  # type: ignore[attr-defined]
+from torch.jit import TracerWarning  # type: ignore[attr-defined]
 
 from model.adaptive import adaptive_k
 from model.artifact import Artifact, ArtifactError
@@ -50,10 +50,14 @@ def freeze(
 ) -> Callable[..., Tensor] | None:
     """A frozen TorchScript graph of ``module`` (eval mode) traced on ``example``, or None when tracing
     fails or the graph's output differs from the module's on any of ``probes`` (other shapes than the
-    example's, so a shape baked into the trace shows). Call the graph under
-    ``optimized_execution(False)``: the optimizing executor re-specialises a graph for every new
-    input shape, a stall of tens of milliseconds each time, and request shapes vary all the time."""
+    example's, so a shape baked into the trace shows).
+
+    TorchScript's optimising executor is switched off for the whole process: it re-specialises a graph
+    for every new input shape, a stall of tens of milliseconds each time, and request shapes vary all
+    the time. Process-wide, because the switch is one global flag: toggling it around each call races
+    between the event-loop thread and a worker thread encoding a large /interactions batch."""
     module = module.eval()
+    torch._C._set_graph_executor_optimize(False)
     try:
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore", TracerWarning)  # asserts and Python scalars
@@ -62,8 +66,7 @@ def freeze(
             warnings.filterwarnings("ignore", "`torch\\.jit\\.", DeprecationWarning)
             traced = torch.jit.trace(module, example, check_trace=False)  # type: ignore[no-untyped-call]
             graph = torch.jit.freeze(traced)
-            with optimized_execution(False):
-                exact = all(torch.equal(graph(*p), module(*p)) for p in probes)
+            exact = all(torch.equal(graph(*p), module(*p)) for p in probes)
     except Exception as exc:  # any failure to trace or run the graph: the eager module is always right
         log.warning("serving the eager %s: tracing failed (%s)", name, exc)
         return None
@@ -156,8 +159,7 @@ class Recommender:
             items = np.zeros((len(chunk), int(lengths[chunk].max())), dtype=np.int64)  # (b, T) right-padded
             for j, i in enumerate(chunk):
                 items[j, : lengths[i]] = rows[i]
-            with optimized_execution(False):  # see freeze()
-                h = self._encode(torch.from_numpy(items), torch.from_numpy(lengths[chunk]))
+            h = self._encode(torch.from_numpy(items), torch.from_numpy(lengths[chunk]))
             out[chunk] = h.float().numpy()
         return out
 
@@ -186,8 +188,7 @@ class Recommender:
         present = torch.from_numpy(items > 0)  # (B, K)
         values = self.encoder.item_emb(torch.from_numpy(items))  # padding row for empty slots
         sims_t = torch.from_numpy(np.where(items > 0, sims, 0.0).astype(np.float32))
-        with optimized_execution(False):  # see freeze()
-            fused: Tensor = self._fuse(h, torch.from_numpy(keys), values, present, sims_t)
+        fused: Tensor = self._fuse(h, torch.from_numpy(keys), values, present, sims_t)
         return fused
 
     @torch.inference_mode()
