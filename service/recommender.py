@@ -57,7 +57,6 @@ def freeze(
     the time. Process-wide, because the switch is one global flag: toggling it around each call races
     between the event-loop thread and a worker thread encoding a large /interactions batch."""
     module = module.eval()
-    torch._C._set_graph_executor_optimize(False)
     try:
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore", TracerWarning)  # asserts and Python scalars
@@ -65,7 +64,9 @@ def freeze(
             # tracing fails here and the eager module serves.
             warnings.filterwarnings("ignore", "`torch\\.jit\\.", DeprecationWarning)
             traced = torch.jit.trace(module, example, check_trace=False)  # type: ignore[no-untyped-call]
+            torch._C._set_graph_executor_optimize(True)  # freezing itself needs the optimising passes
             graph = torch.jit.freeze(traced)
+            torch._C._set_graph_executor_optimize(False)
             exact = all(torch.equal(graph(*p), module(*p)) for p in probes)
     except Exception as exc:  # any failure to trace or run the graph: the eager module is always right
         log.warning("serving the eager %s: tracing failed (%s)", name, exc)
