@@ -89,7 +89,8 @@ def _fusion_inputs(dim: int, rows: int, k: int, seed: int) -> Inputs:
     g = torch.Generator().manual_seed(seed)
     keys = torch.nn.functional.normalize(torch.randn(rows, k, dim, generator=g), dim=-1)
     present = torch.rand(rows, k, generator=g) < 0.8
-    present[0] = False  # a row without any memory
+    if rows > 1:
+        present[0] = False  # a row without any memory beside rows with some
     sims = torch.rand(rows, k, generator=g)
     return torch.randn(rows, dim, generator=g), keys, torch.randn(rows, k, dim, generator=g), present, sims
 
