@@ -95,9 +95,10 @@ def _checkpoint_paths(dataset: str, variant: str, seed: int) -> tuple[Path, Path
 
 
 def park(dataset: str, variant: str, seed: int) -> bool:
-    """Copy an unfinished run's last checkpoint under ``reports/checkpoints/``, so that the next
-    machine resumes it instead of starting over (`runs/` does not travel). False if there is none or
-    the run already finished."""
+    """Copy an unfinished run's last checkpoint under ``reports/checkpoints/``, so that a machine that
+    is given that folder resumes it instead of starting over (`runs/` is scratch space). The folder is
+    not tracked by git (weights stay out of the repository): copy it over by hand. False if there is
+    none or the run already finished."""
     run, parked = _checkpoint_paths(dataset, variant, seed)
     if not run.is_file() or (RESULTS / f"{dataset}.{variant}.seed{seed}.json").is_file():
         return False
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--park",
         action="store_true",
-        help="copy unfinished runs' checkpoints into reports/checkpoints/ for another machine; train nothing",
+        help="copy unfinished runs' checkpoints into reports/checkpoints/ (untracked); train nothing",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
