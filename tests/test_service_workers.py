@@ -85,10 +85,14 @@ def test_workers_share_the_port_are_replaced_and_stop_together(
 
         time.sleep(2.5)  # past the start-up grace: a death now is a crash, not a failed start
         os.kill(workers[0], signal.SIGKILL)
-        _wait_for(
-            lambda: len(_workers(proc.pid)) == 2 and workers[0] not in _workers(proc.pid), 30, "a new worker"
-        )
-        replacement = next(w for w in _workers(proc.pid) if w != workers[1])
+        now: list[int] = []
+
+        def replaced() -> bool:  # one listing per check: the killed worker may still be listed at first
+            now[:] = _workers(proc.pid)
+            return len(now) == 2 and workers[0] not in now
+
+        _wait_for(replaced, 30, "a new worker")
+        replacement = next(w for w in now if w != workers[1])
         _wait_for(lambda: _ready_on_new_connections(base, 8), 90, "the new worker to be ready")
         assert proc.poll() is None and replacement in _workers(proc.pid)
     finally:
