@@ -92,7 +92,8 @@ def evaluate_cli(model_dir: Path, *, device: str | None, data_dir: str | None) -
 
 def write_result(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {**record, "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine()}
+    # A record that carries its own machine (a result trained elsewhere, evaluated here) keeps it.
+    record = {"machine": machine(), **record, "date": datetime.now(UTC).isoformat(timespec="seconds")}
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -30,6 +30,7 @@ from bench.common import (
     display_path,
     evaluate_cli,
     fmt,
+    machine,
     metric_table,
     run_recorded,
     write_result,
@@ -67,7 +68,9 @@ def pretrain_only(dataset: str, seed: int, args: argparse.Namespace) -> bool:
     if test is None:
         return False
     record = json.loads((accuracy.RESULTS / f"{dataset}.{args.encoder}.seed{seed}.json").read_text())
-    record = {k: v for k, v in record.items() if k not in ("date", "machine")}
+    # "machine" stays the training machine, whose s/epoch and peak RSS these are.
+    record = {k: v for k, v in record.items() if k != "date"}
+    record["evaluation_machine"] = machine()
     record["test"] = {k: v for k, v in test.items() if k.startswith(("unmasked", "masked"))}
     write_result(result_file, {**record, "variant": "pretrain_only", "encoder": args.encoder})
     return True

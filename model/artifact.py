@@ -6,7 +6,8 @@ Layout::
     DIR/vocab.json          external user and item ids (item i is items[i-1]; 0 is padding)
     DIR/model.safetensors   encoder weights (tensors only: loading never executes code)
     DIR/fusion.safetensors  retrieval fusion weights (retrieval-augmented models only)
-    DIR/memory.safetensors  the memory bank: keys, items, users, prefix lengths (same)
+    DIR/memory.safetensors  the memory bank: keys, items, users, prefix lengths, and each user's
+                            first item, the one history item no memory holds (same)
 
 A missing or damaged file fails the load with an :class:`ArtifactError` that names the file.
 """
@@ -57,6 +58,9 @@ class Artifact:
     metrics: dict[str, Any] = field(default_factory=dict)
     fusion: RetrievalFusion | None = None
     bank: MemoryBank | None = None  # training + validation memories, as at test time
+    # (n_users,) each user's first item (0: none), the one history item no memory holds; with the bank
+    # it rebuilds every known user's history (model.data.first_items). None in older model directories.
+    first_items: np.ndarray | None = None
     finetune_config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -87,6 +91,8 @@ def save(artifact: Artifact, out_dir: str | os.PathLike[str]) -> Path:
             "users": bank.users,
             "prefix_lens": bank.prefix_lens,
         }
+        if artifact.first_items is not None:
+            arrays["first_items"] = artifact.first_items.astype(np.int64)
         save_numpy(arrays, out / MEMORY_FILE)
         digest = f"{digest}-{_weights_digest(out / FUSION_FILE)[:6]}"
     artifact.model_version = f"{artifact.dataset}-{digest}"
@@ -131,7 +137,8 @@ def _load_weights(path: Path, module: M, what: str) -> M:
     return module.eval()
 
 
-def _load_bank(path: Path, dim: int) -> MemoryBank:
+def _load_bank(path: Path, dim: int) -> tuple[MemoryBank, np.ndarray | None]:
+    """The bank and the users' first items (absent from model directories written before them)."""
     if not path.is_file():
         raise ArtifactError(f"{path}: missing")
     try:
@@ -139,7 +146,8 @@ def _load_bank(path: Path, dim: int) -> MemoryBank:
         keys = arrays["keys"]
         if keys.ndim != 2 or keys.shape[1] != dim:
             raise ValueError(f"keys have shape {keys.shape}, expected (N, {dim})")
-        return MemoryBank(keys, arrays["items"], arrays["users"], arrays["prefix_lens"])
+        bank = MemoryBank(keys, arrays["items"], arrays["users"], arrays["prefix_lens"])
+        return bank, arrays.get("first_items")
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise ArtifactError(f"{path}: unreadable memory bank ({e})") from None
 
@@ -161,7 +169,7 @@ def load(model_dir: str | os.PathLike[str], device: str = "cpu") -> Artifact:
             f"{root / VOCAB_FILE}: {vocab.n_items} items, but the encoder expects {enc_cfg.n_items}"
         )
     encoder = _load_weights(root / WEIGHTS_FILE, SASRec(enc_cfg), "encoder").to(torch.device(device))
-    fusion, bank = None, None
+    fusion, bank, first_items = None, None, None
     if "fusion" in config:
         try:
             fusion_cfg = FusionConfig(**config["fusion"])
@@ -170,9 +178,15 @@ def load(model_dir: str | os.PathLike[str], device: str = "cpu") -> Artifact:
         fusion = _load_weights(root / FUSION_FILE, RetrievalFusion(fusion_cfg), "fusion").to(
             torch.device(device)
         )
-        bank = _load_bank(root / MEMORY_FILE, enc_cfg.dim)
+        bank, first_items = _load_bank(root / MEMORY_FILE, enc_cfg.dim)
         if bank.items.max(initial=0) > vocab.n_items or bank.users.max(initial=0) >= max(len(vocab.users), 1):
             raise ArtifactError(f"{root / MEMORY_FILE}: memory ids outside the vocabulary")
+        if first_items is not None and (
+            first_items.shape != (len(vocab.users),)
+            or first_items.min(initial=0) < 0
+            or first_items.max(initial=0) > vocab.n_items
+        ):
+            raise ArtifactError(f"{root / MEMORY_FILE}: first items do not match the vocabulary")
     return Artifact(
         encoder=encoder,
         vocab=vocab,
@@ -182,5 +196,6 @@ def load(model_dir: str | os.PathLike[str], device: str = "cpu") -> Artifact:
         metrics=config.get("metrics", {}),
         fusion=fusion,
         bank=bank,
+        first_items=first_items,
         finetune_config=config.get("finetune", {}),
     )

@@ -15,7 +15,7 @@ import faiss
 import torch
 
 from model import artifact
-from model.data import DataError, Interactions, Split, leave_one_out, load_dataset
+from model.data import DataError, Interactions, Split, first_items, leave_one_out, load_dataset
 from model.evaluate import head_items
 from model.finetune import (
     FinetuneConfig,
@@ -255,6 +255,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     else:
         model, ft_metrics, ft_cfg = _finetune(args, encoder.to(args.device), split)
         art.fusion, art.bank, art.finetune_config = model.fusion.cpu(), model.bank, ft_cfg.to_json()
+        art.first_items = first_items(data)
         art.encoder = encoder.cpu()
         art.metrics = {**ft_metrics, "encoder": enc_metrics}
     art.metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -346,6 +346,16 @@ def leave_one_out(data: Interactions, max_len: int = 50) -> Split:
     )
 
 
+def first_items(data: Interactions) -> IntArray:
+    """(n_users,) each user's first item, 0 for a user with a single item (no sample at all).
+
+    It is the one item of a user's training + validation sequence that is no memory's value, so a model
+    directory keeps it beside its bank: the service rebuilds each known user's history from the two,
+    the very history the offline test sample reads.
+    """
+    return np.array([int(seq[0]) if len(seq) >= 2 else 0 for seq in data.sequences], dtype=np.int64)
+
+
 def window_samples(train: Samples, max_len: int) -> IntArray:
     """Training samples whose windows tile every training target exactly once (SASRec's scheme).
 

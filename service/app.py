@@ -60,7 +60,7 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     store: MemoryStore = await open_store(config)
     try:
         if settings.load_bank and art.bank is not None:
-            await load_bank(store, art.bank, art.vocab)
+            await load_bank(store, art.bank, art.vocab, art.first_items)
         metrics.observe_store(await store.stats())
     except BaseException:
         await store.close()

@@ -5,8 +5,10 @@ Each bank row is ingested as an interaction of its user with an event id derived
 replicas loading at the same time against one Redis, never double-load (rows already written come back
 as duplicates), and a load interrupted half-way resumes where it stopped. A store that already holds at
 least as many memories as the bank is taken as loaded and skipped without a write. Rows go in user
-order, by prefix length, so each known user's stored history is their training sequence (first item
-excepted: it is never a target), with timestamps 0.0.
+order, by prefix length, each user's first item (no memory's value, kept beside the bank) appended to
+the history just before the user's first row, so each known user's stored history is their training
++ validation sequence, the input of their offline test sample, with timestamps 0.0. A model directory
+written before first items were kept gives histories without them.
 """
 
 from __future__ import annotations
@@ -29,17 +31,47 @@ def bank_event_id(row: int) -> str:
     return f"bank:{row}"
 
 
-async def load_bank(store: MemoryStore, bank: MemoryBank, vocab: Vocab, chunk: int = CHUNK) -> int:
-    """Write the bank's rows not in the store yet; returns how many were written by this call."""
+def first_item_event_id(user: int) -> str:
+    return f"bank:first:{user}"
+
+
+async def _append_first_items(
+    store: MemoryStore, vocab: Vocab, first_items: np.ndarray, users: np.ndarray
+) -> None:
+    """History-only events: the first item of each of ``users`` (internal ids) that has one."""
+    events = [
+        Interaction(vocab.users[int(u)], int(first_items[u]), 0.0, first_item_event_id(int(u)))
+        for u in users
+        if first_items[u] > 0
+    ]
+    if events:
+        await store.append_interactions(events)
+
+
+async def load_bank(
+    store: MemoryStore,
+    bank: MemoryBank,
+    vocab: Vocab,
+    first_items: np.ndarray | None = None,
+    chunk: int = CHUNK,
+) -> int:
+    """Write the bank's rows not in the store yet; returns how many were written by this call.
+    ``first_items`` (n_users,): each user's first item, 0 for none (``Artifact.first_items``)."""
     held = (await store.stats()).memories
     if held >= len(bank):
         log.info("memory bank already loaded (%d memories held, bank has %d)", held, len(bank))
         return 0
     t0 = time.perf_counter()
     order = np.lexsort((bank.prefix_lens, bank.users))  # by user, then prefix length
+    users = bank.users[order]
+    starts = np.r_[True, users[1:] != users[:-1]]  # (N,) True at each user's first row
+    if first_items is not None:  # users with a first item but no memory (a test sample only) go first
+        await _append_first_items(store, vocab, first_items, np.setdiff1d(np.arange(len(first_items)), users))
     written = 0
     for s in range(0, len(order), chunk):
         rows = order[s : s + chunk]
+        if first_items is not None:
+            await _append_first_items(store, vocab, first_items, users[s : s + chunk][starts[s : s + chunk]])
         events = [
             Interaction(vocab.users[int(bank.users[r])], int(bank.items[r]), 0.0, bank_event_id(int(r)))
             for r in rows

@@ -190,7 +190,9 @@ class Pipeline:
         memories = None
         if rec.retrieval and rec.k_max > 0:
             with self._stage("retrieve"):
-                hits = await self.store.search(states, rec.k_max, with_keys=True)
+                hits = await self.store.search(states, rec.fetch, with_keys=True)
+                if rec.cross_user:
+                    hits = others_only(hits, [q.user_id for q in queries], rec.k_max)
                 retrieved = limit_depth(Retrieved(hits.ids, hits.scores), depths)
                 assert hits.keys is not None
                 memories = (hits.keys, np.where(retrieved.ids >= 0, hits.items, 0), retrieved.scores)
@@ -199,6 +201,30 @@ class Pipeline:
         with self._stage("rank"):
             ranked = rec.rank(h, masks, [q.n for q in queries])
         return [_answer(q, ranked[i], hits, retrieved, i, rec.retrieval) for i, q in enumerate(queries)]
+
+
+def others_only(hits: SearchResult, users: list[str], k: int) -> SearchResult:
+    """Each row's memories of other users than its own, best first, cut to k (padded as the store pads):
+    what `MemoryBank.search(own=False)` keeps offline."""
+    keep = (hits.ids >= 0) & (hits.users != np.asarray(users, dtype=object)[:, None])  # (B, F)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # survivors first, in similarity order
+    kept = np.take_along_axis(keep, order, axis=1)  # (B, k)
+
+    def take(a: np.ndarray, pad: object) -> np.ndarray:
+        return np.where(kept, np.take_along_axis(a, order, axis=1), np.asarray(pad, dtype=a.dtype))
+
+    keys = None
+    if hits.keys is not None:
+        keys = np.take_along_axis(hits.keys, order[:, :, None], axis=1) * kept[:, :, None]
+    return SearchResult(
+        ids=take(hits.ids, -1),
+        scores=take(hits.scores, -np.inf),
+        items=take(hits.items, 0),
+        users=take(hits.users, ""),
+        prefix_lens=take(hits.prefix_lens, -1),
+        timestamps=take(hits.timestamps, np.nan),
+        keys=keys,
+    )
 
 
 def _mask(q: Query, history: list[int]) -> IntArray:

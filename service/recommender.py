@@ -108,6 +108,11 @@ class Recommender:
                 f"model {art.model_version} fuses per-user memories (fine-tune flag --user-memories), "
                 "which the service does not read yet; serve a model trained without that flag"
             )
+        if self.cfg is not None and self.cfg.retrieval != "similarity":
+            raise ArtifactError(
+                f"model {art.model_version} was fine-tuned with --retrieval {self.cfg.retrieval}, a "
+                "benchmark control; serve a model trained with similarity retrieval"
+            )
         self.max_len = self.encoder.cfg.max_len
         self.n_items = self.encoder.cfg.n_items
         self.popular = _popularity(art)
@@ -143,6 +148,17 @@ class Recommender:
     @property
     def k_max(self) -> int:
         return self.cfg.k if self.cfg is not None else 0
+
+    @property
+    def cross_user(self) -> bool:
+        """Fine-tuned on other users' memories only (--cross-user): a user's own are dropped."""
+        return self.cfg is not None and self.cfg.cross_user
+
+    @property
+    def fetch(self) -> int:
+        """Memories to fetch per query so that K survive dropping the user's own, as offline."""
+        assert self.cfg is not None
+        return max(self.cfg.k * self.cfg.fetch_factor, self.cfg.k) if self.cross_user else self.cfg.k
 
     @torch.inference_mode()
     def encode(self, histories: list[list[int]]) -> np.ndarray:

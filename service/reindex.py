@@ -29,7 +29,10 @@ async def reindex(settings: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {"model_version": art.model_version, "namespace": config.namespace}
     store = await open_store(config)
     try:
-        out["written"] = await load_bank(store, art.bank, art.vocab) if art.bank is not None else 0
+        written = 0
+        if art.bank is not None:
+            written = await load_bank(store, art.bank, art.vocab, art.first_items)
+        out["written"] = written
         out["bank_rows"] = len(art.bank) if art.bank is not None else 0
         snap = await store.snapshot()
         stats = await store.stats()

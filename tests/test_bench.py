@@ -12,7 +12,7 @@ import pytest
 from bench import accuracy
 from bench.ann import accuracy as ann_accuracy
 from bench.ann import compare
-from bench.common import METRICS, PROTOCOLS, aggregate, display_path
+from bench.common import METRICS, PROTOCOLS, aggregate, display_path, machine, write_result
 
 
 def result(seed: int, ndcg10: float) -> dict[str, object]:
@@ -49,6 +49,15 @@ def test_aggregate_takes_mean_and_sample_std_over_seed_files(tmp_path: Path) -> 
     assert "| sasrec (prefix) | 3 | unmasked | 0.1000 ± 0.0000 | 0.1000 ± 0.0000" in table
     assert "0.0430 ± 0.0036" in table
     assert "| published DuoRec | – | unmasked | 0.0541 | 0.0834 | – | 0.0337 | 0.0431 | – |" in table
+
+
+def test_result_trained_elsewhere_keeps_its_training_machine(tmp_path: Path) -> None:
+    # s/epoch and peak RSS belong to the machine that trained; the one writing the file only evaluated.
+    write_result(tmp_path / "a.json", {"machine": {"cpu": "trainer", "cores": 16}, "seed": 0})
+    write_result(tmp_path / "b.json", {"seed": 0})
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["machine"] == {"cpu": "trainer", "cores": 16}
+    assert b["machine"] == machine() and a["date"] and b["date"]
 
 
 def test_display_paths_hide_the_machine(tmp_path: Path) -> None:

@@ -127,6 +127,10 @@ def test_full_pipeline_writes_fusion_and_memory_bank(rag_dir: Path, dataset: Pat
     lengths = [len(line.split()) - 1 for line in dataset.read_text().splitlines()]
     assert len(art.bank) == sum(n - 3 for n in lengths) + len(lengths)
     test_positions = {(u, n - 1) for u, n in enumerate(lengths)}
+    # Each user's first item, the one history item no memory holds, travels with the bank.
+    firsts = [line.split()[1] for line in dataset.read_text().splitlines()]
+    assert art.first_items is not None
+    assert [art.vocab.external_item(int(i)) for i in art.first_items] == firsts
     memories = set(zip(art.bank.users.tolist(), art.bank.prefix_lens.tolist(), strict=True))
     assert not memories & test_positions
     config = json.loads((rag_dir / "config.json").read_text())

@@ -39,11 +39,14 @@ async def _history(app: Any, user: str) -> list[int]:
 
 async def test_known_user_history_is_seeded_from_the_bank_and_masked(
     api: tuple[Any, httpx.AsyncClient],
+    toy_root: Path,  # noqa: F811
 ) -> None:
     app, client = api
     vocab = app.state.runtime.vocab
-    seen = {vocab.external_item(i) for i in await _history(app, "u1")}
-    assert len(seen) >= 5  # the training sequence minus its first item
+    history = [vocab.external_item(i) for i in await _history(app, "u1")]
+    line = (toy_root / "toy.txt").read_text().splitlines()[1].split()
+    assert line[0] == "u1" and history == line[1:-1]  # every item but the test target, in order
+    seen = set(history)
     body = (await client.post("/recommend", json={"user_id": "u1", "n": 30})).json()
     assert not seen & {it["item_id"] for it in body["items"]}
     body = (await client.post("/recommend", json={"user_id": "u1", "n": 40, "exclude_seen": False})).json()

@@ -1,5 +1,6 @@
 """Parity: the service's ranking equals the offline evaluator's (``RetrievalModel``) for the same history
-and memory bank, with an exact index; and a micro-batched answer equals the answer served alone."""
+and memory bank, with an exact index, for a new user's request history and for a known user's stored
+history (their test sample); and a micro-batched answer equals the answer served alone."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import pytest
 import torch
 from test_service_support import model_dir, running_app, toy_root, train_toy_model  # noqa: F401
 
+from memory_store import SearchResult
 from model import artifact
 from model.adaptive import adaptive_k
+from model.artifact import ArtifactError
+from model.data import leave_one_out, load_dataset
 from model.finetune import FinetuneConfig, RetrievalModel, limit_depth
+from service.pipeline import others_only
+from service.recommender import Recommender
 
 HISTORIES = [
     ["i3", "i4", "i5"],
@@ -71,6 +77,83 @@ async def test_service_ranking_equals_offline(
                 [it["score"] for it in body["items"]], want_scores, rtol=1e-4, atol=1e-4
             )
             assert body["k_used"] == want_k
+
+
+def offline_test_rankings(model_path: Path, data: Path, n: int) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Each user's test-sample top n as the offline evaluator ranks it, seen items masked."""
+    art = artifact.load(model_path)
+    assert art.fusion is not None and art.bank is not None
+    split = leave_one_out(load_dataset(str(data)).with_vocab(art.vocab), art.encoder.cfg.max_len)
+    model = RetrievalModel(art.encoder, art.fusion, art.bank, FinetuneConfig(**art.finetune_config))
+    queries = model.queries(split.test)
+    indptr, seen = split.test_seen
+    out = {}
+    with torch.inference_mode():
+        scores = model.scores(torch.from_numpy(queries.states), queries.retrieved)
+        for row, user in enumerate(split.test.users):
+            s = scores[row].clone()
+            s[torch.from_numpy(seen[indptr[row] : indptr[row + 1]])] = -torch.inf
+            top = torch.topk(s, n)
+            items = [art.vocab.external_item(int(i)) for i in top.indices]
+            out[art.vocab.users[int(user)]] = (items, top.values.numpy())
+    return out
+
+
+@pytest.fixture(scope="session")
+def cross_user_model_dir(toy_root: Path) -> Path:  # noqa: F811
+    return train_toy_model(toy_root, "cross-user", "--cross-user")
+
+
+@pytest.mark.parametrize("which", ["own-and-others", "cross-user"])
+async def test_known_users_are_ranked_as_their_offline_test_sample(
+    which: str,
+    model_dir: Path,  # noqa: F811
+    cross_user_model_dir: Path,
+    toy_root: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # The stored history of a bank user (first item + every memory's value) is their test input, and
+    # a --cross-user model drops the user's own memories in the service as it does offline.
+    path = model_dir if which == "own-and-others" else cross_user_model_dir
+    want = offline_test_rankings(path, toy_root / "toy.txt", 10)
+    async with running_app(model_dir=path, store_dir=tmp_path / "s", exact_threshold=1_000_000) as (
+        _,
+        client,
+    ):
+        for user in list(want)[:25]:
+            body = (await client.post("/recommend", json={"user_id": user, "explain": True})).json()
+            assert [it["item_id"] for it in body["items"]] == want[user][0], user
+            np.testing.assert_allclose([it["score"] for it in body["items"]], want[user][1], atol=1e-4)
+            own = [m for m in body["memories"] if m["user_id"] == user]
+            assert (not own) if which == "cross-user" else body["k_used"] == 5
+
+
+def test_others_only_keeps_the_best_memories_of_other_users() -> None:
+    ids = np.array([[7, 3, 9, -1], [4, 5, -1, -1]])
+    users = np.array([["a", "b", "a", ""], ["x", "x", "", ""]], dtype=object)
+    hits = SearchResult(
+        ids=ids,
+        scores=np.array([[0.9, 0.8, 0.7, -np.inf], [0.6, 0.5, -np.inf, -np.inf]], dtype=np.float32),
+        items=np.array([[1, 2, 3, 0], [4, 5, 0, 0]]),
+        users=users,
+        prefix_lens=np.array([[1, 2, 3, -1], [1, 2, -1, -1]], dtype=np.int32),
+        timestamps=np.zeros((2, 4)),
+        keys=np.ones((2, 4, 3), dtype=np.float32),
+    )
+    out = others_only(hits, ["a", "x"], 2)
+    assert out.ids.tolist() == [[3, -1], [-1, -1]]  # user a keeps b's memory; x has no other user's
+    assert out.items.tolist() == [[2, 0], [0, 0]] and out.users.tolist() == [["b", ""], ["", ""]]
+    assert out.scores[0, 0] == np.float32(0.8) and np.isinf(out.scores[0, 1])
+    assert np.isinf(out.scores[1]).all()
+    assert out.prefix_lens.tolist() == [[2, -1], [-1, -1]] and np.isnan(out.timestamps[0, 1])
+    assert out.keys is not None and out.keys[0, 0].tolist() == [1, 1, 1] and not out.keys[0, 1].any()
+
+
+def test_a_random_retrieval_control_is_not_served(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    art = artifact.load(model_dir)
+    art.finetune_config = {**art.finetune_config, "retrieval": "random"}
+    with pytest.raises(ArtifactError, match="--retrieval random"):
+        Recommender(art, frozen=False)
 
 
 async def test_micro_batched_answers_equal_single_answers(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
