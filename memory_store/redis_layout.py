@@ -15,6 +15,9 @@ key (after the prefix)   type    content
 ``seen:{event_id}``      STRING  dedup marker, SET NX with the dedup TTL
 ``umem:{user}``          HASH    per-user memories: item id -> packed record (user_memory.record_dtype)
 ``log``                  STREAM  replication log, one entry per write (see below)
+``epoch``                STRING  random token set once (SET NX) when a replica first opens the
+                                 namespace; a snapshot records it, so one taken before the namespace
+                                 was emptied (FLUSHDB, a restart without persistence) is never restored
 =======================  ======  ==================================================================
 
 Log entries (all binary little-endian):
@@ -43,6 +46,7 @@ BY_USER = "byuser:"
 SEEN = "seen:"
 USER_MEM = "umem:"
 LOG = "log"
+EPOCH = "epoch"
 
 # Fields of one memory hash.
 MEM_FIELDS = (b"v", b"item", b"user", b"ts", b"len")

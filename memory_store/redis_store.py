@@ -7,7 +7,9 @@ group: every replica needs every entry). With ``read_your_writes`` a write retur
 index has applied it.
 
 Start-up (and ``restore``): load the local snapshot (index + metadata + the stream id it covers) when it
-exists and the stream still holds every entry after it; otherwise rebuild from the ``mem:{id}`` hashes.
+exists, was taken of this very dataset (its epoch token matches the namespace's: memory ids restart at 1
+in an emptied namespace, and a stale snapshot would shadow the new memories under the same ids) and the
+stream still holds every entry after it; otherwise rebuild from the ``mem:{id}`` hashes.
 Then replay the stream to its end and start tailing. Adds and removes are idempotent, so replaying an
 entry the snapshot or the rebuild already reflects changes nothing.
 """
@@ -162,6 +164,7 @@ class RedisMemoryStore:
         self._log_key = self._p + layout.LOG
         self._index = MemoryIndex(config.dim, config.index)
         self._applied = _ZERO
+        self._epoch = ""  # the namespace's epoch token the index was built against (set by restore)
         self._applied_cond = asyncio.Condition()
         self._apply_lock = asyncio.Lock()  # held while log entries are applied or a snapshot is taken
         self._tail_task: asyncio.Task[None] | None = None
@@ -508,7 +511,7 @@ class RedisMemoryStore:
     def _write_snapshot(self, image: IndexImage, tmp: Path, target: Path, position: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         image.write(tmp)
-        marker = {"position": position, "namespace": self.config.namespace}
+        marker = {"position": position, "namespace": self.config.namespace, "epoch": self._epoch}
         (tmp / "position.json").write_text(json.dumps(marker))
         shutil.rmtree(target, ignore_errors=True)
         try:
@@ -520,6 +523,7 @@ class RedisMemoryStore:
     async def restore(self, path: Path | None = None) -> SnapshotInfo:
         """Snapshot (when usable) + log replay, or a rebuild from the memory hashes; then tail."""
         await self._stop_tail()
+        self._epoch = await self._namespace_epoch()
         source = path or (self._default_snapshot_dir() if self.config.data_dir is not None else None)
         loaded = source is not None and await self._load_snapshot(source)
         if not loaded:
@@ -540,7 +544,10 @@ class RedisMemoryStore:
             return False
         try:
             with snapshot_file(marker):
-                position = json.loads(marker.read_text())["position"]
+                meta = json.loads(marker.read_text())
+                position = meta["position"]
+            if meta.get("epoch") != self._epoch:
+                raise SnapshotError(f"{source} was taken before the namespace was emptied or recreated")
             index = await asyncio.to_thread(MemoryIndex.load, source, self.config.index)
         except SnapshotError as exc:  # only a cache of Redis: rebuild from the source of truth
             log.warning("ignoring the index snapshot (%s); rebuilding from Redis", exc)
@@ -553,6 +560,13 @@ class RedisMemoryStore:
             log.warning("snapshot %s at %s is older than the trimmed log; rebuilding", source, position)
             return False
         return True
+
+    async def _namespace_epoch(self) -> str:
+        """The namespace's epoch token, created by the first replica to ask (SET NX: one wins)."""
+        key = self._p + layout.EPOCH
+        await self._r.set(key, secrets.token_hex(8), nx=True)
+        token = await self._r.get(key)
+        return token.decode() if isinstance(token, bytes) else str(token)
 
     async def _rebuild_from_hashes(self) -> None:
         """Read every ``mem:{id}`` hash between the eviction cursor and the id sequence; the log position

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     )
     exact_threshold: int = Field(default=50_000, ge=1, description="memories below which search is exact")
     nprobe: int = Field(
-        default=32, ge=1, description="IVF lists scanned per query (recall against latency; reports/ann.md)"
+        default=16, ge=1, description="IVF lists scanned per query (recall against latency; reports/ann.md)"
     )
     frozen_graphs: bool = Field(
         default=True, description="serve encoder and fusion as frozen TorchScript graphs (kept only if exact)"

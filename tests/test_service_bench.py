@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.service import max_rate, render_md, time_split
+from bench.service import max_rate, render_md, summarise, time_split
 
 
 def _step(rate: float, p99: float, errors: int = 0) -> dict[str, Any]:
@@ -27,6 +27,24 @@ def test_time_split_trains_on_the_past_and_replays_known_items(tmp_path: Path) -
     train, later = time_split(inter, 0.6, tmp_path)
     assert train.read_text() == "a x y z\n"  # b has one earlier event: too short to train on
     assert later == [("b", "x", 4.0), ("a", "x", 8.0)]  # "new" is unknown to the model
+
+
+def test_a_step_is_the_median_of_its_windows_and_shows_each() -> None:
+    windows = [_step(500, p99) | {"sent": 5000, "errors": e} for p99, e in ((31.0, 0), (240.0, 1), (35.0, 0))]
+    step = summarise(500, windows)
+    assert step["p99_ms"] == 35.0 and step["errors"] == 1 and step["sent"] == 15000  # one stall: not decisive
+    assert max_rate([step], 50.0) == 0.0  # but an error in any window still fails the step
+    load = {
+        "command": "c", "date": "d", "model": "m", "duration_s": 10.0, "rates": [500], "workers": 2,
+        "nprobe": 16, "repeats": 3, "batch_max_wait_ms": 1.0, "load_average_at_start": 0.5,
+        "steps": [step], "max_rps_p99_50ms": 0.0, "max_rps_p99_25ms": 0.0,
+        "floor_bare_fastapi": {"max_rps_p99_50ms": 0.0},
+        "floor_pipeline": {"concurrency": 32, "rps": 1.0, "p50_ms": 1.0, "p99_ms": 1.0, "n": 1},
+        "freshness": {"trials": 1, "not_seen": 0, "p50_ms": 1.0, "p99_ms": 1.0, "n": 1},
+    }  # fmt: skip
+    md = render_md({"machine": "cpu", "load": load})
+    assert "| 500 | 500 | 11.7 | 35.0 | 31.0, 240.0, 35.0 | 1 |" in md
+    assert "3 windows of 10 s per rate (p50, p99: their medians)" in md and "micro-batch wait 1 ms" in md
 
 
 def test_report_shows_every_figure() -> None:
@@ -70,6 +88,6 @@ def test_report_shows_every_figure() -> None:
     }
     md = render_md(report)
     assert "`load.max_rps_p99_50ms` = **500** req/s" in md
-    assert "| 500 | 500 | 6.7 | 20.0 | 0 |" in md
+    assert "| 500 | 500 | 6.7 | 20.0 | 20.0 | 0 |" in md  # a step of one window
     assert "p50 1.5 ms, p99 9.2 ms, max 17.0 ms" in md
     assert "| live | 0.2000 | 0.1000 | 7 | 40 | 4 |" in md and "HR@10 +0.1000" in md

@@ -131,6 +131,48 @@ async def test_snapshot_older_than_the_trimmed_log_falls_back_to_a_rebuild(
         await reopened.close()
 
 
+async def test_snapshot_of_an_emptied_namespace_is_not_restored(
+    store_config: Callable[..., StoreConfig], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis lost the namespace (FLUSHDB, a restart without persistence) but the replica kept its
+    snapshot: memory ids restart at 1, so restoring it would shadow the new memories under old ids."""
+    import redis
+
+    config = store_config("redis", dim=DIM, data_dir=tmp_path)
+    old_keys, new_keys = keys(5, 1), keys(5, 2)
+    store = await open_store(config)
+    await store.add_memories(MemoryBatch.create(old_keys, [1] * 5, ["old"] * 5, [0.0] * 5, [0] * 5, DIM))
+    await store.snapshot()
+    await store.close()
+    redis.Redis.from_url(str(config.redis_url)).flushdb()
+    with caplog.at_level(logging.WARNING, logger="memory_store.redis_store"):
+        reopened = await open_store(config)
+    try:
+        assert "before the namespace was emptied" in caplog.text
+        assert (await reopened.stats()).index_size == 0
+        res = await reopened.add_memories(
+            MemoryBatch.create(new_keys, [2] * 5, ["new"] * 5, [0.0] * 5, [0] * 5, DIM)
+        )
+        assert res.memory_ids.tolist() == [1, 2, 3, 4, 5]  # the old snapshot's ids, reused
+        out = await reopened.search(new_keys, 1)
+        assert out.ids[:, 0].tolist() == [1, 2, 3, 4, 5] and set(out.users[:, 0]) == {"new"}
+        assert np.allclose(out.scores[:, 0], 1.0, atol=1e-5)
+    finally:
+        await reopened.close()
+    # A snapshot of the live dataset is still restored (no rebuild) on the next start.
+    again_store = await open_store(config)
+    await again_store.snapshot()
+    await again_store.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="memory_store.redis_store"):
+        again = await open_store(config)
+    try:
+        assert "ignoring the index snapshot" not in caplog.text
+        assert (await again.stats()).index_size == 5
+    finally:
+        await again.close()
+
+
 async def test_writes_survive_a_flushed_script_cache(store_config: Callable[..., StoreConfig]) -> None:
     """After a Redis restart the script cache is empty: single and pipelined writes re-load the scripts."""
     import redis
