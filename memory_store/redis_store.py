@@ -71,6 +71,7 @@ INLINE_APPLY_MAX = 16
 REBUILD_CHUNK = 5000
 TAIL_MAX_BACKOFF_S = 1.0  # while Redis is down the tail retries this often, so it resumes soon after
 WATCH_ATTEMPTS = 20
+EPOCH_CHECK_S = 1.0  # how often the tail checks that the namespace was not emptied under it
 _ZERO = "0-0"
 
 
@@ -410,11 +411,15 @@ class RedisMemoryStore:
 
     async def _tail(self) -> None:
         backoff = 0.1
+        checked = time.monotonic()
         while not self._stopping:
             try:
                 if await self._pump(BLOCK_MS) == READ_COUNT and await self._log_gap():
                     log.error("replica fell behind the trimmed log; rebuilding from Redis")
                     await self._rebuild_from_hashes()
+                if time.monotonic() - checked >= EPOCH_CHECK_S:
+                    checked = time.monotonic()
+                    await self._check_epoch()
                 backoff = 0.1
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if self._stopping:
@@ -560,6 +565,16 @@ class RedisMemoryStore:
             log.warning("snapshot %s at %s is older than the trimmed log; rebuilding", source, position)
             return False
         return True
+
+    async def _check_epoch(self) -> None:
+        """Rebuild when the namespace was emptied while this replica ran (FLUSHDB, a Redis restart
+        without persistence): memory ids restart at 1 there, and the log's new adds would be skipped as
+        ids the index already holds."""
+        epoch = await self._namespace_epoch()
+        if epoch != self._epoch:
+            log.error("the namespace was emptied or recreated in Redis; rebuilding the index from it")
+            self._epoch = epoch
+            await self._rebuild_from_hashes()
 
     async def _namespace_epoch(self) -> str:
         """The namespace's epoch token, created by the first replica to ask (SET NX: one wins)."""

@@ -173,6 +173,33 @@ async def test_snapshot_of_an_emptied_namespace_is_not_restored(
         await again.close()
 
 
+async def test_a_namespace_emptied_while_running_is_rebuilt(
+    store_config: Callable[..., StoreConfig], caplog: pytest.LogCaptureFixture
+) -> None:
+    import redis
+
+    config = store_config("redis", dim=DIM, data_dir=None)
+    store = await open_store(config)
+    try:
+        old = MemoryBatch.create(keys(5, 1), [1] * 5, ["old"] * 5, [0.0] * 5, [0] * 5, DIM)
+        await store.add_memories(old)
+        redis.Redis.from_url(str(config.redis_url)).flushdb()
+        with caplog.at_level(logging.ERROR, logger="memory_store.redis_store"):
+            res = await store.add_memories(
+                MemoryBatch.create(keys(3, 2), [2] * 3, ["new"] * 3, [0.0] * 3, [0] * 3, DIM)
+            )
+            assert res.memory_ids.tolist() == [1, 2, 3]
+            for _ in range(60):  # the tail checks the epoch every EPOCH_CHECK_S
+                if (await store.stats()).index_size == 3:
+                    break
+                await asyncio.sleep(0.1)
+        assert "emptied or recreated" in caplog.text
+        out = await store.search(keys(3, 2), 1)
+        assert out.ids[:, 0].tolist() == [1, 2, 3] and set(out.users[:, 0]) == {"new"}
+    finally:
+        await store.close()
+
+
 async def test_writes_survive_a_flushed_script_cache(store_config: Callable[..., StoreConfig]) -> None:
     """After a Redis restart the script cache is empty: single and pipelined writes re-load the scripts."""
     import redis
