@@ -19,7 +19,7 @@ from memory_store import IndexParams, MemoryStore, StoreConfig, open_store
 from model import artifact
 from service.auth import require_api_key
 from service.bank import load_bank
-from service.errors import install_handlers
+from service.errors import install_handlers, store_errors
 from service.ingest import Ingestor
 from service.metrics import Metrics
 from service.middleware import ObserveRequests
@@ -32,6 +32,8 @@ from service.settings import Settings
 from service.state import Runtime
 
 log = logging.getLogger(__name__)
+
+STORE_GAUGES_REFRESH_S = 5.0  # with several workers; a scrape refreshes the one it reaches anyway
 
 
 def store_config(settings: Settings, dim: int, model_version: str) -> StoreConfig:
@@ -113,6 +115,17 @@ async def watch_loop_lag(metrics: Metrics, interval_s: float) -> None:
         metrics.loop_lag.observe(max(time.perf_counter() - t0 - interval_s, 0.0))
 
 
+async def refresh_store_gauges(metrics: Metrics, store: MemoryStore, interval_s: float) -> None:
+    """Keep this worker's store gauges current between scrapes. With several workers a scrape reads
+    every worker's last values, and a worker that no scrape reached would show a stale ingest lag."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            metrics.observe_store(await asyncio.wait_for(store.stats(), interval_s))
+        except store_errors() as exc:
+            log.debug("store stats unavailable: %s", exc)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -130,13 +143,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     lag = None
     if settings.loop_lag_interval_s > 0:
         lag = asyncio.create_task(watch_loop_lag(app.state.metrics, settings.loop_lag_interval_s))
+    background = [t for t in (lag,) if t is not None]
+    if app.state.metrics.shared_dir is not None:
+        refresh = refresh_store_gauges(app.state.metrics, runtime.store, STORE_GAUGES_REFRESH_S)
+        background.append(asyncio.create_task(refresh))
     try:
         yield
     finally:
         app.state.runtime = None
-        if lag is not None:
-            lag.cancel()
-            await asyncio.gather(lag, return_exceptions=True)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await runtime.pipeline.stop()
         if snapshots is not None:
             snapshots.cancel()

@@ -2,11 +2,20 @@
 
 Names follow Prometheus conventions: ``memrec_`` prefix, seconds, ``_total`` on counters; labels never
 hold user or item ids.
+
+Under ``memrec serve --workers N`` a scrape reaches whichever worker the kernel hands the connection to,
+so per-process numbers would jump between workers from scrape to scrape. The supervisor therefore
+points ``PROMETHEUS_MULTIPROC_DIR`` at a directory the workers share before it starts them;
+prometheus_client then keeps every value in a per-process file there, and any worker's ``/metrics``
+answers for the whole server: counters and histograms summed over the workers (those that died
+included, so counters never go back), gauges combined as each one's ``multiprocess_mode`` says.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from memory_store import StoreStats
 
@@ -20,8 +29,13 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("history", "encode", "retrieve", "fuse", "rank")
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 class Metrics:
     def __init__(self) -> None:
+        # Read when prometheus_client is imported, which decides where values live: set by then.
+        self.shared_dir = os.environ.get(MULTIPROC_ENV)
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_latency = Histogram(
@@ -31,7 +45,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge("memrec_http_requests_in_flight", "HTTP requests being served", registry=r)
+        self.in_flight = Gauge(
+            "memrec_http_requests_in_flight",
+            "HTTP requests being served",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.stage_latency = Histogram(
             "memrec_stage_duration_seconds",
             "Recommend pipeline stage latency per micro-batch",
@@ -50,13 +69,29 @@ class Metrics:
             "memrec_degraded_total", "Recommendations answered without the store (unreachable)", registry=r
         )
         self.errors = Counter("memrec_errors_total", "Failed requests by kind", ["kind"], registry=r)
-        self.bank_size = Gauge("memrec_memory_bank_size", "Collaborative memories in the store", registry=r)
-        self.index_size = Gauge("memrec_index_size", "Vectors in this replica's FAISS index", registry=r)
+        self.bank_size = Gauge(  # the shared store's count: every worker reads the same
+            "memrec_memory_bank_size",
+            "Collaborative memories in the store",
+            multiprocess_mode="livemostrecent",
+            registry=r,
+        )
+        self.index_size = Gauge(  # one series per worker (a ``pid`` label): each keeps its own
+            "memrec_index_size",
+            "Vectors in this replica's FAISS index",
+            multiprocess_mode="liveall",
+            registry=r,
+        )
         self.ingest_lag = Gauge(
-            "memrec_ingest_lag_seconds", "Age of the oldest store write not yet in this index", registry=r
+            "memrec_ingest_lag_seconds",
+            "Age of the oldest store write not yet in this index (the most behind worker's)",
+            multiprocess_mode="livemax",
+            registry=r,
         )
         self.ingest_pending = Gauge(
-            "memrec_ingest_pending_entries", "Replication log entries not yet in this index", registry=r
+            "memrec_ingest_pending_entries",
+            "Replication log entries not yet in this index (the most behind worker's)",
+            multiprocess_mode="livemax",
+            registry=r,
         )
         self.loop_lag = Histogram(
             "memrec_event_loop_lag_seconds",
@@ -74,4 +109,9 @@ class Metrics:
         self.ingest_pending.set(stats.replication.pending)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The text exposition: this app's registry, or with a shared directory every worker's values."""
+        if self.shared_dir is None:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined, path=self.shared_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(combined)

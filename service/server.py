@@ -9,7 +9,9 @@ socket is bound at once but listens only when its app has started (asyncio calls
 lifespan is done), so the kernel never hands a connection to a worker still loading its model. The parent
 only supervises: it restarts a worker that dies after starting up, and stops them all on SIGTERM or
 SIGINT. Workers run in their own process group, so a terminal's Ctrl-C reaches the parent alone and
-every worker gets exactly one SIGTERM, which uvicorn answers with a graceful shutdown.
+every worker gets exactly one SIGTERM, which uvicorn answers with a graceful shutdown. The workers share
+a metrics directory (see ``service.metrics``), so a scrape of the port answers for all of them; the
+parent clears a dead worker's live gauges and removes the directory on exit.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from multiprocessing.process import BaseProcess
@@ -26,9 +30,11 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from prometheus_client import multiprocess
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.metrics import MULTIPROC_ENV
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -116,14 +122,21 @@ class Supervisor:
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", s.host, s.port, exc)
             return 1
-        self.procs = [self._start() for _ in range(s.workers)]
-        log.info("serving on http://%s:%d with %d workers (SO_REUSEPORT)", s.host, s.port, s.workers)
-        status = 0
-        while not self.stopping.wait(0.5):
-            status = self._check()
-            if status:
-                break
-        self._stop_all()
+        # A fresh directory per run: files left by an earlier run would be counted again.
+        metrics_dir = tempfile.mkdtemp(prefix="memrec-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir  # the spawned workers inherit it
+        try:
+            self.procs = [self._start() for _ in range(s.workers)]
+            log.info("serving on http://%s:%d with %d workers (SO_REUSEPORT)", s.host, s.port, s.workers)
+            status = 0
+            while not self.stopping.wait(0.5):
+                status = self._check()
+                if status:
+                    break
+            self._stop_all()
+        finally:
+            del os.environ[MULTIPROC_ENV]
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         return status
 
     def _check(self) -> int:
@@ -135,6 +148,7 @@ class Supervisor:
                 log.error("worker %s exited with %s during start-up; stopping", proc.pid, proc.exitcode)
                 return 1
             log.warning("worker %s exited with %s; starting another", proc.pid, proc.exitcode)
+            multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]  # its live gauges go; its counts stay in the sums
             self.procs[i] = self._start()
         return 0
 

@@ -1,6 +1,7 @@
 """``memrec serve --workers 2`` against the real Redis: every worker listens on the port itself
-(``SO_REUSEPORT``), so connections reach both; a worker that dies is replaced; SIGTERM stops every worker
-and the supervisor exits 0; a worker that cannot start stops the server with status 1."""
+(``SO_REUSEPORT``), so connections reach both; whichever worker answers a scrape, ``/metrics`` counts the
+requests of both; a worker that dies is replaced and its counts stay; SIGTERM stops every worker and the
+supervisor exits 0; a worker that cannot start stops the server with status 1."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import free_port
+from prometheus_client.parser import text_string_to_metric_families
 from test_service_support import model_dir, service_redis, start_server, toy_root, wait_ready  # noqa: F401
 
 
@@ -49,6 +51,25 @@ def _established(pid: int, port: int) -> int:
     return count
 
 
+def _scrape(base: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """One /metrics answer on a fresh connection (so the kernel picks the worker): name -> samples."""
+    with httpx.Client(base_url=base, timeout=10.0) as c:
+        text = c.get("/metrics").text
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def _recommends_counted(scrape: dict[str, list[tuple[dict[str, str], float]]]) -> float:
+    return sum(
+        v
+        for labels, v in scrape["memrec_http_request_duration_seconds_count"]
+        if labels["route"] == "/recommend" and labels["status"] == "2xx"
+    )
+
+
 def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -82,6 +103,13 @@ def test_workers_share_the_port_are_replaced_and_stop_together(
         finally:
             for c in clients:
                 c.close()
+        # Each scrape lands on one worker, yet every one counts all 24 requests, and both indexes.
+        for _ in range(6):
+            scrape = _scrape(base)
+            assert _recommends_counted(scrape) == 24
+            pids = {labels["pid"] for labels, _ in scrape["memrec_index_size"]}
+            assert pids == {str(w) for w in workers}
+            assert sum(v for _, v in scrape["memrec_http_requests_in_flight"]) == 1  # the scrape itself
 
         time.sleep(2.5)  # past the start-up grace: a death now is a crash, not a failed start
         os.kill(workers[0], signal.SIGKILL)
@@ -95,6 +123,15 @@ def test_workers_share_the_port_are_replaced_and_stop_together(
         replacement = next(w for w in now if w != workers[1])
         _wait_for(lambda: _ready_on_new_connections(base, 8), 90, "the new worker to be ready")
         assert proc.poll() is None and replacement in _workers(proc.pid)
+        # The dead worker's gauges go and the new one's come once it has loaded (/readyz above may
+        # have reached the old worker only); the dead worker's requests stay counted.
+        live = {str(w) for w in now}
+        _wait_for(
+            lambda: {labels["pid"] for labels, _ in _scrape(base)["memrec_index_size"]} == live,
+            90,
+            "the new worker's gauges",
+        )
+        assert _recommends_counted(_scrape(base)) == 24
     finally:
         proc.send_signal(signal.SIGTERM)
         status = proc.wait(timeout=60)
