@@ -47,6 +47,8 @@ VARIANTS: dict[str, list[str]] = {
     "residual_norm": ["--residual-norm"],
     "gate": ["--gate"],
     "similarity_bias": ["--similarity-bias"],
+    "alpha_03": ["--alpha", "0.3"],  # the published mix with more weight on the retrieved memories
+    "alpha_07": ["--alpha", "0.7"],  # … and with less
     "adaptive_k": ["--adaptive-k"],
     "cross_user": ["--cross-user"],
     "user_memories": ["--user-memories"],
