@@ -107,6 +107,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         *accuracy.PROTOCOL_NOTE,
         "",
+        "Variants (`memrec train --stage finetune` flags on top of the published module, RaSeRec's α = 0.5,",
+        "β = 1, K = 20): " + "; ".join(f"{n} `{' '.join(f) or '(none)'}`" for n, f in VARIANTS.items()) + ".",
+        "",
     ]
     for dataset, by_name in report.items():
         variants = ordered(by_name)
