@@ -32,6 +32,7 @@ from model.retriever import RULES, RetrieverConfig, compare_rules
 log = logging.getLogger("bench.learned_retriever")
 
 RESULTS = REPORTS / "learned_retriever_runs"
+DATASETS = ["ml-100k", "lastfm", "yelp"]  # the long-history datasets AutoMR evaluates on
 ENCODER = ("sasrec", "allpos")  # long-history datasets: SASRec's all-position scheme (reports/accuracy.md)
 
 
@@ -142,12 +143,15 @@ def markdown(report: dict[str, Any]) -> str:
             f"Command: `{d['commands'][0]}`.",
             "",
         ]
+    missing = [d for d in DATASETS if d not in report]
+    if missing:
+        lines += [f"No results yet for {', '.join(missing)}.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=["ml-100k", "lastfm", "yelp"])
+    p.add_argument("--datasets", nargs="+", default=DATASETS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--candidates", type=int, default=32)
