@@ -474,16 +474,16 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
 def write_reports(section: str, result: dict[str, Any], command: str) -> None:
     path = REPORTS / "service.json"
     report: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    report["machine"] = machine_label(machine())
+    report.pop("machine", None)  # each section records its own: they are run on different days
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    report[section] = {**result, "command": command, "date": when}
+    report[section] = {**result, "command": command, "date": when, "machine": machine_label(machine())}
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (REPORTS / "service.md").write_text(render_md(report), encoding="utf-8")
 
 
 def _load_md(load: dict[str, Any]) -> list[str]:
     lines = [
-        f"## Load (`{load['command']}`, {load['date']})",
+        f"## Load (`{load['command']}`, {load['date']}, {load.get('machine', 'machine not recorded')})",
         "",
         f"Model: `{load['model']}` (`{load.get('model_version', '?')}`, {load.get('objective')}/"
         f"{load.get('scheme')} encoder, K = {load.get('k')}) with its full memory bank of "
@@ -544,7 +544,8 @@ def _jitter_md(load: dict[str, Any]) -> list[str]:
 
 def _drift_md(drift: dict[str, Any]) -> list[str]:
     lines = [
-        f"## Drift replay (`{drift['command']}`, {drift['date']})",
+        f"## Drift replay (`{drift['command']}`, {drift['date']}, "
+        f"{drift.get('machine', 'machine not recorded')})",
         "",
         f"ml-100k split by time at the {drift['cut_quantile']:.0%} quantile; model trained on the earlier "
         f"part (`{drift['train_command']}`); the first {drift['live']['events']} later interactions "
@@ -563,7 +564,7 @@ def _drift_md(drift: dict[str, Any]) -> list[str]:
 
 
 def render_md(report: dict[str, Any]) -> str:
-    lines = ["# Service benchmarks", "", f"Machine: {report.get('machine', '?')}.", ""]
+    lines = ["# Service benchmarks", ""]
     for key in ("load", "load_fine"):  # load_fine: an optional second sweep with finer rate steps
         if key in report:
             lines += _load_md(report[key])

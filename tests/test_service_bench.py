@@ -42,7 +42,7 @@ def test_a_step_is_the_median_of_its_windows_and_shows_each() -> None:
         "floor_pipeline": {"concurrency": 32, "rps": 1.0, "p50_ms": 1.0, "p99_ms": 1.0, "n": 1},
         "freshness": {"trials": 1, "not_seen": 0, "p50_ms": 1.0, "p99_ms": 1.0, "n": 1},
     }  # fmt: skip
-    md = render_md({"machine": "cpu", "load": load})
+    md = render_md({"load": load})
     assert "| 500 | 500 | 11.7 | 35.0 | 31.0, 240.0, 35.0 | 1 |" in md
     assert "3 windows of 10 s per rate (p50, p99: their medians)" in md and "micro-batch wait 1 ms" in md
 
@@ -50,10 +50,10 @@ def test_a_step_is_the_median_of_its_windows_and_shows_each() -> None:
 def test_report_shows_every_figure() -> None:
     pct = {"p50_ms": 1.0, "p99_ms": 2.0, "n": 5}
     report = {
-        "machine": "cpu (2 cores)",
         "load": {
             "command": "python -m bench.service load",
             "date": "today",
+            "machine": "cpu (2 cores)",
             "model": "beauty",
             "duration_s": 10.0,
             "rates": [500, 1500],
@@ -70,7 +70,8 @@ def test_report_shows_every_figure() -> None:
         },
         "drift": {
             "command": "python -m bench.service drift",
-            "date": "today",
+            "date": "yesterday",
+            "machine": "other cpu (2 cores)",
             "cut_quantile": 0.9,
             "train_command": "memrec train",
             "live": {
@@ -87,6 +88,8 @@ def test_report_shows_every_figure() -> None:
         },
     }
     md = render_md(report)
+    assert "## Load (`python -m bench.service load`, today, cpu (2 cores))" in md  # each its own machine
+    assert "## Drift replay (`python -m bench.service drift`, yesterday, other cpu (2 cores))" in md
     assert "`load.max_rps_p99_50ms` = **500** req/s" in md
     assert "| 500 | 500 | 6.7 | 20.0 | 20.0 | 0 |" in md  # a step of one window
     assert "p50 1.5 ms, p99 9.2 ms, max 17.0 ms" in md
