@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,9 +47,26 @@ def offline_ranking(model_path: Path, history: list[str], n: int) -> tuple[list[
             retrieved = limit_depth(retrieved, adaptive_k(art.encoder.item_emb.weight, [ids], adaptive))
         scores = model.scores(state, retrieved)[0].clone()
         scores[torch.from_numpy(ids)] = -torch.inf  # exclude_seen
-        top = torch.topk(scores, n)
+        top = torch.topk(scores, min(n, scores.numel()))
     items = [art.vocab.external_item(int(i)) for i in top.indices]
     return items, top.values.numpy(), int(retrieved.mask.sum())
+
+
+def assert_same_ranking(
+    got: list[dict[str, Any]], want_items: list[str], want_scores: np.ndarray, n: int
+) -> None:
+    """The service's top ``n`` is the offline top ``n``: the same scores rank by rank, and at each rank
+    the same item or one whose offline score ties it. The frozen graphs and eager torch differ in the
+    last float bits, which may swap two near-equal items and nothing else. ``want_*`` go deeper than
+    ``n``, so that an item tied with the n-th may come in."""
+    tol = 1e-4
+    got_items, got_scores = [it["item_id"] for it in got], [it["score"] for it in got]
+    assert len(got_items) == len(set(got_items)) == n
+    np.testing.assert_allclose(got_scores, want_scores[:n], rtol=tol, atol=tol)
+    offline = dict(zip(want_items, want_scores.tolist(), strict=True))
+    for rank, item in enumerate(got_items):
+        tie = item in offline and abs(offline[item] - want_scores[rank]) <= tol * (1 + abs(want_scores[rank]))
+        assert item == want_items[rank] or tie, (rank, got_items, want_items[:n])
 
 
 @pytest.fixture(scope="session")
@@ -69,13 +87,10 @@ async def test_service_ranking_equals_offline(
         client,
     ):
         for k, history in enumerate(HISTORIES):
-            want_items, want_scores, want_k = offline_ranking(path, history, 10)
+            want_items, want_scores, want_k = offline_ranking(path, history, 15)
             req = {"user_id": f"parity-{k}", "history": history, "n": 10}
             body = (await client.post("/recommend", json=req)).json()
-            assert [it["item_id"] for it in body["items"]] == want_items
-            np.testing.assert_allclose(
-                [it["score"] for it in body["items"]], want_scores, rtol=1e-4, atol=1e-4
-            )
+            assert_same_ranking(body["items"], want_items, want_scores, 10)
             assert body["k_used"] == want_k
 
 
@@ -93,7 +108,7 @@ def offline_test_rankings(model_path: Path, data: Path, n: int) -> dict[str, tup
         for row, user in enumerate(split.test.users):
             s = scores[row].clone()
             s[torch.from_numpy(seen[indptr[row] : indptr[row + 1]])] = -torch.inf
-            top = torch.topk(s, n)
+            top = torch.topk(s, min(n, s.numel()))
             items = [art.vocab.external_item(int(i)) for i in top.indices]
             out[art.vocab.users[int(user)]] = (items, top.values.numpy())
     return out
@@ -115,15 +130,14 @@ async def test_known_users_are_ranked_as_their_offline_test_sample(
     # The stored history of a bank user (first item + every memory's value) is their test input, and
     # a --cross-user model drops the user's own memories in the service as it does offline.
     path = model_dir if which == "own-and-others" else cross_user_model_dir
-    want = offline_test_rankings(path, toy_root / "toy.txt", 10)
+    want = offline_test_rankings(path, toy_root / "toy.txt", 15)
     async with running_app(model_dir=path, store_dir=tmp_path / "s", exact_threshold=1_000_000) as (
         _,
         client,
     ):
         for user in list(want)[:25]:
             body = (await client.post("/recommend", json={"user_id": user, "explain": True})).json()
-            assert [it["item_id"] for it in body["items"]] == want[user][0], user
-            np.testing.assert_allclose([it["score"] for it in body["items"]], want[user][1], atol=1e-4)
+            assert_same_ranking(body["items"], *want[user], 10)
             own = [m for m in body["memories"] if m["user_id"] == user]
             assert (not own) if which == "cross-user" else body["k_used"] == 5
 
