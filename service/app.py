@@ -140,12 +140,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     snapshots = None
     if settings.snapshot_interval_s > 0:
         snapshots = asyncio.create_task(snapshot_every(runtime.store, settings.snapshot_interval_s))
-    lag = None
+    metrics: Metrics = app.state.metrics
+    background = []
     if settings.loop_lag_interval_s > 0:
-        lag = asyncio.create_task(watch_loop_lag(app.state.metrics, settings.loop_lag_interval_s))
-    background = [t for t in (lag,) if t is not None]
-    if app.state.metrics.shared_dir is not None:
-        refresh = refresh_store_gauges(app.state.metrics, runtime.store, STORE_GAUGES_REFRESH_S)
+        background.append(asyncio.create_task(watch_loop_lag(metrics, settings.loop_lag_interval_s)))
+    if metrics.shared_dir is not None:
+        refresh = refresh_store_gauges(metrics, runtime.store, STORE_GAUGES_REFRESH_S)
         background.append(asyncio.create_task(refresh))
     try:
         yield
