@@ -159,6 +159,9 @@ def aggregate(runs_dir: Path, section: Callable[[dict[str, Any]], str] | None = 
                 "dates": [r["date"] for r in rs],
             }
         )
+        votes = [{"seed": r["seed"], **r["vote"]["chosen"]} for r in rs if "vote" in r]
+        if votes:  # the memory vote chosen on validation, per seed
+            entry["vote"] = votes
         costs = [r["cost"] for r in rs if "cost" in r]
         if costs:  # retrieval cost: the median over seeds of each figure
             entry["cost"] = {k: float(np.median([c[k] for c in costs])) for k in costs[0]}

@@ -54,6 +54,12 @@ VARIANTS: dict[str, list[str]] = {
     "user_memories": ["--user-memories"],
     "user_memories_fewest": ["--user-memories", "--memory-quality", "fewest_accesses"],
     "random_retrieval": ["--retrieval", "random"],
+    # the published module plus the memory vote (model.vote), its weight, temperature and depth
+    # chosen on validation (off among the candidates)
+    "vote": ["--vote"],
+    "alpha_03_vote": ["--alpha", "0.3", "--vote"],
+    # the vote on the encoder alone: α = 1 makes the fused state h itself (one epoch, nothing to learn)
+    "vote_only": ["--alpha", "1.0", "--ft-epochs", "1", "--vote"],
 }
 
 
@@ -93,7 +99,7 @@ def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> 
     record = {"dataset": dataset, "variant": variant, "seed": seed, "encoder": args.encoder}
     record["flags"] = VARIANTS[variant]
     result_file = RESULTS / f"{dataset}.{args.encoder}.{variant}.seed{seed}.json"
-    return run_recorded(result_file, cli_args, args, record, extra=("memories", "cost"))
+    return run_recorded(result_file, cli_args, args, record, extra=("memories", "cost", "vote"))
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -121,6 +127,7 @@ def markdown(report: dict[str, Any]) -> str:
         published = accuracy.PUBLISHED.get(dataset.split(",")[0], {}).items()
         rows += [(f"published {n}", 0, "unmasked", pub) for n, pub in published]
         lines += [f"## {dataset}", "", *metric_table(rows), "", *cost_table(variants), ""]
+        lines += vote_table(variants)
         lines += long_tail_table(variants)
         lines += retrieval_cost_table(variants)
     return "\n".join(lines)
@@ -150,6 +157,24 @@ def retrieval_cost_table(variants: dict[str, Any]) -> list[str]:
         cells = [f"{c['bank_memories']:.0f}", f"{c['bank_build_seconds']:.1f}", f"{c['bank_mb']:.1f}"]
         cells += [f"{c[k]:.1f}" for k in ("encode_ms_per_1k", "retrieve_ms_per_1k", "fuse_ms_per_1k")]
         lines.append(f"| {name} | {' | '.join(cells)} |")
+    return [*lines, ""]
+
+
+def vote_table(variants: dict[str, Any]) -> list[str]:
+    """The memory vote each seed's validation chose (weight 0: it stayed off)."""
+    rows = [(n, v) for n, v in variants.items() if v.get("vote")]
+    if not rows:
+        return []
+    lines = [
+        "Memory vote chosen on validation (best NDCG@10 with HR@10 no lower than without the vote;",
+        "weight λ, temperature τ, voters; λ = 0: off):",
+        "",
+        "| variant | seed | λ | τ | voters |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, v in rows:
+        for c in v["vote"]:
+            lines.append(f"| {name} | {c['seed']} | {c['weight']:g} | {c['temperature']:g} | {c['depth']} |")
     return [*lines, ""]
 
 

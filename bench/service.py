@@ -446,10 +446,12 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     work = ROOT / "artifacts" / "drift"
     work.mkdir(parents=True, exist_ok=True)
     early, later = time_split(data_dir / "ml-100k" / "ml-100k.inter", args.cut, work)
-    model = work / "model"
+    model = work / ("model-vote" if args.vote else "model")
     train = [sys.executable, "-m", "model.cli", "train", "--dataset", str(early), "--out", str(model),
              "--objective", "sasrec", "--scheme", "allpos", "--epochs", str(args.epochs), "--ft-epochs",
              str(args.ft_epochs), "--device", "cpu", "--threads", "1"]  # fmt: skip
+    if args.vote:
+        train.append("--vote")
     if not (model / "config.json").is_file():
         subprocess.run(train, check=True, capture_output=True)
     later = later[: args.events]
@@ -457,9 +459,11 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     live = asyncio.run(replay(model, later, frozen=False, ns="drift-live"))
     frozen = asyncio.run(replay(model, later, frozen=True, ns="drift-frozen"))
     _flush(DRIFT_REDIS_URL)
+    finetune = json.loads((model / "config.json").read_text())["finetune"]
     return {
         "dataset": "ml-100k",
         "cut_quantile": args.cut,
+        "vote": {k: finetune.get(f"vote_{k}", 0) for k in ("weight", "temperature", "depth")},
         "train_command": shlex.join(["memrec", *train[3:]]).replace(str(ROOT) + "/", ""),
         "live": live,
         "frozen": frozen,
@@ -542,14 +546,20 @@ def _jitter_md(load: dict[str, Any]) -> list[str]:
     ]
 
 
-def _drift_md(drift: dict[str, Any]) -> list[str]:
+def _drift_md(drift: dict[str, Any], title: str) -> list[str]:
+    vote = drift.get("vote", {})
+    voting = (
+        f"The memory vote, chosen on validation: weight {vote['weight']:g}, temperature "
+        f"{vote['temperature']:g}, {vote['depth']} voters."
+        if vote.get("weight")
+        else "The memory vote is off."
+    )
     lines = [
-        f"## Drift replay (`{drift['command']}`, {drift['date']}, "
-        f"{drift.get('machine', 'machine not recorded')})",
+        f"## {title} (`{drift['command']}`, {drift['date']}, {drift.get('machine', 'machine not recorded')})",
         "",
         f"ml-100k split by time at the {drift['cut_quantile']:.0%} quantile; model trained on the earlier "
         f"part (`{drift['train_command']}`); the first {drift['live']['events']} later interactions "
-        "replayed in time order, each preceded by /recommend (n = 10, seen items masked).",
+        "replayed in time order, each preceded by /recommend (n = 10, seen items masked). " + voting,
         "",
         "| memory bank | HR@10 | NDCG@10 | memories at the end | fused memories | of them replayed |",
         "|---|---:|---:|---:|---:|---:|",
@@ -568,8 +578,9 @@ def render_md(report: dict[str, Any]) -> str:
     for key in ("load", "load_fine"):  # load_fine: an optional second sweep with finer rate steps
         if key in report:
             lines += _load_md(report[key])
-    if "drift" in report:
-        lines += _drift_md(report["drift"])
+    for key, title in (("drift", "Drift replay"), ("drift_vote", "Drift replay, memory vote")):
+        if key in report:
+            lines += _drift_md(report[key], title)
     return "\n".join(lines)
 
 
@@ -591,11 +602,13 @@ def main(argv: list[str] | None = None) -> int:
     dp.add_argument("--events", type=int, default=3000)
     dp.add_argument("--epochs", type=int, default=20)
     dp.add_argument("--ft-epochs", type=int, default=5)
+    dp.add_argument("--vote", action="store_true", help="tune the memory vote (report section drift_vote)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = shlex.join(["python", "-m", "bench.service", *(argv if argv is not None else sys.argv[1:])])
     runner: Callable[[argparse.Namespace], dict[str, Any]] = run_load if args.command == "load" else run_drift
-    write_reports(args.command, runner(args), command)
+    section = "drift_vote" if args.command == "drift" and args.vote else args.command
+    write_reports(section, runner(args), command)
     return 0
 
 

@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--retrieval", choices=("similarity", "random"), default="similarity", help="random: the control"
     )
+    f.add_argument(
+        "--vote",
+        action="store_true",
+        help="tune the memory vote (the nearest memories' next items mixed into the scores) on validation",
+    )
     f.add_argument("--ft-epochs", type=int, default=100)
     f.add_argument("--ft-patience", type=int, default=10)
     f.add_argument("--ft-lr", type=float, default=1e-3)
@@ -216,6 +221,7 @@ def _finetune(
         user_capacity=args.user_capacity,
         memory_quality=args.memory_quality,
         retrieval=args.retrieval,
+        tune_vote=args.vote,
         seed=args.seed,
         device=args.device,
     )
@@ -232,6 +238,8 @@ def _finetune(
         "valid": result.best_valid,
         "test": test,
     }
+    if result.vote_table:
+        metrics["vote"] = {"chosen": cfg.vote().to_json(), "valid": result.vote_table}
     return full, metrics, cfg
 
 

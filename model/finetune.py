@@ -3,7 +3,8 @@
 The encoder is frozen (dropout off), so every sample's state h and its top-K retrieved memories are
 computed once; an epoch then only runs the fusion module and the output layer. The memory bank holds the
 training pairs while training and validating, and the training + validation pairs at test time (never
-a test target). Early stopping on validation HR@10 (unmasked), the best fusion weights kept.
+a test target). Early stopping on validation HR@10 (unmasked), the best fusion weights kept. With
+``tune_vote`` the memory vote (model.vote) is then chosen on validation over the trained fusion.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,6 +30,7 @@ from model.memory import FloatArray, MemoryBank, Retrieved, encode_samples
 from model.sasrec import SASRec
 from model.train import EpochLog
 from model.user_memory import UserMemoryConfig, UserMemoryTable, build_table
+from model.vote import Vote, VoteGrid, mix, tune
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,12 @@ class FinetuneConfig:
     memory_quality: str = "recency_frequency"  # eviction order of the user memories
     memory_access_top: int = 5
     memory_half_life: float = 10.0  # interactions
+    # The memory vote (model.vote): off at weight 0; ``tune_vote`` picks the three on validation
+    # after fine-tuning (model.vote.tune: NDCG@10, HR@10 no worse than off).
+    tune_vote: bool = False
+    vote_weight: float = 0.0
+    vote_temperature: float = 0.05
+    vote_depth: int = 0
     seed: int = 0
     device: str = "cpu"
 
@@ -58,6 +67,9 @@ class FinetuneConfig:
 
     def adaptive(self) -> AdaptiveKConfig | None:
         return AdaptiveKConfig(k_base=self.k, k_min=self.k_min, k_max=self.k) if self.adaptive_k else None
+
+    def vote(self) -> Vote:
+        return Vote(self.vote_weight, self.vote_temperature, self.vote_depth)
 
     def user_memory(self) -> UserMemoryConfig | None:
         if not self.user_memories:
@@ -74,10 +86,14 @@ class Queries:
     states: FloatArray  # (N, D)
     retrieved: Retrieved  # (N, K)
     user_items: IntArray | None = None  # (N, C) the user's own memories, 0 = empty; None when off
+    voters: Retrieved | None = None  # (N, depth) the nearest memories for the vote; None when off
 
     def subset(self, idx: IntArray) -> tuple[FloatArray, Retrieved, IntArray | None]:
         user = None if self.user_items is None else self.user_items[idx]
         return self.states[idx], Retrieved(self.retrieved.ids[idx], self.retrieved.scores[idx]), user
+
+    def voter_subset(self, idx: IntArray) -> Retrieved | None:
+        return None if self.voters is None else Retrieved(self.voters.ids[idx], self.voters.scores[idx])
 
 
 @dataclass
@@ -85,6 +101,7 @@ class FinetuneResult:
     best_epoch: int
     best_valid: Metrics
     history: list[EpochLog] = field(default_factory=list)
+    vote_table: list[dict[str, Any]] = field(default_factory=list)  # validation metrics of each candidate
 
 
 def limit_depth(retrieved: Retrieved, k: IntArray) -> Retrieved:
@@ -143,11 +160,40 @@ class RetrievalModel:
             user_slots,
         )
 
-    def scores(self, states: Tensor, retrieved: Retrieved, user_items: IntArray | None = None) -> Tensor:
-        """states (B, D) frozen encoder output → scores over all ids (B, n_items + 1)."""
+    def logits(self, states: Tensor, retrieved: Retrieved, user_items: IntArray | None = None) -> Tensor:
+        """states (B, D) frozen encoder output → the fused state's logits over all ids (B, n_items + 1)."""
         keys, values, mask, sims, user_slots = self.memory_tensors(states, retrieved, user_items)
         fused = self.fusion(states, keys, values, mask, sims, user_slots)
         return self.encoder.scores(fused)
+
+    def scores(
+        self,
+        states: Tensor,
+        retrieved: Retrieved,
+        user_items: IntArray | None = None,
+        voters: Retrieved | None = None,
+    ) -> Tensor:
+        """Ranking scores over all ids (B, n_items + 1): the logits, or with ``voters`` and the vote on,
+        the log of their mix with the voters' next items (model.vote)."""
+        logits = self.logits(states, retrieved, user_items)
+        vote = self.cfg.vote()
+        if voters is None or not vote.on:
+            return logits
+        return mix(logits, *self.voter_tensors(voters, states.device), vote)
+
+    def voter_tensors(self, voters: Retrieved, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Voters (B, V) → their next items (B, V), 0 at empty slots, and similarities (B, V)."""
+        present = voters.ids >= 0
+        items = np.where(present, self.bank.items[np.maximum(voters.ids, 0)], 0)
+        sims = np.where(present, voters.scores, 0.0).astype(np.float32)
+        return torch.from_numpy(items).to(device), torch.from_numpy(sims).to(device)
+
+    def nearest(self, states: FloatArray, samples: Samples, depth: int) -> Retrieved:
+        """The ``depth`` most similar memories of each sample (leakage rule applied): the voters."""
+        cfg = self.cfg
+        return self.bank.search(
+            states, samples.users, samples.prefix_lens, depth, cfg.fetch_factor, own=not cfg.cross_user
+        )
 
     def retrieve(self, states: FloatArray, samples: Samples) -> Retrieved:
         """Top-k memories of each sample's state, cut to the adaptive depth when that is on."""
@@ -168,7 +214,9 @@ class RetrievalModel:
 
     def queries(self, samples: Samples) -> Queries:
         states = encode_samples(self.encoder, samples, self.cfg.device)
-        return Queries(states, self.retrieve(states, samples), self.user_items(samples))
+        vote = self.cfg.vote()
+        voters = self.nearest(states, samples, vote.depth) if vote.on else None
+        return Queries(states, self.retrieve(states, samples), self.user_items(samples), voters)
 
     def user_items(self, samples: Samples) -> IntArray | None:
         if not self.cfg.user_memories:
@@ -192,7 +240,9 @@ def evaluate_retrieval(
 
     def score_fn(_x: Tensor, _lengths: Tensor, idx: IntArray) -> Tensor:
         states, retrieved, user_items = queries.subset(idx)
-        return model.scores(torch.from_numpy(states).to(dev), retrieved, user_items)
+        return model.scores(
+            torch.from_numpy(states).to(dev), retrieved, user_items, queries.voter_subset(idx)
+        )
 
     return evaluate(score_fn, samples, seen, device=device, head=head)
 
@@ -246,7 +296,53 @@ def finetune(
         )
     fusion.load_state_dict(best_state)
     fusion.eval()
+    if cfg.tune_vote:
+        result.vote_table = tune_vote(model, valid_q, split.valid, VoteGrid())
     return model, result
+
+
+def tune_vote(
+    model: RetrievalModel, queries: Queries, samples: Samples, grid: VoteGrid
+) -> list[dict[str, Any]]:
+    """Choose the memory vote on ``samples`` (validation) and set it in ``model.cfg``; returns every
+    candidate's metrics. The fused logits are computed once per batch and shared by the candidates."""
+    t0 = time.perf_counter()
+    model.fusion.eval()
+    dev = torch.device(model.cfg.device)
+    voters = model.nearest(queries.states, samples, grid.max_depth)
+
+    def batches() -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        for s in range(0, len(samples), model.cfg.batch_size):
+            idx = np.arange(s, min(s + model.cfg.batch_size, len(samples)))
+            states, retrieved, user_items = queries.subset(idx)
+            logits = model.logits(torch.from_numpy(states).to(dev), retrieved, user_items)
+            items, sims = model.voter_tensors(Retrieved(voters.ids[idx], voters.scores[idx]), dev)
+            yield logits, items, sims, torch.from_numpy(samples.targets[idx]).to(dev)
+
+    with torch.inference_mode():
+        result = tune(batches(), grid)
+    best = result.best
+    model.cfg.vote_weight, model.cfg.vote_temperature, model.cfg.vote_depth = (
+        best.weight,
+        best.temperature,
+        best.depth,
+    )
+    off = result.table[0]
+    chosen = result.table[grid.votes().index(best)]
+    log.info(
+        "memory vote: weight %.2f temperature %.2f depth %d; valid ndcg@10 %.4f hr@10 %.4f "
+        "(off: %.4f, %.4f); %d tried in %.0fs",
+        best.weight,
+        best.temperature,
+        best.depth,
+        chosen["ndcg@10"],
+        chosen["hr@10"],
+        off["ndcg@10"],
+        off["hr@10"],
+        len(result.table),
+        time.perf_counter() - t0,
+    )
+    return result.table
 
 
 def _epoch(
@@ -303,6 +399,9 @@ def retrieval_cost(model: RetrievalModel, split: Split, n_queries: int = 2_000) 
     states = encode_samples(model.encoder, samples, device)
     t1 = time.perf_counter()
     retrieved = full.retrieve(states, samples)
+    vote = model.cfg.vote()
+    if vote.on:  # the voters' own search; their mix belongs to the ranking, left out as said above
+        full.nearest(states, samples, vote.depth)
     t2 = time.perf_counter()
     model.fusion.eval()
     dev = torch.device(device)

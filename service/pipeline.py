@@ -187,19 +187,27 @@ class Pipeline:
             states, depths = rec.encode_with_depths(histories)  # (B, D), (B,)
         hits: SearchResult | None = None
         retrieved: Retrieved | None = None
-        memories = None
+        memories = voters = None
         if rec.retrieval and rec.k_max > 0:
             with self._stage("retrieve"):
                 hits = await self.store.search(states, rec.fetch, with_keys=True)
                 if rec.cross_user:
-                    hits = others_only(hits, [q.user_id for q in queries], rec.k_max)
-                retrieved = limit_depth(Retrieved(hits.ids, hits.scores), depths)
+                    hits = others_only(hits, [q.user_id for q in queries], rec.depth)
                 assert hits.keys is not None
-                memories = (hits.keys, np.where(retrieved.ids >= 0, hits.items, 0), retrieved.scores)
+                k = rec.k_max  # the fusion reads the nearest k (fewer with adaptive K); more may vote
+                retrieved = limit_depth(Retrieved(hits.ids[:, :k], hits.scores[:, :k]), depths)
+                memories = (
+                    hits.keys[:, :k],
+                    np.where(retrieved.ids >= 0, hits.items[:, :k], 0),
+                    retrieved.scores,
+                )
+                if rec.vote.on:
+                    v = rec.vote.depth
+                    voters = (np.where(hits.ids[:, :v] >= 0, hits.items[:, :v], 0), hits.scores[:, :v])
         with self._stage("fuse"):
             h = rec.fuse(states, *memories) if memories is not None else torch.from_numpy(states)
         with self._stage("rank"):
-            ranked = rec.rank(h, masks, [q.n for q in queries])
+            ranked = rec.rank(h, masks, [q.n for q in queries], voters)
         return [_answer(q, ranked[i], hits, retrieved, i, rec.retrieval) for i, q in enumerate(queries)]
 
 

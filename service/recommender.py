@@ -25,6 +25,7 @@ from model.artifact import Artifact, ArtifactError
 from model.finetune import FinetuneConfig
 from model.fusion import RetrievalFusion
 from model.sasrec import SASRec
+from model.vote import Vote, mix
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class Recommender:
                 f"model {art.model_version} was fine-tuned with --retrieval {self.cfg.retrieval}, a "
                 "benchmark control; serve a model trained with similarity retrieval"
             )
+        self.vote = self.cfg.vote() if self.cfg is not None else Vote()
         self.max_len = self.encoder.cfg.max_len
         self.n_items = self.encoder.cfg.n_items
         self.popular = _popularity(art)
@@ -155,10 +157,15 @@ class Recommender:
         return self.cfg is not None and self.cfg.cross_user
 
     @property
+    def depth(self) -> int:
+        """Memories a query uses: the fusion's k, or more when more vote (model.vote)."""
+        return max(self.k_max, self.vote.depth if self.vote.on else 0)
+
+    @property
     def fetch(self) -> int:
-        """Memories to fetch per query so that K survive dropping the user's own, as offline."""
+        """Memories to fetch per query so that ``depth`` survive dropping the user's own, as offline."""
         assert self.cfg is not None
-        return max(self.cfg.k * self.cfg.fetch_factor, self.cfg.k) if self.cross_user else self.cfg.k
+        return max(self.depth * self.cfg.fetch_factor, self.depth) if self.cross_user else self.depth
 
     @torch.inference_mode()
     def encode(self, histories: list[list[int]]) -> np.ndarray:
@@ -210,9 +217,21 @@ class Recommender:
         return fused
 
     @torch.inference_mode()
-    def rank(self, h: Tensor, masks: list[IntArray], n: list[int]) -> list[tuple[IntArray, np.ndarray]]:
-        """Scores over the catalogue, masked items removed, top n[i] per row: (item ids, scores)."""
+    def rank(
+        self,
+        h: Tensor,
+        masks: list[IntArray],
+        n: list[int],
+        voters: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> list[tuple[IntArray, np.ndarray]]:
+        """Scores over the catalogue, masked items removed, top n[i] per row: (item ids, scores).
+        ``voters``: the nearest memories' next items (B, V), 0 = empty slot, and their similarities
+        (B, V); with the model's vote on they are mixed into the scores, which become log-probabilities."""
         scores = self.encoder.scores(h)  # (B, n_items + 1), column 0 = -inf
+        if voters is not None and self.vote.on:
+            items, sims = voters
+            sims = np.where(items > 0, sims, 0.0).astype(np.float32)
+            scores = mix(scores, torch.from_numpy(items), torch.from_numpy(sims), self.vote)
         for i, m in enumerate(masks):
             if m.size:
                 scores[i, torch.from_numpy(m)] = -torch.inf

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import accuracy
+from bench import accuracy, retrieval
 from bench.ann import accuracy as ann_accuracy
 from bench.ann import compare
 from bench.common import METRICS, PROTOCOLS, aggregate, display_path, machine, write_result
@@ -128,3 +128,24 @@ def test_unfinished_runs_park_their_checkpoint_and_resume_from_it(
     (tmp_path / "reports" / "accuracy_runs").mkdir(parents=True)
     (tmp_path / "reports" / "accuracy_runs" / "beauty.pretrain.seed2.json").write_text("{}")
     assert not accuracy.park("beauty", "pretrain", 2)  # a finished run is never parked
+
+
+def test_the_chosen_memory_vote_of_each_seed_is_reported(tmp_path: Path) -> None:
+    chosen = [
+        {"weight": 0.3, "temperature": 0.05, "depth": 100},
+        {"weight": 0.0, "temperature": 0.05, "depth": 0},
+    ]
+    for seed, c in enumerate(chosen):
+        r = {
+            **result(seed, 0.05),
+            "variant": "vote",
+            "encoder": "pretrain",
+            "vote": {"chosen": c, "valid": []},
+        }
+        (tmp_path / f"beauty.pretrain.vote.seed{seed}.json").write_text(json.dumps(r))
+    report = aggregate(tmp_path, section=lambda r: f"{r['dataset']}, {r['encoder']} encoder")
+    assert report["beauty, pretrain encoder"]["vote"]["vote"] == [
+        {"seed": s, **c} for s, c in enumerate(chosen)
+    ]
+    md = retrieval.markdown(report)
+    assert "| vote | 0 | 0.3 | 0.05 | 100 |" in md and "| vote | 1 | 0 | 0.05 | 0 |" in md

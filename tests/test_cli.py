@@ -196,3 +196,25 @@ def test_ml100k_one_epoch_learns_something(tmp_path: Path, capsys: pytest.Captur
     out = json.loads(capsys.readouterr().out)
     # 1,682 items: random ranking gives HR@10 ≈ 0.006; two epochs already beat it several times over
     assert out["test"]["unmasked"]["hr@10"] > 0.02
+
+
+def test_vote_is_tuned_on_validation_and_reproduced_on_reload(
+    model_dir: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # On the toy cycles a memory of the same prefix names the right next item, so validation turns
+    # the vote on; the chosen vote is saved, and `memrec evaluate` reproduces the test metrics with it.
+    args = ["train", "--dataset", str(dataset), "--out", str(tmp_path), "--device", "cpu"]
+    assert main([*args, "--stage", "finetune", "--from", str(model_dir), "--ft-epochs", "1", "--vote"]) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    vote, table = config["metrics"]["vote"]["chosen"], config["metrics"]["vote"]["valid"]
+    assert config["finetune"]["vote_weight"] == vote["weight"] > 0
+    assert table[0]["weight"] == 0.0 and len(table) == 46
+    allowed = [row for row in table if row["hr@10"] >= table[0]["hr@10"]]  # the HR@10 guard
+    best = max(allowed, key=lambda row: row["ndcg@10"])
+    assert (best["weight"], best["temperature"], best["depth"]) == tuple(vote.values())
+    assert best["ndcg@10"] > table[0]["ndcg@10"]
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(tmp_path), "--dataset", str(dataset), "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["unmasked"] == config["metrics"]["test"]["unmasked"]
+    assert out["unmasked"]["ndcg@10"] > out["encoder"]["unmasked"]["ndcg@10"]

@@ -87,7 +87,14 @@ def test_report_shows_every_figure() -> None:
             "ndcg@10_gain": 0.05,
         },
     }
+    report["drift_vote"] = {
+        **report["drift"],
+        "command": "python -m bench.service drift --vote",
+        "vote": {"weight": 0.1, "temperature": 0.05, "depth": 50},
+    }
     md = render_md(report)
+    assert "## Drift replay, memory vote (`python -m bench.service drift --vote`, yesterday" in md
+    assert "weight 0.1, temperature 0.05, 50 voters." in md and "The memory vote is off." in md
     assert "## Load (`python -m bench.service load`, today, cpu (2 cores))" in md  # each its own machine
     assert "## Drift replay (`python -m bench.service drift`, yesterday, other cpu (2 cores))" in md
     assert "`load.max_rps_p99_50ms` = **500** req/s" in md

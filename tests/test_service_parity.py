@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_service_support import model_dir, running_app, toy_root, train_toy_model  # noqa: F401
+from test_service_support import (  # noqa: F401
+    model_dir,
+    running_app,
+    toy_root,
+    train_toy_model,
+    vote_model_dir,
+    with_vote,
+)
 
 from memory_store import SearchResult
 from model import artifact
@@ -45,7 +52,10 @@ def offline_ranking(model_path: Path, history: list[str], n: int) -> tuple[list[
         adaptive = cfg.adaptive()
         if adaptive is not None:
             retrieved = limit_depth(retrieved, adaptive_k(art.encoder.item_emb.weight, [ids], adaptive))
-        scores = model.scores(state, retrieved)[0].clone()
+        voters = None
+        if cfg.vote().on:  # the nearest memories vote, more of them than the fusion reads
+            voters = art.bank.search(state.numpy(), np.array([-1]), np.array([len(ids)]), cfg.vote_depth)
+        scores = model.scores(state, retrieved, None, voters)[0].clone()
         scores[torch.from_numpy(ids)] = -torch.inf  # exclude_seen
         top = torch.topk(scores, min(n, scores.numel()))
     items = [art.vocab.external_item(int(i)) for i in top.indices]
@@ -74,14 +84,15 @@ def adaptive_model_dir(toy_root: Path) -> Path:  # noqa: F811
     return train_toy_model(toy_root, "adaptive", "--adaptive-k", "--k", "8")
 
 
-@pytest.mark.parametrize("which", ["fixed-k", "adaptive-k"])
+@pytest.mark.parametrize("which", ["fixed-k", "adaptive-k", "vote"])
 async def test_service_ranking_equals_offline(
     which: str,
     model_dir: Path,  # noqa: F811
     adaptive_model_dir: Path,
+    vote_model_dir: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    path = model_dir if which == "fixed-k" else adaptive_model_dir
+    path = {"fixed-k": model_dir, "adaptive-k": adaptive_model_dir, "vote": vote_model_dir}[which]
     async with running_app(model_dir=path, store_dir=tmp_path / "s", exact_threshold=1_000_000) as (
         _,
         client,
@@ -104,7 +115,7 @@ def offline_test_rankings(model_path: Path, data: Path, n: int) -> dict[str, tup
     indptr, seen = split.test_seen
     out = {}
     with torch.inference_mode():
-        scores = model.scores(torch.from_numpy(queries.states), queries.retrieved)
+        scores = model.scores(torch.from_numpy(queries.states), queries.retrieved, None, queries.voters)
         for row, user in enumerate(split.test.users):
             s = scores[row].clone()
             s[torch.from_numpy(seen[indptr[row] : indptr[row + 1]])] = -torch.inf
@@ -119,7 +130,7 @@ def cross_user_model_dir(toy_root: Path) -> Path:  # noqa: F811
     return train_toy_model(toy_root, "cross-user", "--cross-user")
 
 
-@pytest.mark.parametrize("which", ["own-and-others", "cross-user"])
+@pytest.mark.parametrize("which", ["own-and-others", "cross-user", "cross-user-vote"])
 async def test_known_users_are_ranked_as_their_offline_test_sample(
     which: str,
     model_dir: Path,  # noqa: F811
@@ -128,8 +139,13 @@ async def test_known_users_are_ranked_as_their_offline_test_sample(
     tmp_path: Path,
 ) -> None:
     # The stored history of a bank user (first item + every memory's value) is their test input, and
-    # a --cross-user model drops the user's own memories in the service as it does offline.
-    path = model_dir if which == "own-and-others" else cross_user_model_dir
+    # a --cross-user model drops the user's own memories in the service as it does offline, among
+    # the voters too.
+    path = {
+        "own-and-others": model_dir,
+        "cross-user": cross_user_model_dir,
+        "cross-user-vote": with_vote(cross_user_model_dir, toy_root / "cross-user-vote"),
+    }[which]
     want = offline_test_rankings(path, toy_root / "toy.txt", 15)
     async with running_app(model_dir=path, store_dir=tmp_path / "s", exact_threshold=1_000_000) as (
         _,

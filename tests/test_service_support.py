@@ -3,8 +3,10 @@ the session's temporary folder), and an in-process app with its lifespan running
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -101,6 +103,24 @@ def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def model_dir(toy_root: Path) -> Path:
     return train_toy_model(toy_root)
+
+
+def with_vote(src: Path, dst: Path) -> Path:
+    """A copy of model ``src`` whose memory vote is on, with more voters (16) than fused memories (5):
+    set by hand, because on the toy data validation may well keep it off. The toy data's repeated
+    prefixes give memories of equal similarity, which the store and the offline index may order
+    differently; 16 cuts between two distinct similarities for the parity tests' histories."""
+    if not dst.is_dir():
+        shutil.copytree(src, dst)
+        config = json.loads((dst / "config.json").read_text())
+        config["finetune"].update(vote_weight=0.3, vote_temperature=0.1, vote_depth=16)
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def vote_model_dir(model_dir: Path, toy_root: Path) -> Path:
+    return with_vote(model_dir, toy_root / "vote")
 
 
 @asynccontextmanager
