@@ -105,22 +105,21 @@ def model_dir(toy_root: Path) -> Path:
     return train_toy_model(toy_root)
 
 
-def with_vote(src: Path, dst: Path) -> Path:
-    """A copy of model ``src`` whose memory vote is on, with more voters (16) than fused memories (5):
-    set by hand, because on the toy data validation may well keep it off. The toy data's repeated
-    prefixes give memories of equal similarity, which the store and the offline index may order
-    differently; 16 cuts between two distinct similarities for the parity tests' histories."""
+def with_vote(src: Path, dst: Path, depth: int) -> Path:
+    """A copy of model ``src`` whose memory vote is on with ``depth`` voters: set by hand, because on
+    the toy data validation may well keep it off."""
     if not dst.is_dir():
         shutil.copytree(src, dst)
         config = json.loads((dst / "config.json").read_text())
-        config["finetune"].update(vote_weight=0.3, vote_temperature=0.1, vote_depth=16)
+        config["finetune"].update(vote_weight=0.3, vote_temperature=0.1, vote_depth=depth)
         (dst / "config.json").write_text(json.dumps(config))
     return dst
 
 
 @pytest.fixture(scope="session")
 def vote_model_dir(model_dir: Path, toy_root: Path) -> Path:
-    return with_vote(model_dir, toy_root / "vote")
+    """16 voters, more than the 5 memories the fusion reads."""
+    return with_vote(model_dir, toy_root / "vote", 16)
 
 
 @asynccontextmanager
