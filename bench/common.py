@@ -159,7 +159,7 @@ def aggregate(runs_dir: Path, section: Callable[[dict[str, Any]], str] | None = 
                 "dates": [r["date"] for r in rs],
             }
         )
-        votes = [{"seed": r["seed"], **r["vote"]["chosen"]} for r in rs if "vote" in r]
+        votes = [{"seed": r["seed"], **r["vote"]["chosen"], **_vote_pair(r)} for r in rs if "vote" in r]
         if votes:  # the memory vote chosen on validation, per seed
             entry["vote"] = votes
         costs = [r["cost"] for r in rs if "cost" in r]
@@ -167,6 +167,19 @@ def aggregate(runs_dir: Path, section: Callable[[dict[str, Any]], str] | None = 
             entry["cost"] = {k: float(np.median([c[k] for c in costs])) for k in costs[0]}
         report.setdefault(dataset, {})[variant] = entry
     return report
+
+
+def _vote_pair(r: dict[str, Any]) -> dict[str, float]:
+    """Test NDCG@10 and HR@10 (unmasked) of a vote run with and without its vote, where recorded."""
+    off = r["vote"].get("test_without_vote")
+    if off is None:
+        return {}
+    on = r["test"]["unmasked"]
+    return {
+        f"{m}_{side}": t[m]
+        for m in ("ndcg@10", "hr@10")
+        for side, t in (("on", on), ("off", off["unmasked"]))
+    }
 
 
 def fmt(s: dict[str, Any]) -> str:

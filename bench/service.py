@@ -197,11 +197,12 @@ def _vocab(model: Path) -> tuple[list[str], list[str]]:
 def model_card(model: Path) -> dict[str, Any]:
     """What identifies the served model: its version, dataset, bank size and fine-tuning depth."""
     config = json.loads((model / "config.json").read_text(encoding="utf-8"))
-    metrics = config.get("metrics", {})
+    metrics, finetune = config.get("metrics", {}), config.get("finetune", {})
     return {
         "model_version": config.get("model_version", ""),
         "bank_memories": metrics.get("memories"),
-        "k": config.get("finetune", {}).get("k"),
+        "k": finetune.get("k"),
+        "vote": {k: finetune.get(f"vote_{k}", 0) for k in ("weight", "temperature", "depth")},
         "objective": config.get("train", {}).get("objective"),
         "scheme": config.get("train", {}).get("scheme"),
     }
@@ -490,7 +491,7 @@ def _load_md(load: dict[str, Any]) -> list[str]:
         f"## Load (`{load['command']}`, {load['date']}, {load.get('machine', 'machine not recorded')})",
         "",
         f"Model: `{load['model']}` (`{load.get('model_version', '?')}`, {load.get('objective')}/"
-        f"{load.get('scheme')} encoder, K = {load.get('k')}) with its full memory bank of "
+        f"{load.get('scheme')} encoder, K = {load.get('k')}{_vote(load)}) with its full memory bank of "
         f"{load.get('bank_memories')} memories, Redis backend, {load['workers']} server "
         f"process(es), nprobe {load['nprobe']}{_batch_wait(load)}; open loop on loopback, "
         f"{_windows(load)}, 90 % /recommend + 10 % /interactions; latency counts from each request's "
@@ -520,6 +521,13 @@ def _load_md(load: dict[str, Any]) -> list[str]:
         *_jitter_md(load),
         "",
     ]
+
+
+def _vote(load: dict[str, Any]) -> str:
+    vote = load.get("vote") or {}
+    if not vote.get("weight"):
+        return ""
+    return f", memory vote λ {vote['weight']:g}, τ {vote['temperature']:g}, {vote['depth']} voters"
 
 
 def _windows(load: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ import logging
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +181,7 @@ def _pretrain(args: argparse.Namespace, data: Interactions, split: Split) -> tup
         (ckpt_dir / "checkpoint.pt").unlink()
     t0 = time.perf_counter()
     result = train(model, split, cfg, checkpoint_dir=ckpt_dir)
-    metrics = {
+    metrics: dict[str, Any] = {
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "sec_per_epoch": result.sec_per_epoch,
@@ -228,7 +229,7 @@ def _finetune(
     t0 = time.perf_counter()
     model, result = finetune(encoder, split, fusion_cfg, cfg)
     full, test = evaluate_on_test(model, split, cfg)
-    metrics = {
+    metrics: dict[str, Any] = {
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "sec_per_epoch": float(sorted(e.seconds for e in result.history)[len(result.history) // 2]),
@@ -239,7 +240,16 @@ def _finetune(
         "test": test,
     }
     if result.vote_table:
-        metrics["vote"] = {"chosen": cfg.vote().to_json(), "valid": result.vote_table}
+        vote: dict[str, Any] = {"chosen": cfg.vote().to_json(), "valid": result.vote_table}
+        metrics["vote"] = vote
+        if cfg.vote().on:  # the same fusion without the vote, on the same test queries: the paired effect
+            off = RetrievalModel(
+                full.encoder, full.fusion, full.bank, replace(cfg, vote_weight=0.0), full.user_table
+            )
+            off_test = evaluate_retrieval(
+                off, off.queries(split.test), split.test, split.test_seen, cfg.device
+            )
+            vote["test_without_vote"] = off_test
     return full, metrics, cfg
 
 

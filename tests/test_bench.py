@@ -142,10 +142,21 @@ def test_the_chosen_memory_vote_of_each_seed_is_reported(tmp_path: Path) -> None
             "encoder": "pretrain",
             "vote": {"chosen": c, "valid": []},
         }
+        if seed == 0:  # a paired figure: the same model with the vote off
+            off = dict.fromkeys(METRICS, 0.1) | {"ndcg@10": 0.04, "hr@10": 0.09}
+            r["vote"]["test_without_vote"] = {"unmasked": off}
         (tmp_path / f"beauty.pretrain.vote.seed{seed}.json").write_text(json.dumps(r))
     report = aggregate(tmp_path, section=lambda r: f"{r['dataset']}, {r['encoder']} encoder")
-    assert report["beauty, pretrain encoder"]["vote"]["vote"] == [
-        {"seed": s, **c} for s, c in enumerate(chosen)
-    ]
+    votes = report["beauty, pretrain encoder"]["vote"]["vote"]
+    assert votes[1] == {"seed": 1, **chosen[1]}
+    assert votes[0] == {
+        "seed": 0,
+        **chosen[0],
+        "ndcg@10_on": 0.05,
+        "ndcg@10_off": 0.04,
+        "hr@10_on": 0.1,
+        "hr@10_off": 0.09,
+    }
     md = retrieval.markdown(report)
-    assert "| vote | 0 | 0.3 | 0.05 | 100 |" in md and "| vote | 1 | 0 | 0.05 | 0 |" in md
+    assert "| vote | 0 | 0.3 | 0.05 | 100 | 0.0400 → 0.0500 | 0.0900 → 0.1000 |" in md
+    assert "| vote | 1 | 0 | 0.05 | 0 | – | – |" in md

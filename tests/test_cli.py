@@ -218,3 +218,10 @@ def test_vote_is_tuned_on_validation_and_reproduced_on_reload(
     out = json.loads(capsys.readouterr().out)
     assert out["unmasked"] == config["metrics"]["test"]["unmasked"]
     assert out["unmasked"]["ndcg@10"] > out["encoder"]["unmasked"]["ndcg@10"]
+    # The paired figure: the same model with the vote switched off, as `memrec evaluate` gives it.
+    config["finetune"]["vote_weight"] = 0.0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["evaluate", "--model", str(tmp_path), "--dataset", str(dataset), "--device", "cpu"]) == 0
+    off = json.loads(capsys.readouterr().out)
+    assert off["unmasked"] == config["metrics"]["vote"]["test_without_vote"]["unmasked"]
+    assert off["unmasked"]["ndcg@10"] < out["unmasked"]["ndcg@10"]

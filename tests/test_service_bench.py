@@ -43,6 +43,7 @@ def test_a_step_is_the_median_of_its_windows_and_shows_each() -> None:
         "freshness": {"trials": 1, "not_seen": 0, "p50_ms": 1.0, "p99_ms": 1.0, "n": 1},
     }  # fmt: skip
     md = render_md({"load": load})
+    assert "memory vote" not in md
     assert "| 500 | 500 | 11.7 | 35.0 | 31.0, 240.0, 35.0 | 1 |" in md
     assert "3 windows of 10 s per rate (p50, p99: their medians)" in md and "micro-batch wait 1 ms" in md
 
@@ -67,6 +68,8 @@ def test_report_shows_every_figure() -> None:
             "floor_pipeline": {"concurrency": 32, "rps": 2000.0, **pct},
             "freshness": {"trials": 5, "not_seen": 0, **pct},
             "cpu_jitter": {"p50_ms": 1.5, "p99_ms": 9.25, "max_ms": 17.0},
+            "k": 20,
+            "vote": {"weight": 0.1, "temperature": 0.1, "depth": 50},
         },
         "drift": {
             "command": "python -m bench.service drift",
@@ -98,6 +101,7 @@ def test_report_shows_every_figure() -> None:
     assert "## Load (`python -m bench.service load`, today, cpu (2 cores))" in md  # each its own machine
     assert "## Drift replay (`python -m bench.service drift`, yesterday, other cpu (2 cores))" in md
     assert "`load.max_rps_p99_50ms` = **500** req/s" in md
+    assert "K = 20, memory vote λ 0.1, τ 0.1, 50 voters)" in md
     assert "| 500 | 500 | 6.7 | 20.0 | 20.0 | 0 |" in md  # a step of one window
     assert "p50 1.5 ms, p99 9.2 ms, max 17.0 ms" in md
     assert "| live | 0.2000 | 0.1000 | 7 | 40 | 4 |" in md and "HR@10 +0.1000" in md
