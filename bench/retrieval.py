@@ -87,6 +87,12 @@ def pretrain_only(dataset: str, seed: int, args: argparse.Namespace) -> bool:
     return True
 
 
+def variant_flags(variant: str) -> list[str]:
+    """The variant's flags; a variant without the vote says so (`memrec train` tunes it by default)."""
+    flags = VARIANTS[variant]
+    return flags if "--vote" in flags else [*flags, "--no-vote"]
+
+
 def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> bool:
     encoder_dir = accuracy.encoder_dir(dataset, args.encoder, seed)
     if not (encoder_dir / "config.json").is_file():
@@ -98,7 +104,7 @@ def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> 
         return False
     out = RUNS / "retrieval" / dataset / f"{args.encoder}-{variant}-seed{seed}"
     cli_args = ["--dataset", dataset, "--stage", "finetune", "--from", str(encoder_dir), "--out", str(out)]
-    cli_args += ["--seed", str(seed), *VARIANTS[variant]]
+    cli_args += ["--seed", str(seed), *variant_flags(variant)]
     record = {"dataset": dataset, "variant": variant, "seed": seed, "encoder": args.encoder}
     record["flags"] = VARIANTS[variant]
     result_file = RESULTS / f"{dataset}.{args.encoder}.{variant}.seed{seed}.json"
@@ -143,7 +149,9 @@ def markdown(report: dict[str, Any]) -> str:
         *accuracy.PROTOCOL_NOTE,
         "",
         "Variants (`memrec train --stage finetune` flags on top of the published module, RaSeRec's α = 0.5,",
-        "β = 1, K = 20): " + "; ".join(f"{n} `{' '.join(f) or '(none)'}`" for n, f in VARIANTS.items()) + ".",
+        "β = 1, K = 20; every variant without `--vote` runs with `--no-vote`): "
+        + "; ".join(f"{n} `{' '.join(f) or '(none)'}`" for n, f in VARIANTS.items())
+        + ".",
         "",
     ]
     for dataset, by_name in report.items():

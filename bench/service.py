@@ -451,8 +451,7 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     train = [sys.executable, "-m", "model.cli", "train", "--dataset", str(early), "--out", str(model),
              "--objective", "sasrec", "--scheme", "allpos", "--epochs", str(args.epochs), "--ft-epochs",
              str(args.ft_epochs), "--device", "cpu", "--threads", "1"]  # fmt: skip
-    if args.vote:
-        train.append("--vote")
+    train.append("--vote" if args.vote else "--no-vote")
     if not (model / "config.json").is_file():
         subprocess.run(train, check=True, capture_output=True)
     later = later[: args.events]

@@ -102,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument(
         "--vote",
-        action="store_true",
-        help="tune the memory vote (the nearest memories' next items mixed into the scores) on validation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="choose the memory vote (the nearest memories' next items mixed into the scores) on "
+        "validation after fine-tuning; it stays off where it does not help there (--no-vote: skip)",
     )
     f.add_argument("--ft-epochs", type=int, default=100)
     f.add_argument("--ft-patience", type=int, default=10)
