@@ -75,28 +75,42 @@ class VoteGrid:
         return max(self.depths, default=0)
 
 
-def distribution(items: Tensor, sims: Tensor, temperature: float, n_ids: int) -> Tensor:
+def slot_weights(items: Tensor, sims: Tensor, temperature: float) -> Tensor:
     """items (B, K) next-item ids of the voters (0 = empty slot), sims (B, K) their cosine similarity
-    → p_vote (B, n_ids); a row without voters is all zero."""
+    → each voter's weight (B, K), a softmax of sim / τ over the present voters; 0 at empty slots and
+    in a row without any voter."""
     present = items > 0
     logits = torch.where(present, sims / temperature, -math.inf)
-    weights = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)  # NaN rows: no voter at all
+    return torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0) * present  # NaN rows: no voter
+
+
+def distribution(items: Tensor, sims: Tensor, temperature: float, n_ids: int) -> Tensor:
+    """p_vote (B, n_ids): the voters' weights summed per item; a row without voters is all zero."""
+    weights = slot_weights(items, sims, temperature)
     out = torch.zeros(items.shape[0], n_ids, dtype=weights.dtype, device=items.device)
-    return out.scatter_add_(1, items, weights * present)
+    return out.scatter_add_(1, items, weights)
 
 
 def mix(logits: Tensor, items: Tensor, sims: Tensor, vote: Vote) -> Tensor:
     """Model logits (B, n_ids), column 0 = -inf, and the voters (B, ≥ depth) → scores (B, n_ids), the
     log of the mixed distribution. Only the first ``vote.depth`` columns vote; with the vote off the
-    logits come back as they are (the same ranking as their log-softmax)."""
+    logits come back as they are (the same ranking as their log-softmax).
+
+    Only the voted items' scores change beyond the shift every item gets, so they are computed on the
+    (B, depth) voter slots and scattered in: two passes over the catalogue instead of seven, which
+    matters on the request path (12k items × a micro-batch)."""
     if not vote.on:
         return logits
-    log_p = torch.log_softmax(logits.float(), dim=-1)
     items, sims = items[:, : vote.depth], sims[:, : vote.depth].float()
-    p_vote = distribution(items, sims, vote.temperature, logits.shape[1])
-    # log((1−λ)p + λq), exact where q = 0 (log 0 = −inf, logaddexp(x, −inf) = x): unvoted items keep
-    # the model's order, and the padding column stays −inf.
-    return torch.logaddexp(log_p + math.log1p(-vote.weight), torch.log(vote.weight * p_vote))
+    logits = logits.float()
+    # log((1−λ)·softmax(logits)) for every item: the unvoted items' final score, in the model's order
+    base = logits - (torch.logsumexp(logits, dim=-1, keepdim=True) - math.log1p(-vote.weight))
+    w = slot_weights(items, sims, vote.temperature)  # (B, K)
+    q = ((items[:, :, None] == items[:, None, :]) * w[:, None, :]).sum(-1)  # (B, K) each slot's item's vote
+    # log((1−λ)p + λq) at the voted items; an empty slot (item 0, q = 0) rewrites the padding column's
+    # −inf with −inf. A repeated item writes the same value from each of its slots.
+    voted = torch.logaddexp(base.gather(1, items), torch.log(vote.weight * q))
+    return base.scatter(1, items, voted)
 
 
 @dataclass
