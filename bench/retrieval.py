@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
-import tempfile
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,7 +57,6 @@ VARIANTS: dict[str, list[str]] = {
     # the published module plus the memory vote (model.vote), its weight, temperature and depth
     # chosen on validation (off among the candidates)
     "vote": ["--vote"],
-    "alpha_03_vote": ["--alpha", "0.3", "--vote"],
     # the vote on the encoder alone: α = 1 makes the fused state h itself (one epoch, nothing to learn)
     "vote_only": ["--alpha", "1.0", "--ft-epochs", "1", "--vote"],
 }
@@ -109,32 +105,6 @@ def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> 
     record["flags"] = VARIANTS[variant]
     result_file = RESULTS / f"{dataset}.{args.encoder}.{variant}.seed{seed}.json"
     return run_recorded(result_file, cli_args, args, record, extra=("memories", "cost", "vote"))
-
-
-def pair_vote(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> None:
-    """Add to a vote run's result file, when missing, the test metrics of the same model with the
-    vote off (the same fusion and test queries: the vote's paired effect). `memrec train` records them
-    itself; this fills in runs from before it did, from their model directory if it is here."""
-    result_file = RESULTS / f"{dataset}.{args.encoder}.{variant}.seed{seed}.json"
-    run_dir = RUNS / "retrieval" / dataset / f"{args.encoder}-{variant}-seed{seed}"
-    if not result_file.is_file() or not (run_dir / "config.json").is_file():
-        return
-    record = json.loads(result_file.read_text())
-    vote = record.get("vote")
-    if not vote or not vote["chosen"]["weight"] or "test_without_vote" in vote:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "model"
-        shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints"))
-        config = json.loads((copy / "config.json").read_text())
-        config["finetune"]["vote_weight"] = 0.0
-        (copy / "config.json").write_text(json.dumps(config))
-        test = evaluate_cli(copy, device=args.device, data_dir=args.data_dir)
-    if test is None:
-        return
-    vote["test_without_vote"] = {k: v for k, v in test.items() if k in ("unmasked", "masked")}
-    vote["test_without_vote_by"] = "memrec evaluate on a copy of the model directory with vote_weight 0"
-    result_file.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -296,8 +266,6 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 for variant in args.variants:
                     failed += not run_one(dataset, variant, seed, args)
-                    if "--vote" in VARIANTS[variant]:
-                        pair_vote(dataset, variant, seed, args)
                     write_report()
     write_report()
     return 1 if failed else 0

@@ -459,11 +459,10 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     live = asyncio.run(replay(model, later, frozen=False, ns="drift-live"))
     frozen = asyncio.run(replay(model, later, frozen=True, ns="drift-frozen"))
     _flush(DRIFT_REDIS_URL)
-    finetune = json.loads((model / "config.json").read_text())["finetune"]
     return {
         "dataset": "ml-100k",
         "cut_quantile": args.cut,
-        "vote": {k: finetune.get(f"vote_{k}", 0) for k in ("weight", "temperature", "depth")},
+        "vote": model_card(model)["vote"],
         "train_command": shlex.join(["memrec", *train[3:]]).replace(str(ROOT) + "/", ""),
         "live": live,
         "frozen": frozen,

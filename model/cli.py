@@ -230,7 +230,7 @@ def _finetune(
     )
     t0 = time.perf_counter()
     model, result = finetune(encoder, split, fusion_cfg, cfg)
-    full, test = evaluate_on_test(model, split, cfg)
+    full, test_q, test = evaluate_on_test(model, split, cfg)
     metrics: dict[str, Any] = {
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
@@ -245,13 +245,11 @@ def _finetune(
         vote: dict[str, Any] = {"chosen": cfg.vote().to_json(), "valid": result.vote_table}
         metrics["vote"] = vote
         if cfg.vote().on:  # the same fusion without the vote, on the same test queries: the paired effect
-            off = RetrievalModel(
-                full.encoder, full.fusion, full.bank, replace(cfg, vote_weight=0.0), full.user_table
+            off_cfg = replace(cfg, vote_weight=0.0)
+            off = RetrievalModel(full.encoder, full.fusion, full.bank, off_cfg, full.user_table)
+            vote["test_without_vote"] = evaluate_retrieval(
+                off, test_q, split.test, split.test_seen, cfg.device
             )
-            off_test = evaluate_retrieval(
-                off, off.queries(split.test), split.test, split.test_seen, cfg.device
-            )
-            vote["test_without_vote"] = off_test
     return full, metrics, cfg
 
 

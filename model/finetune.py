@@ -183,10 +183,8 @@ class RetrievalModel:
 
     def voter_tensors(self, voters: Retrieved, device: torch.device) -> tuple[Tensor, Tensor]:
         """Voters (B, V) → their next items (B, V), 0 at empty slots, and similarities (B, V)."""
-        present = voters.ids >= 0
-        items = np.where(present, self.bank.items[np.maximum(voters.ids, 0)], 0)
-        sims = np.where(present, voters.scores, 0.0).astype(np.float32)
-        return torch.from_numpy(items).to(device), torch.from_numpy(sims).to(device)
+        items = np.where(voters.ids >= 0, self.bank.items[np.maximum(voters.ids, 0)], 0)
+        return torch.from_numpy(items).to(device), torch.from_numpy(voters.scores).to(device)
 
     def nearest(self, states: FloatArray, samples: Samples, depth: int) -> Retrieved:
         """The ``depth`` most similar memories of each sample (leakage rule applied): the voters."""
@@ -373,13 +371,14 @@ def _epoch(
 
 def evaluate_on_test(
     model: RetrievalModel, split: Split, cfg: FinetuneConfig
-) -> tuple[RetrievalModel, Metrics]:
-    """Add the validation pairs to the bank (never test targets) and evaluate on the test samples."""
+) -> tuple[RetrievalModel, Queries, Metrics]:
+    """Add the validation pairs to the bank (never test targets) and evaluate on the test samples;
+    returns the test-time model, its test queries and their metrics."""
     valid_bank, _ = build_bank(model.encoder, split.valid, cfg.device)
     full = RetrievalModel(model.encoder, model.fusion, model.bank.concat(valid_bank), cfg, model.user_table)
     test_q = full.queries(split.test)
     head = head_items(split.train.targets, model.encoder.cfg.n_items)
-    return full, evaluate_retrieval(full, test_q, split.test, split.test_seen, cfg.device, head)
+    return full, test_q, evaluate_retrieval(full, test_q, split.test, split.test_seen, cfg.device, head)
 
 
 def retrieval_cost(model: RetrievalModel, split: Split, n_queries: int = 2_000) -> dict[str, float]:

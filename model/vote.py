@@ -77,8 +77,8 @@ class VoteGrid:
 
 def slot_weights(items: Tensor, sims: Tensor, temperature: float) -> Tensor:
     """items (B, K) next-item ids of the voters (0 = empty slot), sims (B, K) their cosine similarity
-    → each voter's weight (B, K), a softmax of sim / τ over the present voters; 0 at empty slots and
-    in a row without any voter."""
+    (any value, −inf included, at empty slots) → each voter's weight (B, K), a softmax of sim / τ over
+    the present voters; 0 at empty slots and in a row without any voter."""
     present = items > 0
     logits = torch.where(present, sims / temperature, -math.inf)
     return torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0) * present  # NaN rows: no voter

@@ -229,8 +229,7 @@ class Recommender:
         (B, V); with the model's vote on they are mixed into the scores, which become log-probabilities."""
         scores = self.encoder.scores(h)  # (B, n_items + 1), column 0 = -inf
         if voters is not None and self.vote.on:
-            items, sims = voters
-            sims = np.where(items > 0, sims, 0.0).astype(np.float32)
+            items, sims = voters  # empty slots (item 0) are masked inside the mix, whatever their sims
             scores = mix(scores, torch.from_numpy(items), torch.from_numpy(sims), self.vote)
         for i, m in enumerate(masks):
             if m.size:
