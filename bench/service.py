@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -407,44 +408,90 @@ def time_split(inter: Path, quantile: float, out_dir: Path) -> tuple[Path, list[
 
 
 async def replay(model: Path, later: list[tuple[str, str, float]], frozen: bool, ns: str) -> dict[str, Any]:
+    """Ask /recommend before each later event, then post it. Per event: ``hit`` (the target in the top
+    10) and ``gain`` (its NDCG@10), kept for the paired comparison and left out of the report."""
     import httpx
 
     from service.app import create_app
     from service.settings import Settings
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     settings = Settings(model_dir=model, redis_url=DRIFT_REDIS_URL, namespace=ns, frozen_memory=frozen)
     app = create_app(settings)
-    hits, ndcg, used, fresh = 0, 0.0, 0, 0
+    hit, gain = np.zeros(len(later)), np.zeros(len(later))
+    used = fresh = 0
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-            for u, i, t in later:
+            for e, (u, i, t) in enumerate(later):
                 req = {"user_id": u, "n": 10, "explain": True}
                 body = (await client.post("/recommend", json=req)).json()
                 ranked = [it["item_id"] for it in body["items"]]
                 used += len(body.get("memories", []))
                 fresh += sum(m["timestamp"] > 0 for m in body.get("memories", []))  # bank memories: ts 0
                 if i in ranked:
-                    hits += 1
-                    ndcg += 1.0 / math.log2(ranked.index(i) + 2)
+                    hit[e], gain[e] = 1.0, 1.0 / math.log2(ranked.index(i) + 2)
                 ev = {"user_id": u, "item_id": i, "timestamp": t}
                 r = await client.post("/interactions", json={"events": [ev]})
                 r.raise_for_status()
             stats = await app.state.runtime.store.stats()
-    n = len(later)
     return {
-        "events": n,
-        "hr@10": hits / n,
-        "ndcg@10": ndcg / n,
+        "events": len(later),
+        "hr@10": float(hit.mean()),
+        "ndcg@10": float(gain.mean()),
         "memories_after": stats.memories,
         "memories_used": used,
         "replayed_memories_used": fresh,
+        "hit": hit,
+        "gain": gain,
     }
+
+
+def paired(
+    live: np.ndarray, frozen: np.ndarray, users: list[str], rounds: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """Live minus frozen over the same events (n,) of ``users`` (n,): the mean, a 95 % bootstrap interval
+    that resamples users with replacement (a user's events move together: they share a history and are
+    not independent), the mean over each quarter of the replay in time order (live memories
+    accumulate), and how many events score differently at all."""
+    d = live - frozen
+    ids = np.unique(np.asarray(users, dtype=object), return_inverse=True)[1]  # (n,) user index
+    per_user, count = np.bincount(ids, weights=d), np.bincount(ids).astype(float)  # (U,), (U,)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(count), (rounds, len(count)))  # (rounds, U) resampled users
+    means = per_user[draws].sum(1) / count[draws].sum(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {
+        "mean": float(d.mean()),
+        "ci95": [float(lo), float(hi)],
+        "by_quarter": [float(q.mean()) for q in np.array_split(d, 4)],
+        "events_changed": int((d != 0).sum()),
+    }
+
+
+def groups(early: Path, later: list[tuple[str, str, float]], rising: float = 1.5) -> dict[str, np.ndarray]:
+    """Boolean event masks (n,): returning users (with a history before the cut) and new ones; targets
+    whose share of the later events is at least ``rising`` times their share before the cut (the
+    trend that only live memories can see) and the rest."""
+    rows = [line.split() for line in early.read_text(encoding="utf-8").splitlines()]  # user, items…
+    before = Counter(i for row in rows for i in row[1:])
+    after = Counter(i for _, i, _ in later)
+    n_before, n_after = sum(before.values()), len(later)
+    returning = {row[0] for row in rows}
+    ret = np.array([u in returning for u, _, _ in later])
+    up = np.array([after[i] / n_after >= rising * before[i] / n_before for _, i, _ in later])
+    return {"returning users": ret, "new users": ~ret, "rising items": up, "other items": ~up}
+
+
+def drift_section(vote: bool, cut: float) -> str:
+    """The report key of a drift run: ``drift``, ``drift_vote``, and ``_cut80`` &c. away from the 90 %
+    cut (the first runs', whose keys stay as they were)."""
+    return "drift" + ("_vote" if vote else "") + ("" if cut == 0.9 else f"_cut{round(cut * 100)}")
 
 
 def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     data_dir = Path(args.data_dir or os.environ.get("MEMREC_DATA_DIR") or "../shared/data")
-    work = ROOT / "artifacts" / "drift"
+    work = ROOT / "artifacts" / "drift" / f"cut{round(args.cut * 100)}"
     work.mkdir(parents=True, exist_ok=True)
     early, later = time_split(data_dir / "ml-100k" / "ml-100k.inter", args.cut, work)
     model = work / ("model-vote" if args.vote else "model")
@@ -454,11 +501,24 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     train.append("--vote" if args.vote else "--no-vote")
     if not (model / "config.json").is_file():
         subprocess.run(train, check=True, capture_output=True)
-    later = later[: args.events]
+    later = later[: args.events] if args.events else later
     _flush(DRIFT_REDIS_URL)
     live = asyncio.run(replay(model, later, frozen=False, ns="drift-live"))
     frozen = asyncio.run(replay(model, later, frozen=True, ns="drift-frozen"))
     _flush(DRIFT_REDIS_URL)
+    by_group = {
+        name: {
+            "events": int(m.sum()),
+            "live": {"hr@10": float(live["hit"][m].mean()), "ndcg@10": float(live["gain"][m].mean())},
+            "frozen": {"hr@10": float(frozen["hit"][m].mean()), "ndcg@10": float(frozen["gain"][m].mean())},
+        }
+        for name, m in groups(early, later).items()
+        if m.any()
+    }
+    gains = {
+        "hr@10": paired(live.pop("hit"), frozen.pop("hit"), [u for u, _, _ in later]),
+        "ndcg@10": paired(live.pop("gain"), frozen.pop("gain"), [u for u, _, _ in later]),
+    }
     return {
         "dataset": "ml-100k",
         "cut_quantile": args.cut,
@@ -468,6 +528,8 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
         "frozen": frozen,
         "hr@10_gain": live["hr@10"] - frozen["hr@10"],
         "ndcg@10_gain": live["ndcg@10"] - frozen["ndcg@10"],
+        "paired": gains,
+        "groups": by_group,
     }
 
 
@@ -576,7 +638,32 @@ def _drift_md(drift: dict[str, Any], title: str) -> list[str]:
         cells += [str(d.get("memories_used", "")), str(d.get("replayed_memories_used", ""))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     gain = f"HR@10 {drift['hr@10_gain']:+.4f}, NDCG@10 {drift['ndcg@10_gain']:+.5f}"
-    return [*lines, "", f"Live minus frozen: {gain}.", ""]
+    lines += ["", f"Live minus frozen: {gain}."]
+    if "paired" in drift:  # runs before the paired comparison existed have the means only
+        p = drift["paired"]
+        lines[-1] += (
+            " Paired over the same events, 95 % bootstrap intervals: HR@10 "
+            f"[{p['hr@10']['ci95'][0]:+.4f}, {p['hr@10']['ci95'][1]:+.4f}], NDCG@10 "
+            f"[{p['ndcg@10']['ci95'][0]:+.5f}, {p['ndcg@10']['ci95'][1]:+.5f}]; the live bank changed "
+            f"the top 10's hit on {p['hr@10']['events_changed']} events and the NDCG on "
+            f"{p['ndcg@10']['events_changed']}."
+        )
+        quarters = ", ".join(f"{q:+.4f}" for q in p["hr@10"]["by_quarter"])
+        lines[-1] += f" Live minus frozen by quarter of the replay: HR@10 {quarters}."
+    if "groups" in drift:
+        lines += [
+            "",
+            "By event (rising items: a share of the replayed events at least 1.5 times their share "
+            "before the cut):",
+            "",
+            "| events | n | HR@10 live | HR@10 frozen | NDCG@10 live | NDCG@10 frozen |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, g in drift["groups"].items():
+            cells = [str(g["events"]), f"{g['live']['hr@10']:.4f}", f"{g['frozen']['hr@10']:.4f}"]
+            cells += [f"{g['live']['ndcg@10']:.4f}", f"{g['frozen']['ndcg@10']:.4f}"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def render_md(report: dict[str, Any]) -> str:
@@ -584,9 +671,16 @@ def render_md(report: dict[str, Any]) -> str:
     for key in ("load", "load_fine"):  # load_fine: an optional second sweep with finer rate steps
         if key in report:
             lines += _load_md(report[key])
-    for key, title in (("drift", "Drift replay"), ("drift_vote", "Drift replay, memory vote")):
-        if key in report:
-            lines += _drift_md(report[key], title)
+    drifts = sorted(
+        (k for k in report if k.startswith("drift")), key=lambda k: (-report[k]["cut_quantile"], k)
+    )
+    for key in drifts:
+        title = (
+            "Drift replay"
+            + (", memory vote" if "_vote" in key else "")
+            + f", {report[key]['cut_quantile']:.0%} cut"
+        )
+        lines += _drift_md(report[key], title)
     return "\n".join(lines)
 
 
@@ -605,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     dp = sub.add_parser("drift", help="time-split replay, live versus frozen memory")
     dp.add_argument("--data-dir")
     dp.add_argument("--cut", type=float, default=0.9)
-    dp.add_argument("--events", type=int, default=3000)
+    dp.add_argument("--events", type=int, help="replay only the first N later events (default: all)")
     dp.add_argument("--epochs", type=int, default=20)
     dp.add_argument("--ft-epochs", type=int, default=5)
     dp.add_argument("--vote", action="store_true", help="tune the memory vote (report section drift_vote)")
@@ -613,7 +707,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = shlex.join(["python", "-m", "bench.service", *(argv if argv is not None else sys.argv[1:])])
     runner: Callable[[argparse.Namespace], dict[str, Any]] = run_load if args.command == "load" else run_drift
-    section = "drift_vote" if args.command == "drift" and args.vote else args.command
+    section = args.command
+    if args.command == "drift":
+        section = drift_section(args.vote, args.cut)
     write_reports(section, runner(args), command)
     return 0
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.service import max_rate, render_md, summarise, time_split
+import numpy as np
+import pytest
+
+from bench.service import drift_section, groups, max_rate, paired, render_md, summarise, time_split
 
 
 def _step(rate: float, p99: float, errors: int = 0) -> dict[str, Any]:
@@ -96,12 +99,64 @@ def test_report_shows_every_figure() -> None:
         "vote": {"weight": 0.1, "temperature": 0.05, "depth": 50},
     }
     md = render_md(report)
-    assert "## Drift replay, memory vote (`python -m bench.service drift --vote`, yesterday" in md
+    assert "## Drift replay, memory vote, 90% cut (`python -m bench.service drift --vote`, yesterday" in md
     assert "weight 0.1, temperature 0.05, 50 voters." in md and "The memory vote is off." in md
     assert "## Load (`python -m bench.service load`, today, cpu (2 cores))" in md  # each its own machine
-    assert "## Drift replay (`python -m bench.service drift`, yesterday, other cpu (2 cores))" in md
+    assert "## Drift replay, 90% cut (`python -m bench.service drift`, yesterday, other cpu (2 cores))" in md
+    assert "bootstrap" not in md  # a run from before the paired comparison: the means only
     assert "`load.max_rps_p99_50ms` = **500** req/s" in md
     assert "K = 20, memory vote λ 0.1, τ 0.1, 50 voters)" in md
     assert "| 500 | 500 | 6.7 | 20.0 | 20.0 | 0 |" in md  # a step of one window
     assert "p50 1.5 ms, p99 9.2 ms, max 17.0 ms" in md
     assert "| live | 0.2000 | 0.1000 | 7 | 40 | 4 |" in md and "HR@10 +0.1000" in md
+
+
+def test_paired_gain_resamples_users_and_counts_changed_events() -> None:
+    frozen = np.array([0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    users = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    same = paired(frozen, frozen, users)
+    assert same == {"mean": 0.0, "ci95": [0.0, 0.0], "by_quarter": [0.0] * 4, "events_changed": 0}
+    live = frozen.copy()
+    live[[0, 2, 4, 5]] = 1.0  # a, b and c gain; d does not
+    p = paired(live, frozen, users)
+    assert p["mean"] == pytest.approx(0.5) and p["events_changed"] == 4
+    assert p["by_quarter"] == [0.5, 0.5, 1.0, 0.0]  # each quarter: two events in replay order
+    lo, hi = p["ci95"]
+    assert 0.0 <= lo < 0.5 < hi <= 1.0  # users resampled: from all-d draws (0) to all-c draws (1)
+    one_user = paired(live, frozen, ["u"] * 8)
+    assert one_user["ci95"] == [pytest.approx(0.5), pytest.approx(0.5)]  # one cluster: no spread at all
+
+
+def test_groups_split_events_by_user_and_item_trend(tmp_path: Path) -> None:
+    early = tmp_path / "early.txt"
+    early.write_text("a x y z\nb x x y\n", encoding="utf-8")  # before: x 3, y 2, z 1 of 6
+    later = [("a", "z", 1.0), ("c", "x", 2.0), ("c", "z", 3.0), ("b", "y", 4.0)]  # after: z 2 of 4
+    g = groups(early, later)
+    assert g["returning users"].tolist() == [True, False, False, True]
+    assert g["new users"].tolist() == [False, True, True, False]
+    # z: 2/4 after vs 1/6 before (3x, rising); x: 1/4 vs 3/6; y: 1/4 vs 2/6 (0.75x)
+    assert g["rising items"].tolist() == [True, False, True, False]
+    assert (g["other items"] == ~g["rising items"]).all()
+
+
+def test_drift_sections_keep_the_first_keys_at_the_90_percent_cut() -> None:
+    assert drift_section(False, 0.9) == "drift" and drift_section(True, 0.9) == "drift_vote"
+    assert drift_section(True, 0.8) == "drift_vote_cut80" and drift_section(False, 0.75) == "drift_cut75"
+
+
+def test_drift_report_shows_the_paired_gain_and_the_groups() -> None:
+    arm = {"events": 8, "hr@10": 0.5, "ndcg@10": 0.25, "memories_after": 9}
+    gain = {"mean": 0.125, "ci95": [0.01, 0.25], "by_quarter": [0.0, 0.0, 0.25, 0.25], "events_changed": 3}
+    drift = {
+        "command": "python -m bench.service drift --cut 0.8", "date": "today", "cut_quantile": 0.8,
+        "train_command": "memrec train", "live": arm, "frozen": arm, "hr@10_gain": 0.125,
+        "ndcg@10_gain": 0.0625, "paired": {"hr@10": gain, "ndcg@10": gain},
+        "groups": {"new users": {"events": 5, "live": {"hr@10": 0.6, "ndcg@10": 0.3},
+                                 "frozen": {"hr@10": 0.4, "ndcg@10": 0.2}}},
+    }  # fmt: skip
+    md = render_md({"drift_cut80": drift, "drift_vote": {**drift, "cut_quantile": 0.9, "vote": {}}})
+    assert md.index("## Drift replay, memory vote, 90% cut") < md.index("## Drift replay, 80% cut")
+    assert "HR@10 [+0.0100, +0.2500]" in md and "NDCG@10 [+0.01000, +0.25000]" in md
+    assert "by quarter of the replay: HR@10 +0.0000, +0.0000, +0.2500, +0.2500" in md
+    assert "changed the top 10's hit on 3 events" in md
+    assert "| new users | 5 | 0.6000 | 0.4000 | 0.3000 | 0.2000 |" in md
