@@ -40,6 +40,10 @@ log = logging.getLogger("bench.retrieval")
 
 RESULTS = REPORTS / "retrieval_runs"
 
+# the memory vote's default grid (model.vote.VoteGrid) plus τ 0.2 and 200 voters
+WIDE_VOTE_GRID = ["--vote-temperatures", "0.02", "0.05", "0.1", "0.2"]
+WIDE_VOTE_GRID += ["--vote-depths", "20", "50", "100", "200"]
+
 # variant → extra `memrec train --stage finetune` flags. raserec_k20 is the published module (α = 0.5,
 # β = 1, K = 20); the others change one thing each so that each effect is measured on its own.
 VARIANTS: dict[str, list[str]] = {
@@ -59,6 +63,8 @@ VARIANTS: dict[str, list[str]] = {
     "vote": ["--vote"],
     # the vote on the encoder alone: α = 1 makes the fused state h itself (one epoch, nothing to learn)
     "vote_only": ["--alpha", "1.0", "--ft-epochs", "1", "--vote"],
+    # … chosen from a wider grid: softer (τ 0.2) and deeper (200 voters) neighbourhoods too
+    "vote_only_wide": ["--alpha", "1.0", "--ft-epochs", "1", "--vote", *WIDE_VOTE_GRID],
 }
 
 

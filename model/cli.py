@@ -8,7 +8,7 @@ import logging
 import resource
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from model.fusion import FusionConfig
 from model.sasrec import EncoderConfig, SASRec
 from model.train import OBJECTIVES, SCHEMES, TrainConfig, evaluate_encoder, train
 from model.user_memory import QUALITIES, build_table
+from model.vote import VoteGrid
 
 log = logging.getLogger("memrec")
 
@@ -107,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="choose the memory vote (the nearest memories' next items mixed into the scores) on "
         "validation after fine-tuning; it stays off where it does not help there (--no-vote: skip)",
     )
+    grid = VoteGrid()
+    f.add_argument("--vote-weights", type=float, nargs="+", default=list(grid.weights), help="λ candidates")
+    f.add_argument(
+        "--vote-temperatures", type=float, nargs="+", default=list(grid.temperatures), help="τ candidates"
+    )
+    f.add_argument("--vote-depths", type=int, nargs="+", default=list(grid.depths), help="voter counts")
     f.add_argument("--ft-epochs", type=int, default=100)
     f.add_argument("--ft-patience", type=int, default=10)
     f.add_argument("--ft-lr", type=float, default=1e-3)
@@ -229,7 +236,8 @@ def _finetune(
         device=args.device,
     )
     t0 = time.perf_counter()
-    model, result = finetune(encoder, split, fusion_cfg, cfg)
+    grid = VoteGrid(tuple(args.vote_weights), tuple(args.vote_temperatures), tuple(args.vote_depths))
+    model, result = finetune(encoder, split, fusion_cfg, cfg, grid)
     full, test_q, test = evaluate_on_test(model, split, cfg)
     metrics: dict[str, Any] = {
         "best_epoch": result.best_epoch,
@@ -243,6 +251,8 @@ def _finetune(
     }
     if result.vote_table:
         vote: dict[str, Any] = {"chosen": cfg.vote().to_json(), "valid": result.vote_table}
+        if result.vote_grid is not None:
+            vote["grid"] = asdict(result.vote_grid)
         metrics["vote"] = vote
         if cfg.vote().on:  # the same fusion without the vote, on the same test queries: the paired effect
             off_cfg = replace(cfg, vote_weight=0.0)

@@ -102,6 +102,7 @@ class FinetuneResult:
     best_valid: Metrics
     history: list[EpochLog] = field(default_factory=list)
     vote_table: list[dict[str, Any]] = field(default_factory=list)  # validation metrics of each candidate
+    vote_grid: VoteGrid | None = None  # the candidates the vote was chosen from
 
 
 def limit_depth(retrieved: Retrieved, k: IntArray) -> Retrieved:
@@ -251,9 +252,14 @@ def build_bank(encoder: SASRec, samples: Samples, device: str) -> tuple[MemoryBa
 
 
 def finetune(
-    encoder: SASRec, split: Split, fusion_cfg: FusionConfig, cfg: FinetuneConfig
+    encoder: SASRec,
+    split: Split,
+    fusion_cfg: FusionConfig,
+    cfg: FinetuneConfig,
+    vote_grid: VoteGrid | None = None,
 ) -> tuple[RetrievalModel, FinetuneResult]:
-    """Train a fusion module over the frozen ``encoder``; returns the model (training-pair bank)."""
+    """Train a fusion module over the frozen ``encoder``; returns the model (training-pair bank). With
+    ``cfg.tune_vote`` the memory vote is then chosen from ``vote_grid`` (default: ``VoteGrid()``)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     dev = torch.device(cfg.device)
@@ -295,7 +301,8 @@ def finetune(
     fusion.load_state_dict(best_state)
     fusion.eval()
     if cfg.tune_vote:
-        result.vote_table = tune_vote(model, valid_q, split.valid, VoteGrid())
+        result.vote_grid = vote_grid or VoteGrid()
+        result.vote_table = tune_vote(model, valid_q, split.valid, result.vote_grid)
     return model, result
 
 

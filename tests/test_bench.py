@@ -160,3 +160,21 @@ def test_the_chosen_memory_vote_of_each_seed_is_reported(tmp_path: Path) -> None
     md = retrieval.markdown(report)
     assert "| vote | 0 | 0.3 | 0.05 | 100 | 0.0400 → 0.0500 | 0.0900 → 0.1000 |" in md
     assert "| vote | 1 | 0 | 0.05 | 0 | – | – |" in md
+
+
+def test_every_retrieval_variant_is_a_valid_finetune_command() -> None:
+    from model.cli import build_parser
+
+    parser = build_parser()
+    base = ["train", "--dataset", "d", "--out", "o", "--stage", "finetune", "--from", "m"]
+    parsed = {v: parser.parse_args([*base, *retrieval.variant_flags(v)]) for v in retrieval.VARIANTS}
+    assert not parsed["raserec_k20"].vote and parsed["vote"].vote  # only the vote variants tune it
+    assert parsed["vote"].vote_depths == [20, 50, 100] and parsed["vote"].vote_temperatures == [
+        0.02,
+        0.05,
+        0.1,
+    ]
+    wide = parsed["vote_only_wide"]
+    assert wide.vote and wide.alpha == 1.0 and wide.ft_epochs == 1
+    assert wide.vote_depths == [20, 50, 100, 200] and wide.vote_temperatures == [0.02, 0.05, 0.1, 0.2]
+    assert wide.vote_weights == parsed["vote"].vote_weights

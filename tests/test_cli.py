@@ -208,7 +208,8 @@ def test_vote_is_tuned_on_validation_and_reproduced_on_reload(
     config = json.loads((tmp_path / "config.json").read_text())
     vote, table = config["metrics"]["vote"]["chosen"], config["metrics"]["vote"]["valid"]
     assert config["finetune"]["vote_weight"] == vote["weight"] > 0
-    assert table[0]["weight"] == 0.0 and len(table) == 46
+    assert table[0]["weight"] == 0.0 and len(table) == 46  # off + 5 λ × 3 τ × 3 depths
+    assert config["metrics"]["vote"]["grid"]["depths"] == [20, 50, 100]  # the result names its grid
     allowed = [row for row in table if row["hr@10"] >= table[0]["hr@10"]]  # the HR@10 guard
     best = max(allowed, key=lambda row: row["ndcg@10"])
     assert (best["weight"], best["temperature"], best["depth"]) == tuple(vote.values())
@@ -225,3 +226,20 @@ def test_vote_is_tuned_on_validation_and_reproduced_on_reload(
     off = json.loads(capsys.readouterr().out)
     assert off["unmasked"] == config["metrics"]["vote"]["test_without_vote"]["unmasked"]
     assert off["unmasked"]["ndcg@10"] < out["unmasked"]["ndcg@10"]
+
+
+def test_vote_grid_flags_set_the_candidates(model_dir: Path, dataset: Path, tmp_path: Path) -> None:
+    args = ["train", "--dataset", str(dataset), "--out", str(tmp_path), "--device", "cpu", "--stage"]
+    args += ["finetune", "--from", str(model_dir), "--ft-epochs", "1", "--vote", "--vote-weights", "0.3"]
+    assert main([*args, "--vote-temperatures", "0.2", "--vote-depths", "7", "200"]) == 0
+    vote = json.loads((tmp_path / "config.json").read_text())["metrics"]["vote"]
+    assert vote["grid"] == {"weights": [0.3], "temperatures": [0.2], "depths": [7, 200]}
+    assert [(r["weight"], r["temperature"], r["depth"]) for r in vote["valid"]] == [
+        (0.0, 0.05, 0),
+        (0.3, 0.2, 7),
+        (0.3, 0.2, 200),
+    ]
+    assert vote["chosen"] in [
+        {"weight": w, "temperature": t, "depth": d}
+        for w, t, d in [(0.0, 0.05, 0), (0.3, 0.2, 7), (0.3, 0.2, 200)]
+    ]
