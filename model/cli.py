@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import resource
 import sys
 import time
@@ -114,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--vote-temperatures", type=float, nargs="+", default=list(grid.temperatures), help="τ candidates"
     )
     f.add_argument("--vote-depths", type=int, nargs="+", default=list(grid.depths), help="voter counts")
+    f.add_argument(
+        "--vote-min-z",
+        type=float,
+        default=2.0,
+        help="the vote stays off unless its validation NDCG@10 gain is this many standard errors",
+    )
     f.add_argument("--ft-epochs", type=int, default=100)
     f.add_argument("--ft-patience", type=int, default=10)
     f.add_argument("--ft-lr", type=float, default=1e-3)
@@ -237,7 +244,7 @@ def _finetune(
     )
     t0 = time.perf_counter()
     grid = VoteGrid(tuple(args.vote_weights), tuple(args.vote_temperatures), tuple(args.vote_depths))
-    model, result = finetune(encoder, split, fusion_cfg, cfg, grid)
+    model, result = finetune(encoder, split, fusion_cfg, cfg, grid, args.vote_min_z)
     full, test_q, test = evaluate_on_test(model, split, cfg)
     metrics: dict[str, Any] = {
         "best_epoch": result.best_epoch,
@@ -253,6 +260,8 @@ def _finetune(
         vote: dict[str, Any] = {"chosen": cfg.vote().to_json(), "valid": result.vote_table}
         if result.vote_grid is not None:
             vote["grid"] = asdict(result.vote_grid)
+        z = result.vote_z if math.isfinite(result.vote_z) else None  # None: a gain without any spread
+        vote["z"], vote["min_z"] = z, args.vote_min_z
         metrics["vote"] = vote
         if cfg.vote().on:  # the same fusion without the vote, on the same test queries: the paired effect
             off_cfg = replace(cfg, vote_weight=0.0)

@@ -30,7 +30,7 @@ from model.memory import FloatArray, MemoryBank, Retrieved, encode_samples
 from model.sasrec import SASRec
 from model.train import EpochLog
 from model.user_memory import UserMemoryConfig, UserMemoryTable, build_table
-from model.vote import Vote, VoteGrid, mix, tune
+from model.vote import TuneResult, Vote, VoteGrid, mix, tune
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class FinetuneResult:
     history: list[EpochLog] = field(default_factory=list)
     vote_table: list[dict[str, Any]] = field(default_factory=list)  # validation metrics of each candidate
     vote_grid: VoteGrid | None = None  # the candidates the vote was chosen from
+    vote_z: float = 0.0  # the best candidate's validation gain over off, in standard errors
 
 
 def limit_depth(retrieved: Retrieved, k: IntArray) -> Retrieved:
@@ -257,9 +258,11 @@ def finetune(
     fusion_cfg: FusionConfig,
     cfg: FinetuneConfig,
     vote_grid: VoteGrid | None = None,
+    vote_min_z: float = 2.0,
 ) -> tuple[RetrievalModel, FinetuneResult]:
     """Train a fusion module over the frozen ``encoder``; returns the model (training-pair bank). With
-    ``cfg.tune_vote`` the memory vote is then chosen from ``vote_grid`` (default: ``VoteGrid()``)."""
+    ``cfg.tune_vote`` the memory vote is then chosen from ``vote_grid`` (default: ``VoteGrid()``); it
+    stays off unless it beats off on validation by ``vote_min_z`` standard errors."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     dev = torch.device(cfg.device)
@@ -302,15 +305,17 @@ def finetune(
     fusion.eval()
     if cfg.tune_vote:
         result.vote_grid = vote_grid or VoteGrid()
-        result.vote_table = tune_vote(model, valid_q, split.valid, result.vote_grid)
+        tuned = tune_vote(model, valid_q, split.valid, result.vote_grid, vote_min_z)
+        result.vote_table, result.vote_z = tuned.table, tuned.z
     return model, result
 
 
 def tune_vote(
-    model: RetrievalModel, queries: Queries, samples: Samples, grid: VoteGrid
-) -> list[dict[str, Any]]:
+    model: RetrievalModel, queries: Queries, samples: Samples, grid: VoteGrid, min_z: float = 2.0
+) -> TuneResult:
     """Choose the memory vote on ``samples`` (validation) and set it in ``model.cfg``; returns every
-    candidate's metrics. The fused logits are computed once per batch and shared by the candidates."""
+    candidate's metrics and the winner's z. The fused logits are computed once per batch and shared by
+    the candidates."""
     t0 = time.perf_counter()
     model.fusion.eval()
     dev = torch.device(model.cfg.device)
@@ -325,7 +330,7 @@ def tune_vote(
             yield logits, items, sims, torch.from_numpy(samples.targets[idx]).to(dev)
 
     with torch.inference_mode():
-        result = tune(batches(), grid)
+        result = tune(batches(), grid, min_z=min_z)
     best = result.best
     model.cfg.vote_weight, model.cfg.vote_temperature, model.cfg.vote_depth = (
         best.weight,
@@ -336,7 +341,7 @@ def tune_vote(
     chosen = result.table[grid.votes().index(best)]
     log.info(
         "memory vote: weight %.2f temperature %.2f depth %d; valid ndcg@10 %.4f hr@10 %.4f "
-        "(off: %.4f, %.4f); %d tried in %.0fs",
+        "(off: %.4f, %.4f; best vote's gain %.1f standard errors, needs %.1f); %d tried in %.0fs",
         best.weight,
         best.temperature,
         best.depth,
@@ -344,10 +349,12 @@ def tune_vote(
         chosen["hr@10"],
         off["ndcg@10"],
         off["hr@10"],
+        result.z,
+        min_z,
         len(result.table),
         time.perf_counter() - t0,
     )
-    return result.table
+    return result
 
 
 def _epoch(

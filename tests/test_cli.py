@@ -210,6 +210,8 @@ def test_vote_is_tuned_on_validation_and_reproduced_on_reload(
     assert config["finetune"]["vote_weight"] == vote["weight"] > 0
     assert table[0]["weight"] == 0.0 and len(table) == 46  # off + 5 λ × 3 τ × 3 depths
     assert config["metrics"]["vote"]["grid"]["depths"] == [20, 50, 100]  # the result names its grid
+    z = config["metrics"]["vote"]["z"]  # its gain over off in standard errors (None: without spread)
+    assert config["metrics"]["vote"]["min_z"] == 2.0 and (z is None or z >= 2.0)
     allowed = [row for row in table if row["hr@10"] >= table[0]["hr@10"]]  # the HR@10 guard
     best = max(allowed, key=lambda row: row["ndcg@10"])
     assert (best["weight"], best["temperature"], best["depth"]) == tuple(vote.values())

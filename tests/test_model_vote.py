@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.vote import Vote, VoteGrid, distribution, mix, tune
+from model.vote import Vote, VoteGrid, distribution, mix, paired_z, tune
 
 
 def test_distribution_is_a_similarity_softmax_summed_per_item() -> None:
@@ -86,7 +86,32 @@ def test_tune_refuses_a_vote_that_buys_ndcg_with_hit_rate() -> None:
     items = torch.tensor([[2, 2], [12, 12]])
     batch = (logits, items, torch.full((2, 2), 0.9), torch.tensor([2, 10]))
     grid = VoteGrid(weights=(0.5,), temperatures=(0.1,), depths=(2,))
-    unguarded = tune([batch], grid, metric="ndcg@10", guard=None, ks=(10,))
+    unguarded = tune([batch], grid, metric="ndcg@10", guard=None, ks=(10,), min_z=0.0)
     assert unguarded.best.on  # NDCG@10 alone: 0.500 against 0.460
     guarded = tune([batch], grid, metric="ndcg@10", guard="hr@10", ks=(10,))
     assert not guarded.best.on and guarded.table[1]["hr@10"] < guarded.table[0]["hr@10"]
+
+
+def test_paired_z_is_the_mean_gain_over_its_standard_error() -> None:
+    base = np.array([0, 5, 20, 1])  # ranks; NDCG@10 per sample: 1, 1/log2(7), 0, 1/log2(3)
+    assert paired_z(base, base, "ndcg@10") == 0.0
+    assert paired_z(np.array([0, 5, 0, 1]), base, "hr@10") == pytest.approx(1.0)  # d 0, 0, 1, 0: 0.25 / 0.25
+    assert paired_z(np.array([3, 3]), np.array([20, 30]), "hr@10") == math.inf  # the same gain everywhere
+    better = np.array([0, 0, 0, 0])
+    d = np.array([0.0, 1 - 1 / math.log2(7), 1.0, 1 - 1 / math.log2(3)])
+    assert paired_z(better, base, "ndcg@10") == pytest.approx(d.mean() / (d.std(ddof=1) / 2))
+    assert paired_z(base, better, "ndcg@10") == pytest.approx(-d.mean() / (d.std(ddof=1) / 2))
+
+
+def test_tune_keeps_the_vote_off_when_its_gain_is_within_noise() -> None:
+    # Four samples: the vote lifts two targets to the top and drops one out of the top 10 — a gain on
+    # average, but not by two standard errors of the per-sample differences.
+    n_items = 14
+    logits = torch.tensor([[-math.inf, *[5.0 - 0.1 * j for j in range(n_items)]]] * 4)
+    items = torch.tensor([[3, 3], [3, 3], [12, 12], [4, 4]])
+    batch = (logits, items, torch.full((4, 2), 0.9), torch.tensor([3, 3, 10, 1]))
+    grid = VoteGrid(weights=(0.5,), temperatures=(0.1,), depths=(2,))
+    loose = tune([batch], grid, metric="ndcg@10", guard=None, ks=(10,), min_z=0.0)
+    assert loose.best.on and 0.0 < loose.z < 2.0
+    strict = tune([batch], grid, metric="ndcg@10", guard=None, ks=(10,))
+    assert not strict.best.on and strict.z == loose.z and strict.table == loose.table
