@@ -159,7 +159,11 @@ def aggregate(runs_dir: Path, section: Callable[[dict[str, Any]], str] | None = 
                 "dates": [r["date"] for r in rs],
             }
         )
-        votes = [{"seed": r["seed"], **r["vote"]["chosen"], **_vote_pair(r)} for r in rs if "vote" in r]
+        votes = [
+            {"seed": r["seed"], **r["vote"]["chosen"], **_vote_pair(r), **_vote_rule(r)}
+            for r in rs
+            if "vote" in r
+        ]
         if votes:  # the memory vote chosen on validation, per seed
             entry["vote"] = votes
         costs = [r["cost"] for r in rs if "cost" in r]
@@ -167,6 +171,19 @@ def aggregate(runs_dir: Path, section: Callable[[dict[str, Any]], str] | None = 
             entry["cost"] = {k: float(np.median([c[k] for c in costs])) for k in costs[0]}
         report.setdefault(dataset, {})[variant] = entry
     return report
+
+
+def _vote_rule(r: dict[str, Any]) -> dict[str, Any]:
+    """The validation winner's gain over off in standard errors (None: a gain without spread) and, if
+    the significance rule refused it, that candidate; nothing for runs recorded before the rule."""
+    vote = r["vote"]
+    if "z" not in vote:
+        return {}
+    out: dict[str, Any] = {"z": vote["z"]}
+    cand = vote.get("candidate")
+    if cand is not None and cand != vote["chosen"]:
+        out["refused"] = cand
+    return out
 
 
 def _vote_pair(r: dict[str, Any]) -> dict[str, float]:

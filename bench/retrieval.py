@@ -181,18 +181,28 @@ def vote_table(variants: dict[str, Any]) -> list[str]:
     lines = [
         "Memory vote chosen on validation (best NDCG@10 with HR@10 no lower than without the vote;",
         "weight λ, temperature τ, voters; λ = 0: off), and its paired effect on test (unmasked): the same",
-        "model with the vote switched off, on the same test queries:",
+        "model with the vote switched off, on the same test queries. *valid z*: the validation winner's",
+        "NDCG@10 gain over off in standard errors; below `--vote-min-z` (2) it is refused and the vote",
+        "stays off (– : recorded before that rule, or no vote beat off):",
         "",
-        "| variant | seed | λ | τ | voters | NDCG@10 off → on | HR@10 off → on |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "| variant | seed | λ | τ | voters | valid z | NDCG@10 off → on | HR@10 off → on |",
+        "|---|---:|---:|---:|---:|---|---|---|",
     ]
     for name, v in rows:
         for c in v["vote"]:
-            cells = [str(c["seed"]), f"{c['weight']:g}", f"{c['temperature']:g}", str(c["depth"])]
+            cells = [str(c["seed"]), f"{c['weight']:g}", f"{c['temperature']:g}", str(c["depth"]), _z_cell(c)]
             for m in ("ndcg@10", "hr@10"):
                 cells.append(f"{c[m + '_off']:.4f} → {c[m + '_on']:.4f}" if m + "_off" in c else "–")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def _z_cell(c: dict[str, Any]) -> str:
+    if "z" not in c or (c["z"] == 0 and "refused" not in c):
+        return "–"
+    z = "∞" if c["z"] is None else f"{c['z']:.1f}"
+    r = c.get("refused")
+    return z if r is None else f"{z}, refused λ {r['weight']:g} τ {r['temperature']:g} {r['depth']} voters"
 
 
 def long_tail_table(variants: dict[str, Any]) -> list[str]:

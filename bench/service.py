@@ -515,9 +515,10 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
         for name, m in groups(early, later).items()
         if m.any()
     }
+    event_users = [u for u, _, _ in later]
     gains = {
-        "hr@10": paired(live.pop("hit"), frozen.pop("hit"), [u for u, _, _ in later]),
-        "ndcg@10": paired(live.pop("gain"), frozen.pop("gain"), [u for u, _, _ in later]),
+        "hr@10": paired(live.pop("hit"), frozen.pop("hit"), event_users),
+        "ndcg@10": paired(live.pop("gain"), frozen.pop("gain"), event_users),
     }
     return {
         "dataset": "ml-100k",

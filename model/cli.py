@@ -190,6 +190,7 @@ def _pretrain(args: argparse.Namespace, data: Interactions, split: Split) -> tup
         seed=args.seed,
         device=args.device,
     )
+    torch.manual_seed(args.seed)  # the initial weights too: the same command gives the same model
     model = SASRec(enc_cfg)
     ckpt_dir = args.out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -262,6 +263,8 @@ def _finetune(
             vote["grid"] = asdict(result.vote_grid)
         z = result.vote_z if math.isfinite(result.vote_z) else None  # None: a gain without any spread
         vote["z"], vote["min_z"] = z, args.vote_min_z
+        # the validation winner z belongs to: the chosen vote, or the one the rule refused (None: off won)
+        vote["candidate"] = result.vote_candidate.to_json() if result.vote_candidate else None
         metrics["vote"] = vote
         if cfg.vote().on:  # the same fusion without the vote, on the same test queries: the paired effect
             off_cfg = replace(cfg, vote_weight=0.0)

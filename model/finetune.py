@@ -104,6 +104,7 @@ class FinetuneResult:
     vote_table: list[dict[str, Any]] = field(default_factory=list)  # validation metrics of each candidate
     vote_grid: VoteGrid | None = None  # the candidates the vote was chosen from
     vote_z: float = 0.0  # the best candidate's validation gain over off, in standard errors
+    vote_candidate: Vote | None = None  # that candidate, kept or refused by the z rule (None: off won)
 
 
 def limit_depth(retrieved: Retrieved, k: IntArray) -> Retrieved:
@@ -306,7 +307,7 @@ def finetune(
     if cfg.tune_vote:
         result.vote_grid = vote_grid or VoteGrid()
         tuned = tune_vote(model, valid_q, split.valid, result.vote_grid, vote_min_z)
-        result.vote_table, result.vote_z = tuned.table, tuned.z
+        result.vote_table, result.vote_z, result.vote_candidate = tuned.table, tuned.z, tuned.candidate
     return model, result
 
 
@@ -339,9 +340,16 @@ def tune_vote(
     )
     off = result.table[0]
     chosen = result.table[grid.votes().index(best)]
+    cand = result.candidate
+    verdict = (
+        "no vote beat off"
+        if cand is None
+        else f"{'kept' if cand == best else 'refused'} weight {cand.weight:.2f} temperature "
+        f"{cand.temperature:.2f} depth {cand.depth}: gain {result.z:.1f} standard errors, needs {min_z:.1f}"
+    )
     log.info(
         "memory vote: weight %.2f temperature %.2f depth %d; valid ndcg@10 %.4f hr@10 %.4f "
-        "(off: %.4f, %.4f; best vote's gain %.1f standard errors, needs %.1f); %d tried in %.0fs",
+        "(off: %.4f, %.4f; %s); %d tried in %.0fs",
         best.weight,
         best.temperature,
         best.depth,
@@ -349,8 +357,7 @@ def tune_vote(
         chosen["hr@10"],
         off["ndcg@10"],
         off["hr@10"],
-        result.z,
-        min_z,
+        verdict,
         len(result.table),
         time.perf_counter() - t0,
     )

@@ -9,7 +9,8 @@ Objectives (METHODS §1, §2 stage 1):
 
 Adam, early stopping on a validation metric with patience, the best state kept. A run with a
 ``checkpoint_dir`` writes its state after every epoch and resumes from it, so a long run survives
-being stopped. Same seed, same numbers on the CPU.
+being stopped. Same seed and same initial weights, same numbers on the CPU (`memrec train` draws the
+initial weights from the seed as well, so one command gives one model).
 """
 
 from __future__ import annotations

@@ -121,6 +121,7 @@ class TuneResult:
     table: list[dict[str, Any]] = field(default_factory=list)  # every candidate's validation metrics
     z: float = 0.0  # the best vote's paired gain over off in standard errors (0: no vote beat off); the
     # vote stays off when it is below min_z
+    candidate: Vote | None = None  # the validation winner z belongs to, kept or refused (None: off won)
 
 
 Batch = tuple[Tensor, Tensor, Tensor, Tensor]  # logits (B, n_ids), items (B, K), sims (B, K), targets (B,)
@@ -151,9 +152,10 @@ def tune(
     allowed = [j for j in range(len(votes)) if guard is None or table[j][guard] >= table[0][guard]]
     best = max(allowed, key=lambda j: (table[j][metric], -j))  # 0 (off) is always allowed
     z = paired_z(np.concatenate(ranks[best]), np.concatenate(ranks[0]), metric) if best else 0.0
+    candidate = votes[best] if best else None
     if z < min_z:
         best = 0
-    return TuneResult(votes[best], metric, guard, table, z)
+    return TuneResult(votes[best], metric, guard, table, z, candidate)
 
 
 def paired_z(ranks: np.ndarray, base: np.ndarray, metric: str) -> float:

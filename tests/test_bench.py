@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -134,13 +135,20 @@ def test_the_chosen_memory_vote_of_each_seed_is_reported(tmp_path: Path) -> None
     chosen = [
         {"weight": 0.3, "temperature": 0.05, "depth": 100},
         {"weight": 0.0, "temperature": 0.05, "depth": 0},
+        {"weight": 0.0, "temperature": 0.05, "depth": 0},
+    ]
+    refused = {"weight": 0.05, "temperature": 0.1, "depth": 20}
+    rules: list[dict[str, Any]] = [
+        {"z": 4.93, "min_z": 2.0, "candidate": chosen[0]},  # kept
+        {},  # recorded before the significance rule
+        {"z": 0.42, "min_z": 2.0, "candidate": refused},  # the rule refused the validation winner
     ]
     for seed, c in enumerate(chosen):
         r = {
             **result(seed, 0.05),
             "variant": "vote",
             "encoder": "pretrain",
-            "vote": {"chosen": c, "valid": []},
+            "vote": {"chosen": c, "valid": [], **rules[seed]},
         }
         if seed == 0:  # a paired figure: the same model with the vote off
             off = dict.fromkeys(METRICS, 0.1) | {"ndcg@10": 0.04, "hr@10": 0.09}
@@ -149,6 +157,7 @@ def test_the_chosen_memory_vote_of_each_seed_is_reported(tmp_path: Path) -> None
     report = aggregate(tmp_path, section=lambda r: f"{r['dataset']}, {r['encoder']} encoder")
     votes = report["beauty, pretrain encoder"]["vote"]["vote"]
     assert votes[1] == {"seed": 1, **chosen[1]}
+    assert votes[2] == {"seed": 2, **chosen[2], "z": 0.42, "refused": refused}
     assert votes[0] == {
         "seed": 0,
         **chosen[0],
@@ -156,10 +165,12 @@ def test_the_chosen_memory_vote_of_each_seed_is_reported(tmp_path: Path) -> None
         "ndcg@10_off": 0.04,
         "hr@10_on": 0.1,
         "hr@10_off": 0.09,
+        "z": 4.93,
     }
     md = retrieval.markdown(report)
-    assert "| vote | 0 | 0.3 | 0.05 | 100 | 0.0400 → 0.0500 | 0.0900 → 0.1000 |" in md
-    assert "| vote | 1 | 0 | 0.05 | 0 | – | – |" in md
+    assert "| vote | 0 | 0.3 | 0.05 | 100 | 4.9 | 0.0400 → 0.0500 | 0.0900 → 0.1000 |" in md
+    assert "| vote | 1 | 0 | 0.05 | 0 | – | – | – |" in md
+    assert "| vote | 2 | 0 | 0.05 | 0 | 0.4, refused λ 0.05 τ 0.1 20 voters | – | – |" in md
 
 
 def test_every_retrieval_variant_is_a_valid_finetune_command() -> None:

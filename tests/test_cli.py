@@ -65,6 +65,22 @@ def test_evaluate_reproduces_the_training_run_exactly(
     assert out["unmasked"] == saved["unmasked"] and out["masked"] == saved["masked"]
 
 
+def test_the_seed_determines_the_training_run(dataset: Path, tmp_path: Path) -> None:
+    # The weights are initialised from the seed too, not from whatever state the process's RNG is in:
+    # the same command gives the same model, another seed another one.
+    def weights(seed: int, out: Path) -> dict[str, torch.Tensor]:
+        args = ["train", "--dataset", str(dataset), "--out", str(out), "--epochs", "1", "--device", "cpu"]
+        assert main([*args, "--stage", "pretrain", "--seed", str(seed)]) == 0
+        return artifact.load(out).encoder.state_dict()
+
+    torch.manual_seed(123)  # a process RNG state unlike the next call's
+    first = weights(0, tmp_path / "a")
+    again = weights(0, tmp_path / "b")
+    other = weights(1, tmp_path / "c")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["item_emb.weight"], other["item_emb.weight"])
+
+
 @pytest.mark.parametrize(
     ("damage", "file"),
     [
@@ -212,6 +228,7 @@ def test_vote_is_tuned_on_validation_and_reproduced_on_reload(
     assert config["metrics"]["vote"]["grid"]["depths"] == [20, 50, 100]  # the result names its grid
     z = config["metrics"]["vote"]["z"]  # its gain over off in standard errors (None: without spread)
     assert config["metrics"]["vote"]["min_z"] == 2.0 and (z is None or z >= 2.0)
+    assert config["metrics"]["vote"]["candidate"] == vote  # the kept winner is the one z belongs to
     allowed = [row for row in table if row["hr@10"] >= table[0]["hr@10"]]  # the HR@10 guard
     best = max(allowed, key=lambda row: row["ndcg@10"])
     assert (best["weight"], best["temperature"], best["depth"]) == tuple(vote.values())

@@ -115,3 +115,5 @@ def test_tune_keeps_the_vote_off_when_its_gain_is_within_noise() -> None:
     assert loose.best.on and 0.0 < loose.z < 2.0
     strict = tune([batch], grid, metric="ndcg@10", guard=None, ks=(10,))
     assert not strict.best.on and strict.z == loose.z and strict.table == loose.table
+    # Both name the candidate the z belongs to, so a refused vote is visible in the model's record.
+    assert strict.candidate == loose.candidate == loose.best
