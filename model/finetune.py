@@ -163,11 +163,15 @@ class RetrievalModel:
             user_slots,
         )
 
+    def fused(self, states: Tensor, retrieved: Retrieved, user_items: IntArray | None = None) -> Tensor:
+        """states (B, D) frozen encoder output → the fused state ĥ (B, D)."""
+        keys, values, mask, sims, user_slots = self.memory_tensors(states, retrieved, user_items)
+        out: Tensor = self.fusion(states, keys, values, mask, sims, user_slots)
+        return out
+
     def logits(self, states: Tensor, retrieved: Retrieved, user_items: IntArray | None = None) -> Tensor:
         """states (B, D) frozen encoder output → the fused state's logits over all ids (B, n_items + 1)."""
-        keys, values, mask, sims, user_slots = self.memory_tensors(states, retrieved, user_items)
-        fused = self.fusion(states, keys, values, mask, sims, user_slots)
-        return self.encoder.scores(fused)
+        return self.encoder.scores(self.fused(states, retrieved, user_items))
 
     def scores(
         self,
@@ -380,8 +384,8 @@ def _epoch(
     for s in tqdm(range(0, len(perm), cfg.batch_size), desc=desc, leave=False, mininterval=2.0):
         idx = perm[s : s + cfg.batch_size]
         states, retrieved, user_items = queries.subset(idx)
-        scores = model.scores(torch.from_numpy(states).to(dev), retrieved, user_items)
-        loss = F.cross_entropy(scores, torch.from_numpy(targets[idx]).to(dev))
+        fused = model.fused(torch.from_numpy(states).to(dev), retrieved, user_items)  # (B, D); no vote here
+        loss = model.encoder.next_item_loss(fused, torch.from_numpy(targets[idx]).to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()

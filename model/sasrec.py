@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.softmax import full_softmax_ce
+
 
 @dataclass
 class EncoderConfig:
@@ -141,3 +143,9 @@ class SASRec(nn.Module):
         logits = h @ self.item_emb.weight.T  # tied weights: the input table scores the output
         logits[:, 0] = -math.inf
         return logits
+
+    def next_item_loss(self, h: Tensor, targets: Tensor) -> Tensor:
+        """h: (M, D), targets: (M,) → the mean full-softmax cross-entropy, equal to
+        ``F.cross_entropy(self.scores(h), targets)`` without building the (M, n_items + 1) logits
+        (model.softmax: a training step's largest cost)."""
+        return full_softmax_ce(h, self.item_emb.weight, targets)

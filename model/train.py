@@ -149,9 +149,9 @@ def batch_loss(
             )
         ).to(device)  # (B, T), 0 at padding
         real = y_all != 0
-        loss = F.cross_entropy(model.scores(states[real]), y_all[real])
+        loss = model.next_item_loss(states[real], y_all[real])
     else:
-        loss = F.cross_entropy(model.scores(model.encode(x, lengths)), y)
+        loss = model.next_item_loss(model.encode(x, lengths), y)
     if cfg.objective == "pretrain":
         assert positives is not None
         h_view = model.encode(x, lengths)  # same sequences, another dropout mask
