@@ -257,14 +257,15 @@ def _finetune(
         "valid": result.best_valid,
         "test": test,
     }
-    if result.vote_table:
-        vote: dict[str, Any] = {"chosen": cfg.vote().to_json(), "valid": result.vote_table}
+    if result.vote is not None and result.vote.table:
+        tuned = result.vote
+        vote: dict[str, Any] = {"chosen": cfg.vote().to_json(), "valid": tuned.table}
         if result.vote_grid is not None:
             vote["grid"] = asdict(result.vote_grid)
-        z = result.vote_z if math.isfinite(result.vote_z) else None  # None: a gain without any spread
+        z = tuned.z if math.isfinite(tuned.z) else None  # None: a gain without any spread
         vote["z"], vote["min_z"] = z, args.vote_min_z
         # the validation winner z belongs to: the chosen vote, or the one the rule refused (None: off won)
-        vote["candidate"] = result.vote_candidate.to_json() if result.vote_candidate else None
+        vote["candidate"] = tuned.candidate.to_json() if tuned.candidate else None
         metrics["vote"] = vote
         if cfg.vote().on:  # the same fusion without the vote, on the same test queries: the paired effect
             off_cfg = replace(cfg, vote_weight=0.0)

@@ -101,10 +101,8 @@ class FinetuneResult:
     best_epoch: int
     best_valid: Metrics
     history: list[EpochLog] = field(default_factory=list)
-    vote_table: list[dict[str, Any]] = field(default_factory=list)  # validation metrics of each candidate
     vote_grid: VoteGrid | None = None  # the candidates the vote was chosen from
-    vote_z: float = 0.0  # the best candidate's validation gain over off, in standard errors
-    vote_candidate: Vote | None = None  # that candidate, kept or refused by the z rule (None: off won)
+    vote: TuneResult | None = None  # their validation metrics, the winner and its z (None: not tuned)
 
 
 def limit_depth(retrieved: Retrieved, k: IntArray) -> Retrieved:
@@ -310,8 +308,7 @@ def finetune(
     fusion.eval()
     if cfg.tune_vote:
         result.vote_grid = vote_grid or VoteGrid()
-        tuned = tune_vote(model, valid_q, split.valid, result.vote_grid, vote_min_z)
-        result.vote_table, result.vote_z, result.vote_candidate = tuned.table, tuned.z, tuned.candidate
+        result.vote = tune_vote(model, valid_q, split.valid, result.vote_grid, vote_min_z)
     return model, result
 
 
