@@ -42,6 +42,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 bench: install
+	$(PY) -m pip install --quiet -e '.[bench]'  # matplotlib: the long-tail chart
 	$(PY) -m bench.accuracy --datasets ml-100k beauty --seeds 0 1 2
 	$(PY) -m bench.retrieval --datasets ml-100k beauty --seeds 0 1 2
 
