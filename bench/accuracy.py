@@ -32,7 +32,11 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "pretrain": ("pretrain", "prefix"),
     "sasrec_allpos": ("sasrec", "allpos"),
     "pretrain_allpos": ("pretrain", "allpos"),
+    "pretrain_warm": ("pretrain", "prefix"),
 }
+# variant → the variant whose encoder (same dataset and seed) it starts from: the retrieval objective
+# added to a trained SASRec-CE, a fraction of the epochs of pre-training from scratch.
+WARM_START: dict[str, str] = {"pretrain_warm": "sasrec"}
 
 # Published test figures (METHODS §6, paper protocol: seen items not masked).
 PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
@@ -126,6 +130,15 @@ def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> 
     cli_args += ["--seed", str(seed), "--epochs", str(args.epochs), "--patience", str(args.patience)]
     cli_args += ["--out", str(out), "--resume"]
     record = {"dataset": dataset, "variant": variant, "objective": objective, "scheme": scheme, "seed": seed}
+    if variant in WARM_START:
+        base = encoder_dir(dataset, WARM_START[variant], seed)
+        if not (base / "config.json").is_file():
+            log.error(
+                "%s %s seed %d starts from the %s encoder: train it first", dataset, variant, seed, base
+            )
+            return False
+        cli_args += ["--init-from", str(base)]
+        record["init_from"] = WARM_START[variant]
     _unpark(dataset, variant, seed)
     if not run_recorded(RESULTS / f"{dataset}.{variant}.seed{seed}.json", cli_args, args, record):
         return False

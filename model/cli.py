@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--from", dest="from_dir", type=Path, help="model directory whose encoder --stage finetune uses"
     )
+    t.add_argument(
+        "--init-from",
+        type=Path,
+        help="start pre-training from this model directory's encoder weights instead of random ones "
+        "(e.g. add the retrieval objective to a trained SASRec); same dataset and encoder shape",
+    )
     f = t.add_argument_group("retrieval fusion")
     f.add_argument("--k", type=int, default=20, help="memories retrieved per query")
     f.add_argument("--alpha", type=float, default=0.5, help="weight of the encoder state in the mix")
@@ -176,6 +182,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(_service_overrides(args, names))
 
 
+def _load_initial_weights(model: SASRec, data: Interactions, model_dir: Path) -> None:
+    """Copy a trained encoder into ``model``; only its weights are taken, so dropout and the training
+    objective are this run's. Refuses another vocabulary or shape: the rows would mean other items."""
+    base = artifact.load(model_dir)
+    if base.vocab.items != data.vocab.items:
+        raise DataError(f"--init-from {model_dir}: its encoder was trained on another item vocabulary")
+    shape = ("n_items", "dim", "n_layers", "n_heads", "inner_dim", "max_len")
+    mismatched = [f for f in shape if getattr(base.encoder.cfg, f) != getattr(model.cfg, f)]
+    if mismatched:
+        raise DataError(f"--init-from {model_dir}: encoder differs in {', '.join(mismatched)}")
+    model.load_state_dict(base.encoder.state_dict())
+    log.info("initial encoder weights from %s (model version %s)", model_dir, base.model_version)
+
+
 def _pretrain(args: argparse.Namespace, data: Interactions, split: Split) -> tuple[SASRec, dict[str, Any]]:
     enc_cfg = EncoderConfig(
         n_items=data.vocab.n_items, max_len=args.max_len, dropout=args.dropout, attn_dropout=args.dropout
@@ -192,6 +212,8 @@ def _pretrain(args: argparse.Namespace, data: Interactions, split: Split) -> tup
     )
     torch.manual_seed(args.seed)  # the initial weights too: the same command gives the same model
     model = SASRec(enc_cfg)
+    if args.init_from is not None:
+        _load_initial_weights(model, data, args.init_from)
     ckpt_dir = args.out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume and (ckpt_dir / "checkpoint.pt").exists():

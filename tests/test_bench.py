@@ -131,6 +131,28 @@ def test_unfinished_runs_park_their_checkpoint_and_resume_from_it(
     assert not accuracy.park("beauty", "pretrain", 2)  # a finished run is never parked
 
 
+def test_warm_started_variant_starts_from_the_same_seeds_sasrec_encoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(accuracy, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(accuracy, "PARKED", tmp_path / "reports" / "checkpoints")
+    monkeypatch.setattr(accuracy, "ENCODERS", tmp_path / "reports" / "encoders")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(
+        accuracy, "run_recorded", lambda _f, cli_args, *a, **k: calls.append(cli_args) or True
+    )
+    args = accuracy.argparse.Namespace(epochs=30, patience=5)
+    assert not accuracy.run_one("sports", "pretrain_warm", 1, args)  # no SASRec encoder of seed 1 yet
+    assert calls == []
+    base = tmp_path / "reports" / "encoders" / "sports.sasrec.seed1"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text("{}")
+    assert accuracy.run_one("sports", "pretrain_warm", 1, args)
+    cli = calls[0]
+    assert cli[cli.index("--init-from") + 1] == str(base)
+    assert cli[cli.index("--objective") + 1] == "pretrain" and cli[cli.index("--seed") + 1] == "1"
+
+
 def test_the_chosen_memory_vote_of_each_seed_is_reported(tmp_path: Path) -> None:
     chosen = [
         {"weight": 0.3, "temperature": 0.05, "depth": 100},

@@ -81,6 +81,36 @@ def test_the_seed_determines_the_training_run(dataset: Path, tmp_path: Path) -> 
     assert not torch.equal(first["item_emb.weight"], other["item_emb.weight"])
 
 
+def test_init_from_starts_pretraining_at_a_trained_encoder(
+    model_dir: Path, dataset: Path, tmp_path: Path
+) -> None:
+    # lr 0: no step moves the weights, so what comes out is exactly what training started from; the
+    # seed's own random initialisation would differ from the base encoder.
+    args = ["train", "--dataset", str(dataset), "--out", str(tmp_path), "--epochs", "1", "--device", "cpu"]
+    args += ["--stage", "pretrain", "--objective", "pretrain", "--seed", "7", "--lr", "0"]
+    assert main([*args, "--init-from", str(model_dir)]) == 0
+    warm, base = artifact.load(tmp_path).encoder.state_dict(), artifact.load(model_dir).encoder.state_dict()
+    assert all(torch.equal(warm[k], base[k]) for k in base)
+
+
+def test_init_from_refuses_another_vocabulary_or_shape(
+    model_dir: Path, dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = tmp_path / "other.txt"  # the same shape of data over other item ids
+    other.write_text(
+        "".join(f"u{u} " + " ".join(f"x{(u + k) % 7}" for k in range(6)) + "\n" for u in range(30))
+    )
+    args = ["train", "--out", str(tmp_path / "m"), "--epochs", "1", "--device", "cpu", "--stage", "pretrain"]
+    with caplog.at_level(logging.ERROR):
+        assert main([*args, "--dataset", str(other), "--init-from", str(model_dir)]) == 2
+    assert "another item vocabulary" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main([*args, "--dataset", str(dataset), "--max-len", "20", "--init-from", str(model_dir)]) == 2
+    assert "encoder differs in max_len" in caplog.text
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize(
     ("damage", "file"),
     [
