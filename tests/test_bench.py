@@ -102,13 +102,20 @@ def test_finished_encoders_are_archived_and_found_on_another_machine(
     assert (archived / "model.safetensors").read_text() == "model.safetensors"
 
 
-def test_unfinished_runs_park_their_checkpoint_and_resume_from_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def accuracy_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The accuracy benchmark's runs, results, parked checkpoints and encoders under ``tmp_path``."""
     monkeypatch.setattr(accuracy, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(accuracy, "RESULTS", tmp_path / "reports" / "accuracy_runs")
     monkeypatch.setattr(accuracy, "PARKED", tmp_path / "reports" / "checkpoints")
     monkeypatch.setattr(accuracy, "ENCODERS", tmp_path / "reports" / "encoders")
+    return tmp_path
+
+
+def test_unfinished_runs_park_their_checkpoint_and_resume_from_it(
+    accuracy_dirs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp_path = accuracy_dirs
     run, parked = accuracy._checkpoint_paths("beauty", "pretrain", 2)
     assert not accuracy.park("beauty", "pretrain", 2)  # nothing trained
     run.parent.mkdir(parents=True)
@@ -132,11 +139,9 @@ def test_unfinished_runs_park_their_checkpoint_and_resume_from_it(
 
 
 def test_warm_started_variant_starts_from_the_same_seeds_sasrec_encoder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    accuracy_dirs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(accuracy, "RUNS", tmp_path / "runs")
-    monkeypatch.setattr(accuracy, "PARKED", tmp_path / "reports" / "checkpoints")
-    monkeypatch.setattr(accuracy, "ENCODERS", tmp_path / "reports" / "encoders")
+    tmp_path = accuracy_dirs
     calls: list[list[str]] = []
     monkeypatch.setattr(
         accuracy, "run_recorded", lambda _f, cli_args, *a, **k: calls.append(cli_args) or True
