@@ -7,10 +7,11 @@
 * ``freshness``: time from an /interactions answer to the first /recommend answer that retrieves the new
   memory.
 * ``drift``: train on the interactions before a time cut, replay the later ones in time order through
-  the API (asking /recommend before each one), with live memory updates and with a frozen bank.
+  the API (asking /recommend before each one), with live memory updates and with a frozen bank; beside
+  it a model-free item-transition reference over the same events, live and frozen.
 
     python -m bench.service load --model artifacts/beauty
-    python -m bench.service drift --dataset ml-100k
+    python -m bench.service drift --cut 0.9 [--vote] [--events N]
 """
 
 from __future__ import annotations
@@ -483,6 +484,45 @@ def groups(early: Path, later: list[tuple[str, str, float]], rising: float = 1.5
     return {"returning users": ret, "new users": ~ret, "rising items": up, "other items": ~up}
 
 
+def transition_replay(
+    early: Path, later: list[tuple[str, str, float]], live: bool, order: int = 5
+) -> tuple[np.ndarray, np.ndarray]:
+    """A memory-only reference beside the model: rank items by how often they followed the user's last
+    ``order`` items in the stored sequences (the k-th most recent item counts 1/k, and so does each
+    transition it made), seen items masked. ``live`` adds each replayed event's transitions after its
+    recommendation; frozen keeps the sequences before the cut. Per event (n,): hit and NDCG@10. It
+    measures how much the later events tell a recommender that reads them, whatever the model does."""
+    hist: dict[str, list[str]] = {}
+    follow: dict[str, dict[str, float]] = {}  # item -> {next item: weight}
+
+    def add(u: str, i: str) -> None:
+        h = hist.setdefault(u, [])
+        for k, prev in enumerate(reversed(h[-order:]), start=1):
+            nxt = follow.setdefault(prev, {})
+            nxt[i] = nxt.get(i, 0.0) + 1.0 / k
+        h.append(i)
+
+    for row in (line.split() for line in early.read_text(encoding="utf-8").splitlines()):
+        for i in row[1:]:
+            add(row[0], i)
+    hit, gain = np.zeros(len(later)), np.zeros(len(later))
+    for e, (u, i, _) in enumerate(later):
+        h = hist.setdefault(u, [])
+        seen, scores = set(h), dict[str, float]()
+        for k, prev in enumerate(reversed(h[-order:]), start=1):
+            for j, c in follow.get(prev, {}).items():
+                scores[j] = scores.get(j, 0.0) + c / k
+        best = sorted(scores, key=lambda j: -scores[j])  # stable: ties keep the order first scored
+        ranked = [j for j in best if j not in seen][:10]
+        if i in ranked:
+            hit[e], gain[e] = 1.0, 1.0 / math.log2(ranked.index(i) + 2)
+        if live:
+            add(u, i)
+        else:
+            h.append(i)  # histories move on in both; only live transitions enter the counts
+    return hit, gain
+
+
 def drift_section(vote: bool, cut: float) -> str:
     """The report key of a drift run: ``drift``, ``drift_vote``, and ``_cut80`` &c. away from the 90 %
     cut (the first runs', whose keys stay as they were)."""
@@ -520,6 +560,16 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
         "hr@10": paired(live.pop("hit"), frozen.pop("hit"), event_users),
         "ndcg@10": paired(live.pop("gain"), frozen.pop("gain"), event_users),
     }
+    (t_hit, t_gain), (f_hit, f_gain) = (transition_replay(early, later, live=x) for x in (True, False))
+    transitions = {
+        "order": 5,
+        "live": {"hr@10": float(t_hit.mean()), "ndcg@10": float(t_gain.mean())},
+        "frozen": {"hr@10": float(f_hit.mean()), "ndcg@10": float(f_gain.mean())},
+        "paired": {
+            "hr@10": paired(t_hit, f_hit, event_users),
+            "ndcg@10": paired(t_gain, f_gain, event_users),
+        },
+    }
     return {
         "dataset": "ml-100k",
         "cut_quantile": args.cut,
@@ -531,6 +581,7 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
         "ndcg@10_gain": live["ndcg@10"] - frozen["ndcg@10"],
         "paired": gains,
         "groups": by_group,
+        "transitions": transitions,
     }
 
 
@@ -621,6 +672,8 @@ def _drift_md(drift: dict[str, Any], title: str) -> list[str]:
         f"The memory vote, chosen on validation: weight {vote['weight']:g}, temperature "
         f"{vote['temperature']:g}, {vote['depth']} voters."
         if vote.get("weight")
+        else "Validation refused the memory vote (no candidate beat the fusion alone without losing HR@10)."
+        if "--vote" in drift["command"].split()
         else "The memory vote is off."
     )
     lines = [
@@ -664,6 +717,18 @@ def _drift_md(drift: dict[str, Any], title: str) -> list[str]:
             cells = [str(g["events"]), f"{g['live']['hr@10']:.4f}", f"{g['frozen']['hr@10']:.4f}"]
             cells += [f"{g['live']['ndcg@10']:.4f}", f"{g['frozen']['ndcg@10']:.4f}"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "transitions" in drift:
+        t = drift["transitions"]
+        ci = t["paired"]["hr@10"]["ci95"]
+        lines += [
+            "",
+            f"Memory-only reference over the same events (items that followed the user's last {t['order']} "
+            "items in the stored sequences, no model): live HR@10 "
+            f"{t['live']['hr@10']:.4f} / NDCG@10 {t['live']['ndcg@10']:.4f}, frozen "
+            f"{t['frozen']['hr@10']:.4f} / {t['frozen']['ndcg@10']:.4f}; live minus frozen HR@10 "
+            f"{t['paired']['hr@10']['mean']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]. What the later events "
+            "add for a recommender that reads them, against what the model above takes from them.",
+        ]
     return [*lines, ""]
 
 

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from bench.service import drift_section, groups, max_rate, paired, render_md, summarise, time_split
+from bench.service import (
+    drift_section,
+    groups,
+    max_rate,
+    paired,
+    render_md,
+    summarise,
+    time_split,
+    transition_replay,
+)
 
 
 def _step(rate: float, p99: float, errors: int = 0) -> dict[str, Any]:
@@ -139,6 +149,19 @@ def test_groups_split_events_by_user_and_item_trend(tmp_path: Path) -> None:
     assert (g["other items"] == ~g["rising items"]).all()
 
 
+def test_transition_reference_reads_the_replayed_events_only_when_live(tmp_path: Path) -> None:
+    early = tmp_path / "early.txt"
+    early.write_text("a x y\nb z w\n", encoding="utf-8")  # x was followed by y; z by w
+    later = [("c", "x", 1.0), ("c", "w", 2.0), ("d", "x", 3.0), ("d", "w", 4.0), ("a", "w", 5.0)]
+    hit, gain = transition_replay(early, later, live=True)
+    # c's x → w enters the counts: d after x ranks y, w (tie, first seen first); a's last items y, x
+    # score w above y, and y is a's own seen item, masked
+    assert hit.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert gain.tolist() == pytest.approx([0.0, 0.0, 0.0, 1.0 / math.log2(3), 1.0])
+    hit, gain = transition_replay(early, later, live=False)
+    assert hit.tolist() == [0.0] * 5 and gain.tolist() == [0.0] * 5  # after x only y, never w
+
+
 def test_drift_sections_keep_the_first_keys_at_the_90_percent_cut() -> None:
     assert drift_section(False, 0.9) == "drift" and drift_section(True, 0.9) == "drift_vote"
     assert drift_section(True, 0.8) == "drift_vote_cut80" and drift_section(False, 0.75) == "drift_cut75"
@@ -160,3 +183,12 @@ def test_drift_report_shows_the_paired_gain_and_the_groups() -> None:
     assert "by quarter of the replay: HR@10 +0.0000, +0.0000, +0.2500, +0.2500" in md
     assert "changed the top 10's hit on 3 events" in md
     assert "| new users | 5 | 0.6000 | 0.4000 | 0.3000 | 0.2000 |" in md
+    assert "Memory-only reference" not in md  # runs before the reference have none
+    ref = {"order": 5, "live": {"hr@10": 0.3, "ndcg@10": 0.2}, "frozen": {"hr@10": 0.1, "ndcg@10": 0.05},
+           "paired": {"hr@10": {**gain, "mean": 0.2}, "ndcg@10": gain}}  # fmt: skip
+    voted = "python -m bench.service drift --cut 0.5 --vote"
+    cut50 = {**drift, "cut_quantile": 0.5, "vote": {}, "transitions": ref, "command": voted}
+    md = render_md({"drift_vote_cut50": cut50})
+    assert "Validation refused the memory vote" in md
+    assert "live HR@10 0.3000 / NDCG@10 0.2000, frozen 0.1000 / 0.0500" in md
+    assert "live minus frozen HR@10 +0.2000 [+0.0100, +0.2500]" in md
