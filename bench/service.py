@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -420,14 +420,17 @@ async def replay(model: Path, later: list[tuple[str, str, float]], frozen: bool,
     settings = Settings(model_dir=model, redis_url=DRIFT_REDIS_URL, namespace=ns, frozen_memory=frozen)
     app = create_app(settings)
     hit, gain = np.zeros(len(later)), np.zeros(len(later))
+    candidates: Candidates = []
     used = fresh = 0
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
             for e, (u, i, t) in enumerate(later):
-                req = {"user_id": u, "n": 10, "explain": True}
+                req = {"user_id": u, "n": MIX_DEPTH, "explain": True}
                 body = (await client.post("/recommend", json=req)).json()
-                ranked = [it["item_id"] for it in body["items"]]
+                top = body["items"]  # the top 10 score the model; all of them feed the transition mix
+                candidates.append(([it["item_id"] for it in top], np.array([it["score"] for it in top])))
+                ranked = candidates[-1][0][:10]
                 used += len(body.get("memories", []))
                 fresh += sum(m["timestamp"] > 0 for m in body.get("memories", []))  # bank memories: ts 0
                 if i in ranked:
@@ -445,6 +448,7 @@ async def replay(model: Path, later: list[tuple[str, str, float]], frozen: bool,
         "replayed_memories_used": fresh,
         "hit": hit,
         "gain": gain,
+        "candidates": candidates,
     }
 
 
@@ -484,14 +488,51 @@ def groups(early: Path, later: list[tuple[str, str, float]], rising: float = 1.5
     return {"returning users": ret, "new users": ~ret, "rising items": up, "other items": ~up}
 
 
+Candidates = list[tuple[list[str], np.ndarray]]  # per event: the model's top items (m,), scores (m,)
+MIX_DEPTH = 200  # model candidates the transition mix re-ranks
+MIX_WEIGHTS = (0.1, 0.2, 0.3, 0.5)
+
+
+def _next_scores(follow: dict[str, dict[str, float]], recent: list[str]) -> dict[str, float]:
+    """Items that followed the recent ones (oldest first), the k-th most recent counting 1/k."""
+    scores: dict[str, float] = {}
+    for k, prev in enumerate(reversed(recent), start=1):
+        for j, c in follow.get(prev, {}).items():
+            scores[j] = scores.get(j, 0.0) + c / k
+    return scores
+
+
+def _mix(
+    candidate: tuple[list[str], np.ndarray],
+    scores: dict[str, float],
+    seen: set[str],
+    weights: Sequence[float],
+) -> dict[float, list[str]]:
+    """The top 10 of the model's candidates under (1 − λ) · softmax + λ · transition share, per λ."""
+    items, logits = candidate  # the model's ranking, seen items already masked: (m,), (m,)
+    p_model = np.exp(logits - logits.max())
+    p_model /= p_model.sum()  # (m,) renormalised over the candidates
+    total = sum(c for j, c in scores.items() if j not in seen)
+    p_next = np.array([0.0 if j in seen else scores.get(j, 0.0) for j in items]) / (total or 1.0)  # (m,)
+    mixed = {w: (1.0 - w) * p_model + w * p_next for w in weights}
+    return {w: [items[x] for x in np.argsort(-m, kind="stable")[:10]] for w, m in mixed.items()}
+
+
 def transition_replay(
-    early: Path, later: list[tuple[str, str, float]], live: bool, order: int = 5
-) -> tuple[np.ndarray, np.ndarray]:
-    """A memory-only reference beside the model: rank items by how often they followed the user's last
+    early: Path,
+    later: list[tuple[str, str, float]],
+    live: bool,
+    order: int = 5,
+    candidates: Candidates | None = None,
+    weights: Sequence[float] = (),
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A model-free reference beside the model: rank items by how often they followed the user's last
     ``order`` items in the stored sequences (the k-th most recent item counts 1/k, and so does each
     transition it made), seen items masked. ``live`` adds each replayed event's transitions after its
-    recommendation; frozen keeps the sequences before the cut. Per event (n,): hit and NDCG@10. It
-    measures how much the later events tell a recommender that reads them, whatever the model does."""
+    recommendation; frozen keeps the sequences before the cut. With the model's ``candidates``, also
+    re-rank them by (1 − λ) · softmax(model scores) + λ · transition share, for each λ in ``weights``.
+    Per entry (``reference``, ``mix λ``) and event (n,): hit and NDCG@10. It measures how much the later
+    events tell a recommender that reads them, against what the model takes from its memory bank."""
     hist: dict[str, list[str]] = {}
     follow: dict[str, dict[str, float]] = {}  # item -> {next item: weight}
 
@@ -505,22 +546,23 @@ def transition_replay(
     for row in (line.split() for line in early.read_text(encoding="utf-8").splitlines()):
         for i in row[1:]:
             add(row[0], i)
-    hit, gain = np.zeros(len(later)), np.zeros(len(later))
+    names = ["reference", *(f"mix {w:g}" for w in weights)] if candidates else ["reference"]
+    out = {name: (np.zeros(len(later)), np.zeros(len(later))) for name in names}
     for e, (u, i, _) in enumerate(later):
         h = hist.setdefault(u, [])
-        seen, scores = set(h), dict[str, float]()
-        for k, prev in enumerate(reversed(h[-order:]), start=1):
-            for j, c in follow.get(prev, {}).items():
-                scores[j] = scores.get(j, 0.0) + c / k
+        seen, scores = set(h), _next_scores(follow, h[-order:])
         best = sorted(scores, key=lambda j: -scores[j])  # stable: ties keep the order first scored
-        ranked = [j for j in best if j not in seen][:10]
-        if i in ranked:
-            hit[e], gain[e] = 1.0, 1.0 / math.log2(ranked.index(i) + 2)
+        rankings = {"reference": [j for j in best if j not in seen][:10]}
+        if candidates and candidates[e][0]:
+            rankings |= {f"mix {w:g}": r for w, r in _mix(candidates[e], scores, seen, weights).items()}
+        for name, ranked in rankings.items():
+            if i in ranked:
+                out[name][0][e], out[name][1][e] = 1.0, 1.0 / math.log2(ranked.index(i) + 2)
         if live:
             add(u, i)
         else:
             h.append(i)  # histories move on in both; only live transitions enter the counts
-    return hit, gain
+    return out
 
 
 def drift_section(vote: bool, cut: float) -> str:
@@ -560,16 +602,21 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
         "hr@10": paired(live.pop("hit"), frozen.pop("hit"), event_users),
         "ndcg@10": paired(live.pop("gain"), frozen.pop("gain"), event_users),
     }
-    (t_hit, t_gain), (f_hit, f_gain) = (transition_replay(early, later, live=x) for x in (True, False))
-    transitions = {
-        "order": 5,
-        "live": {"hr@10": float(t_hit.mean()), "ndcg@10": float(t_gain.mean())},
-        "frozen": {"hr@10": float(f_hit.mean()), "ndcg@10": float(f_gain.mean())},
-        "paired": {
-            "hr@10": paired(t_hit, f_hit, event_users),
-            "ndcg@10": paired(t_gain, f_gain, event_users),
-        },
+    arms = {
+        name: transition_replay(early, later, name == "live", 5, arm.pop("candidates"), MIX_WEIGHTS)
+        for name, arm in (("live", live), ("frozen", frozen))
     }
+    transitions: dict[str, Any] = {"order": 5, "depth": MIX_DEPTH}
+    for entry in arms["live"]:  # reference, mix 0.1, …
+        (t_hit, t_gain), (f_hit, f_gain) = arms["live"][entry], arms["frozen"][entry]
+        transitions[entry] = {
+            "live": {"hr@10": float(t_hit.mean()), "ndcg@10": float(t_gain.mean())},
+            "frozen": {"hr@10": float(f_hit.mean()), "ndcg@10": float(f_gain.mean())},
+            "paired": {
+                "hr@10": paired(t_hit, f_hit, event_users),
+                "ndcg@10": paired(t_gain, f_gain, event_users),
+            },
+        }
     return {
         "dataset": "ml-100k",
         "cut_quantile": args.cut,
@@ -666,6 +713,13 @@ def _jitter_md(load: dict[str, Any]) -> list[str]:
     ]
 
 
+def _arms_cells(r: dict[str, Any]) -> list[str]:
+    """HR@10 and NDCG@10 of the live and frozen arms, then the paired HR@10 gain with its interval."""
+    d = r["paired"]["hr@10"]
+    cells = [f"{r[a][m]:.4f}" for m in ("hr@10", "ndcg@10") for a in ("live", "frozen")]
+    return [*cells, f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"]
+
+
 def _drift_md(drift: dict[str, Any], title: str) -> list[str]:
     vote = drift.get("vote", {})
     voting = (
@@ -719,16 +773,20 @@ def _drift_md(drift: dict[str, Any], title: str) -> list[str]:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "transitions" in drift:
         t = drift["transitions"]
-        ci = t["paired"]["hr@10"]["ci95"]
         lines += [
             "",
-            f"Memory-only reference over the same events (items that followed the user's last {t['order']} "
-            "items in the stored sequences, no model): live HR@10 "
-            f"{t['live']['hr@10']:.4f} / NDCG@10 {t['live']['ndcg@10']:.4f}, frozen "
-            f"{t['frozen']['hr@10']:.4f} / {t['frozen']['ndcg@10']:.4f}; live minus frozen HR@10 "
-            f"{t['paired']['hr@10']['mean']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]. What the later events "
-            "add for a recommender that reads them, against what the model above takes from them.",
+            f"Model-free reference over the same events (items that followed the user's last {t['order']} "
+            "items in the stored sequences, no model), and the model's top "
+            f"{t.get('depth', '–')} re-ranked by (1 − λ) · its softmax + λ · that transition share, each "
+            "with its own arm's counts (λ picked here on the replay itself, so a bound on what a tuned mix "
+            "would keep):",
+            "",
+            "| ranking | HR@10 live | HR@10 frozen | NDCG@10 live | NDCG@10 frozen | live − frozen HR@10 |",
+            "|---|---:|---:|---:|---:|---|",
         ]
+        for entry, r in t.items():
+            if isinstance(r, dict):
+                lines.append(f"| {entry} | " + " | ".join(_arms_cells(r)) + " |")
     return [*lines, ""]
 
 

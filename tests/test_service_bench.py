@@ -153,13 +153,30 @@ def test_transition_reference_reads_the_replayed_events_only_when_live(tmp_path:
     early = tmp_path / "early.txt"
     early.write_text("a x y\nb z w\n", encoding="utf-8")  # x was followed by y; z by w
     later = [("c", "x", 1.0), ("c", "w", 2.0), ("d", "x", 3.0), ("d", "w", 4.0), ("a", "w", 5.0)]
-    hit, gain = transition_replay(early, later, live=True)
+    hit, gain = transition_replay(early, later, live=True)["reference"]
     # c's x → w enters the counts: d after x ranks y, w (tie, first seen first); a's last items y, x
     # score w above y, and y is a's own seen item, masked
     assert hit.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
     assert gain.tolist() == pytest.approx([0.0, 0.0, 0.0, 1.0 / math.log2(3), 1.0])
-    hit, gain = transition_replay(early, later, live=False)
+    hit, gain = transition_replay(early, later, live=False)["reference"]
     assert hit.tolist() == [0.0] * 5 and gain.tolist() == [0.0] * 5  # after x only y, never w
+
+
+def test_transition_mix_reranks_the_model_candidates(tmp_path: Path) -> None:
+    early = tmp_path / "early.txt"
+    early.write_text("a x y\n", encoding="utf-8")  # x was followed by y
+    later = [("b", "y", 1.0)]  # b's history is empty: no transitions to read
+    again = [("a", "y", 1.0)]  # a saw x then y: x's transition leads to y, a seen item, no share
+    items = [f"i{k}" for k in range(11)] + ["y"]  # the model puts y 12th: out of its top 10
+    logits = np.linspace(1.0, 0.0, 12)
+    out = transition_replay(early, later, True, 5, [(items, logits)], (0.5,))
+    assert out["mix 0.5"][0].tolist() == [0.0]  # no transition share: the model's order stands
+    assert transition_replay(early, again, True, 5, [(items, logits)], (0.5,))["mix 0.5"][0][0] == 0.0
+    c = tmp_path / "c.txt"
+    c.write_text("a x y\nb x\n", encoding="utf-8")  # b's last item x: y takes all the transition share
+    out = transition_replay(c, [("b", "y", 1.0)], True, 5, [(items, logits)], (0.0, 0.5))
+    assert out["mix 0"][0].tolist() == [0.0] and out["mix 0.5"][0].tolist() == [1.0]
+    assert out["mix 0.5"][1][0] == pytest.approx(1.0)  # (1 − λ)·p + λ·1 puts y first
 
 
 def test_drift_sections_keep_the_first_keys_at_the_90_percent_cut() -> None:
@@ -184,11 +201,12 @@ def test_drift_report_shows_the_paired_gain_and_the_groups() -> None:
     assert "changed the top 10's hit on 3 events" in md
     assert "| new users | 5 | 0.6000 | 0.4000 | 0.3000 | 0.2000 |" in md
     assert "Memory-only reference" not in md  # runs before the reference have none
-    ref = {"order": 5, "live": {"hr@10": 0.3, "ndcg@10": 0.2}, "frozen": {"hr@10": 0.1, "ndcg@10": 0.05},
-           "paired": {"hr@10": {**gain, "mean": 0.2}, "ndcg@10": gain}}  # fmt: skip
+    arms = {"live": {"hr@10": 0.3, "ndcg@10": 0.2}, "frozen": {"hr@10": 0.1, "ndcg@10": 0.05},
+            "paired": {"hr@10": {**gain, "mean": 0.2}, "ndcg@10": gain}}  # fmt: skip
+    ref = {"order": 5, "depth": 200, "reference": arms, "mix 0.5": arms}
     voted = "python -m bench.service drift --cut 0.5 --vote"
     cut50 = {**drift, "cut_quantile": 0.5, "vote": {}, "transitions": ref, "command": voted}
     md = render_md({"drift_vote_cut50": cut50})
     assert "Validation refused the memory vote" in md
-    assert "live HR@10 0.3000 / NDCG@10 0.2000, frozen 0.1000 / 0.0500" in md
-    assert "live minus frozen HR@10 +0.2000 [+0.0100, +0.2500]" in md
+    assert "| reference | 0.3000 | 0.1000 | 0.2000 | 0.0500 | +0.2000 [+0.0100, +0.2500] |" in md
+    assert "| mix 0.5 | 0.3000 | 0.1000 | 0.2000 | 0.0500 | +0.2000 [+0.0100, +0.2500] |" in md
