@@ -45,6 +45,7 @@ bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'  # matplotlib: the long-tail chart
 	$(PY) -m bench.accuracy --datasets ml-100k beauty --seeds 0 1 2
 	$(PY) -m bench.retrieval --datasets ml-100k beauty --seeds 0 1 2
+	$(PY) -m bench.transition_mix --runs ml-100k.sasrec_allpos beauty.pretrain --seeds 0 1 2
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache
