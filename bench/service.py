@@ -726,7 +726,7 @@ def _drift_md(drift: dict[str, Any], title: str) -> list[str]:
         f"The memory vote, chosen on validation: weight {vote['weight']:g}, temperature "
         f"{vote['temperature']:g}, {vote['depth']} voters."
         if vote.get("weight")
-        else "Validation refused the memory vote (no candidate beat the fusion alone without losing HR@10)."
+        else "Validation refused the memory vote, so it is off."
         if "--vote" in drift["command"].split()
         else "The memory vote is off."
     )
