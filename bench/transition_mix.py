@@ -36,7 +36,7 @@ log = logging.getLogger("bench.transition_mix")
 
 RESULTS = REPORTS / "transition_mix_runs"
 ORDER = 5  # prefix items whose transitions count
-WEIGHTS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)  # λ candidates
+WEIGHTS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99)  # λ candidates (1.0 would drop the encoder)
 
 
 def transitions(sequences: list[IntArray], drop_last: int, n_items: int) -> Tensor:
