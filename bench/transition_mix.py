@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from bench.accuracy import ENCODERS
-from bench.common import REPORTS, fmt, machine, machine_label, stat
+from bench.common import REPORTS, fmt, machine, machine_label, stat, write_result
 from model import artifact
 from model.data import IntArray, Interactions, Samples, leave_one_out, load_dataset
 from model.evaluate import mask_seen, metrics_from_ranks, target_ranks
@@ -173,13 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     for name in args.runs:
         for seed in args.seeds:
             path = RESULTS / f"{name}.seed{seed}.json"
             if not path.is_file():
                 rec = run_one(name, seed, args.data_dir)
-                path.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
+                write_result(path, rec)  # with the machine and the date
                 ndcg = [rec[arm]["unmasked"]["ndcg@10"] for arm in ("encoder", "mixed")]
                 log.info("%s seed %d: λ %g, test NDCG@10 %.4f → %.4f", name, seed, rec["weight"], *ndcg)
     command = shlex.join(
