@@ -166,11 +166,29 @@ def aggregate(runs_dir: Path, section: Callable[[dict[str, Any]], str] | None = 
         ]
         if votes:  # the memory vote chosen on validation, per seed
             entry["vote"] = votes
+        channel = [_transitions(r) for r in rs if "transitions" in r]
+        if channel:  # the transition channel chosen on validation, per seed
+            entry["transitions"] = channel
         costs = [r["cost"] for r in rs if "cost" in r]
         if costs:  # retrieval cost: the median over seeds of each figure
             entry["cost"] = {k: float(np.median([c[k] for c in costs])) for k in costs[0]}
         report.setdefault(dataset, {})[variant] = entry
     return report
+
+
+def _transitions(r: dict[str, Any]) -> dict[str, Any]:
+    """The λ one seed's validation chose, its z, the candidate it refused if any, and test NDCG@10 and
+    HR@10 (unmasked) with and without the channel."""
+    t = r["transitions"]
+    out: dict[str, Any] = {"seed": r["seed"], "weight": t["chosen"]["weight"], "z": t["z"]}
+    cand = t.get("candidate")
+    if cand is not None and cand != t["chosen"]:
+        out["refused"] = cand["weight"]
+    off = t.get("test_without_transitions")
+    for m in ("ndcg@10", "hr@10"):
+        out[f"{m}_on"] = r["test"]["unmasked"][m]
+        out[f"{m}_off"] = (off or r["test"])["unmasked"][m]
+    return out
 
 
 def _vote_rule(r: dict[str, Any]) -> dict[str, Any]:

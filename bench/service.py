@@ -11,7 +11,7 @@
   it a model-free item-transition reference over the same events, live and frozen.
 
     python -m bench.service load --model artifacts/beauty
-    python -m bench.service drift --cut 0.9 [--vote] [--events N]
+    python -m bench.service drift --cut 0.9 [--vote] [--transitions] [--events N]
 """
 
 from __future__ import annotations
@@ -205,6 +205,7 @@ def model_card(model: Path) -> dict[str, Any]:
         "bank_memories": metrics.get("memories"),
         "k": finetune.get("k"),
         "vote": {k: finetune.get(f"vote_{k}", 0) for k in ("weight", "temperature", "depth")},
+        "transition_weight": finetune.get("transition_weight", 0.0),
         "objective": config.get("train", {}).get("objective"),
         "scheme": config.get("train", {}).get("scheme"),
     }
@@ -565,10 +566,11 @@ def transition_replay(
     return out
 
 
-def drift_section(vote: bool, cut: float) -> str:
-    """The report key of a drift run: ``drift``, ``drift_vote``, and ``_cut80`` &c. away from the 90 %
-    cut (the first runs', whose keys stay as they were)."""
-    return "drift" + ("_vote" if vote else "") + ("" if cut == 0.9 else f"_cut{round(cut * 100)}")
+def drift_section(vote: bool, cut: float, transitions: bool = False) -> str:
+    """The report key of a drift run: ``drift``, ``drift_vote``, ``drift_vote_transitions``, and
+    ``_cut80`` &c. away from the 90 % cut (the first runs', whose keys stay as they were)."""
+    head = "drift" + ("_vote" if vote else "") + ("_transitions" if transitions else "")
+    return head + ("" if cut == 0.9 else f"_cut{round(cut * 100)}")
 
 
 def run_drift(args: argparse.Namespace) -> dict[str, Any]:
@@ -576,11 +578,12 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
     work = ROOT / "artifacts" / "drift" / f"cut{round(args.cut * 100)}"
     work.mkdir(parents=True, exist_ok=True)
     early, later = time_split(data_dir / "ml-100k" / "ml-100k.inter", args.cut, work)
-    model = work / ("model-vote" if args.vote else "model")
+    model = work / ("model" + ("-vote" if args.vote else "") + ("-transitions" if args.transitions else ""))
     train = [sys.executable, "-m", "model.cli", "train", "--dataset", str(early), "--out", str(model),
              "--objective", "sasrec", "--scheme", "allpos", "--epochs", str(args.epochs), "--ft-epochs",
              str(args.ft_epochs), "--device", "cpu", "--threads", "1"]  # fmt: skip
     train.append("--vote" if args.vote else "--no-vote")
+    train.append("--transitions" if args.transitions else "--no-transitions")
     if not (model / "config.json").is_file():
         subprocess.run(train, check=True, capture_output=True)
     later = later[: args.events] if args.events else later
@@ -621,6 +624,7 @@ def run_drift(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": "ml-100k",
         "cut_quantile": args.cut,
         "vote": model_card(model)["vote"],
+        "transition_weight": model_card(model)["transition_weight"],
         "train_command": shlex.join(["memrec", *train[3:]]).replace(str(ROOT) + "/", ""),
         "live": live,
         "frozen": frozen,
@@ -730,6 +734,10 @@ def _drift_md(drift: dict[str, Any], title: str) -> list[str]:
         if "--vote" in drift["command"].split()
         else "The memory vote is off."
     )
+    if drift.get("transition_weight"):
+        voting += f" The transition channel, chosen on validation: λ {drift['transition_weight']:g}."
+    elif "--transitions" in drift["command"].split():
+        voting += " Validation refused the transition channel, so it is off."
     lines = [
         f"## {title} (`{drift['command']}`, {drift['date']}, {drift.get('machine', 'machine not recorded')})",
         "",
@@ -802,6 +810,7 @@ def render_md(report: dict[str, Any]) -> str:
         title = (
             "Drift replay"
             + (", memory vote" if "_vote" in key else "")
+            + (", transition channel" if "_transitions" in key else "")
             + f", {report[key]['cut_quantile']:.0%} cut"
         )
         lines += _drift_md(report[key], title)
@@ -827,13 +836,16 @@ def main(argv: list[str] | None = None) -> int:
     dp.add_argument("--epochs", type=int, default=20)
     dp.add_argument("--ft-epochs", type=int, default=5)
     dp.add_argument("--vote", action="store_true", help="tune the memory vote (report section drift_vote)")
+    dp.add_argument(
+        "--transitions", action="store_true", help="tune the transition channel (section drift_*transitions)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = shlex.join(["python", "-m", "bench.service", *(argv if argv is not None else sys.argv[1:])])
     runner: Callable[[argparse.Namespace], dict[str, Any]] = run_load if args.command == "load" else run_drift
     section = args.command
     if args.command == "drift":
-        section = drift_section(args.vote, args.cut)
+        section = drift_section(args.vote, args.cut, args.transitions)
     write_reports(section, runner(args), command)
     return 0
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from memory_store import IndexParams, Interaction, MemoryBatch, StoreConfig, open_store
 from memory_store.index import MemoryIndex
+from memory_store.transitions import RECENT
 
 log = logging.getLogger("bench.store")
 
@@ -70,12 +71,14 @@ class Mixture:
 
 def memory_batch(keys: np.ndarray, first_item: int) -> MemoryBatch:
     n = keys.shape[0]
+    items = np.arange(first_item, first_item + n, dtype=np.int64) % 50_000 + 1
     return MemoryBatch(
         keys=keys,
-        items=np.arange(first_item, first_item + n, dtype=np.int64) % 50_000 + 1,
+        items=items,
         users=tuple(f"user{i % 10_000}" for i in range(first_item, first_item + n)),
         timestamps=np.full(n, time.time()),
         prefix_lens=(np.arange(n, dtype=np.int32) % 50),
+        recent=(items[:, None] + np.arange(1, RECENT + 1) * 7) % 50_000 + 1,  # a prefix's last items
     )
 
 

@@ -2,13 +2,13 @@
 
     python -m bench.transition_mix --runs ml-100k.sasrec_allpos beauty.pretrain --seeds 0 1 2
 
-A measurement for a channel the product does not have yet. The memory bank's pairs, read as item
-transitions (the k-th most recent item of a prefix counts 1/k towards the item that followed it, over the
-last ``ORDER`` items), give every query a distribution over next items; the encoder's softmax is mixed with
-it, (1 − λ) · p_encoder + λ · p_transition, λ chosen on validation (best NDCG@10, λ = 0 among the
-candidates). Transitions come from the training sequences for validation and also from the validation
-items for test, as the memory bank holds them; never from a test target. One result file per
-(run, seed) in ``reports/transition_mix_runs/``; the report aggregates what exists.
+The product's transition channel (``model.transitions``) on the plain encoder, without fusion or vote:
+what the channel adds by itself. The memory bank's pairs, read as item transitions, give every query a
+distribution over next items; the encoder's softmax is mixed with it, (1 − λ) · p_encoder + λ ·
+p_transition, λ chosen on validation (best NDCG@10, λ = 0 among the candidates; no HR guard or z rule
+here, unlike ``memrec train``). Transitions come from the training pairs for validation and also from
+the validation pairs for test, as the memory bank holds them; never from a test target. One result file
+per (run, seed) in ``reports/transition_mix_runs/``; the report aggregates what exists.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import logging
 import shlex
 import sys
-import warnings
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,48 +28,14 @@ from torch import Tensor
 from bench.accuracy import ENCODERS
 from bench.common import REPORTS, fmt, machine, machine_label, stat, write_result
 from model import artifact
+from model import transitions as tr
 from model.data import IntArray, Interactions, Samples, leave_one_out, load_dataset
 from model.evaluate import mask_seen, metrics_from_ranks, target_ranks
 
 log = logging.getLogger("bench.transition_mix")
 
 RESULTS = REPORTS / "transition_mix_runs"
-ORDER = 5  # prefix items whose transitions count
-WEIGHTS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99)  # λ candidates (1.0 would drop the encoder)
-
-
-def transitions(sequences: list[IntArray], drop_last: int, n_items: int) -> Tensor:
-    """(V, V) sparse: row a, column b = Σ 1/k over every time b came k steps after a (k ≤ ORDER), in each
-    sequence without its last ``drop_last`` items."""
-    rows, cols, vals = [], [], []
-    for seq in sequences:
-        s = seq[: max(len(seq) - drop_last, 0)]
-        for k in range(1, ORDER + 1):
-            if len(s) > k:
-                rows.append(s[:-k])
-                cols.append(s[k:])
-                vals.append(np.full(len(s) - k, 1.0 / k, np.float32))
-    idx = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(cols)]).astype(np.int64))
-    vals_t = torch.from_numpy(np.concatenate(vals))
-    return torch.sparse_coo_tensor(idx, vals_t, (n_items, n_items), check_invariants=True).coalesce()
-
-
-def transition_share(inputs: IntArray, lengths: IntArray, follow: Tensor) -> Tensor:
-    """(B, V) the next-item distribution the transitions give each prefix (zeros where none)."""
-    b_idx, items, w = [], [], []
-    for r, (row, n) in enumerate(zip(inputs, lengths, strict=True)):
-        for k in range(1, min(ORDER, int(n)) + 1):
-            b_idx.append(r)
-            items.append(int(row[n - k]))
-            w.append(1.0 / k)
-    shape = (len(inputs), follow.shape[0])
-    recent = torch.sparse_coo_tensor(
-        torch.tensor([b_idx, items], dtype=torch.int64), torch.tensor(w), shape, check_invariants=True
-    )
-    with warnings.catch_warnings():  # torch's notice that its sparse product runs through beta CSR code
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        share: Tensor = torch.sparse.mm(recent, follow).to_dense()  # (B, V)
-    return share / share.sum(1, keepdim=True).clamp_min(1e-12)
+WEIGHTS = (0.0, *tr.WEIGHTS)  # λ candidates
 
 
 @torch.inference_mode()
@@ -83,16 +48,16 @@ def mixed_ranks(
 ) -> dict[float, dict[str, np.ndarray]]:
     """Per λ and protocol (unmasked, masked): the target's rank of every sample (N,)."""
     out = {w: {p: np.zeros(len(samples), np.int64) for p in ("unmasked", "masked")} for w in WEIGHTS}
+    recent = tr.recent_items(samples.inputs, samples.lengths)
     for start in range(0, len(samples), batch):
         idx = np.arange(start, min(start + batch, len(samples)))
         t = int(samples.lengths[idx].max())
         x, n = torch.from_numpy(samples.inputs[idx, :t]), torch.from_numpy(samples.lengths[idx])
-        p_enc = torch.softmax(art.encoder.scores(art.encoder.encode(x, n)).float(), dim=1)  # (B, V)
-        p_next = transition_share(samples.inputs[idx, :t], samples.lengths[idx], follow)
+        logits = art.encoder.scores(art.encoder.encode(x, n))  # (B, V), column 0 = -inf
+        shares = tr.shares_from_matrix(recent[idx], follow)
         y = torch.from_numpy(samples.targets[idx])
         for w in WEIGHTS:
-            s = (1.0 - w) * p_enc + w * p_next
-            s[:, 0] = -torch.inf  # padding id
+            s = tr.mix(logits, shares, tr.TransitionMix(w)).clone()
             out[w]["unmasked"][idx] = target_ranks(s, y).numpy()
             mask_seen(s, idx, seen)
             out[w]["masked"][idx] = target_ranks(s, y).numpy()
@@ -106,11 +71,15 @@ def run_one(name: str, seed: int, data_dir: str | None) -> dict[str, Any]:
     split = leave_one_out(data, art.encoder.cfg.max_len)
     n_items = art.encoder.cfg.n_items + 1  # ids 1..n_items, 0 = padding
     per_split = {}
-    for which, samples, seen, drop in (
-        ("valid", split.valid, split.valid_seen, 2),
-        ("test", split.test, split.test_seen, 1),
+    # The memory bank's pairs: the training pairs for validation, with the validation pairs for test.
+    pairs = {"valid": [split.train], "test": [split.train, split.valid]}
+    for which, samples, seen in (
+        ("valid", split.valid, split.valid_seen),
+        ("test", split.test, split.test_seen),
     ):
-        ranks = mixed_ranks(art, samples, seen, transitions(data.sequences, drop, n_items))
+        items = np.concatenate([p.targets for p in pairs[which]])
+        recent = np.concatenate([tr.recent_items(p.inputs, p.lengths) for p in pairs[which]])
+        ranks = mixed_ranks(art, samples, seen, tr.follow_matrix(items, recent, n_items))
         per_split[which] = {
             f"{w:g}": {p: metrics_from_ranks(r) for p, r in d.items()} for w, d in ranks.items()
         }
@@ -127,11 +96,11 @@ def run_one(name: str, seed: int, data_dir: str | None) -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     lines = [
-        "# Transition channel on the archived encoders",
+        "# Transition channel on the plain archived encoders",
         "",
         f"`{report['command']}`, {report['date']}, {report['machine']}. Test NDCG@10 and HR@10, "
-        "mean ± std over seeds; λ chosen per seed on validation NDCG@10 (unmasked). Not in the product "
-        "yet: this measures what it would add.",
+        "mean ± std over seeds; λ chosen per seed on validation NDCG@10 (unmasked). The product's channel "
+        "(model.transitions) on the encoder alone, without fusion or vote: what it adds by itself.",
         "",
         "| run | seeds | λ per seed | protocol | encoder NDCG@10 | mixed NDCG@10 | encoder HR@10 "
         "| mixed HR@10 |",

@@ -3,7 +3,9 @@
 A *collaborative memory* (RaSeRec) is one (prefix → next item) event: a key vector (the encoder output
 of the prefix), the next item, the user, a timestamp and the prefix length. The store L2-normalises
 every key and every query itself, so scores are cosine similarities; callers may pass raw vectors.
-Memory ids are positive int64 allocated by the store, increasing in write order.
+Memory ids are positive int64 allocated by the store, increasing in write order. A memory also keeps
+the last ``RECENT`` items of its prefix, from which the store counts item transitions
+(``memory_store.transitions``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from memory_store.transitions import RECENT, Followers
 from memory_store.user_memory import UserMemories
 
 
@@ -53,6 +56,9 @@ class MemoryBatch:
     users: tuple[str, ...]  # (n,)
     timestamps: np.ndarray  # (n,) float64, unix seconds
     prefix_lens: np.ndarray  # (n,) int32, >= 0
+    # (n, RECENT) int64: the prefix's last items, most recent first (recent[:, 0] is the item just before
+    # the memory's next item), 0 where the prefix is shorter or the items are not known
+    recent: np.ndarray
 
     @classmethod
     def create(
@@ -63,7 +69,9 @@ class MemoryBatch:
         timestamps: Sequence[float] | np.ndarray,
         prefix_lens: Sequence[int] | np.ndarray,
         dim: int,
+        recent: np.ndarray | None = None,
     ) -> MemoryBatch:
+        """``recent``: (n, RECENT) ints ≥ 0, or (n, m) with m < RECENT (padded with 0); None: unknown."""
         unit = normalise_rows(keys, dim, "keys")
         n = unit.shape[0]
         items_a = _int_column(items, n, "items", minimum=1)
@@ -76,14 +84,23 @@ class MemoryBatch:
         if ts.shape != (n,) or not np.isfinite(ts).all():
             raise ValueError(f"timestamps must be {n} finite numbers, got shape {ts.shape}")
         lens = _int_column(prefix_lens, n, "prefix_lens", minimum=0).astype(np.int32)
-        return cls(keys=unit, items=items_a, users=users_t, timestamps=ts, prefix_lens=lens)
+        return cls(
+            keys=unit,
+            items=items_a,
+            users=users_t,
+            timestamps=ts,
+            prefix_lens=lens,
+            recent=_recent(recent, n),
+        )
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
 
     def validated(self, dim: int) -> MemoryBatch:
         """The batch checked and normalised again (it may have been built without :meth:`create`)."""
-        return MemoryBatch.create(self.keys, self.items, self.users, self.timestamps, self.prefix_lens, dim)
+        return MemoryBatch.create(
+            self.keys, self.items, self.users, self.timestamps, self.prefix_lens, dim, self.recent
+        )
 
     def take(self, rows: np.ndarray) -> MemoryBatch:
         """The sub-batch at ``rows`` (an int index array)."""
@@ -93,7 +110,27 @@ class MemoryBatch:
             users=tuple(self.users[int(r)] for r in rows),
             timestamps=self.timestamps[rows],
             prefix_lens=self.prefix_lens[rows],
+            recent=self.recent[rows],
         )
+
+
+def _recent(recent: np.ndarray | None, n: int) -> np.ndarray:
+    """(n, RECENT) int64 from ``recent`` (see MemoryBatch.create)."""
+    if recent is None:
+        return np.zeros((n, RECENT), np.int64)
+    a = np.asarray(recent)
+    if (
+        a.ndim != 2
+        or a.shape[0] != n
+        or a.shape[1] > RECENT
+        or (a.size and not np.issubdtype(a.dtype, np.integer))
+    ):
+        raise ValueError(f"recent must be ints of shape ({n}, ≤ {RECENT}), got {a.dtype} of shape {a.shape}")
+    if (a < 0).any():
+        raise ValueError("recent item ids must be >= 0 (0: none)")
+    out = np.zeros((n, RECENT), np.int64)
+    out[:, : a.shape[1]] = a
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +197,14 @@ class MemoryStore(Protocol):
     async def append_interactions(self, events: Sequence[Interaction]) -> IngestResult: ...
 
     async def ingest(
-        self, events: Sequence[Interaction], keys: np.ndarray, prefix_lens: Sequence[int] | np.ndarray
+        self,
+        events: Sequence[Interaction],
+        keys: np.ndarray,
+        prefix_lens: Sequence[int] | np.ndarray,
+        recent: np.ndarray | None = None,
     ) -> IngestResult:
-        """Interaction + its new memory (key = encoding of the history before the item), atomically."""
+        """Interaction + its new memory (key = encoding of the history before the item, ``recent`` that
+        history's last items, most recent first; see MemoryBatch.create), atomically."""
         ...
 
     async def histories(self, user_ids: Sequence[str], max_len: int) -> list[list[int]]:
@@ -177,6 +219,10 @@ class MemoryStore(Protocol):
 
     async def search(self, queries: np.ndarray, k: int, with_keys: bool = False) -> SearchResult:
         """Top-k memories per query; ``with_keys`` also returns their stored (unit) key vectors."""
+        ...
+
+    async def followers(self, items: Sequence[int]) -> list[Followers]:
+        """Per item: the items that followed it in the memories held, with counts per lag."""
         ...
 
     async def update_user_memories(
@@ -260,7 +306,11 @@ def check_k(k: int) -> None:
 
 
 def memory_batch_for_events(
-    events: Sequence[Interaction], keys: np.ndarray, prefix_lens: Sequence[int] | np.ndarray, dim: int
+    events: Sequence[Interaction],
+    keys: np.ndarray,
+    prefix_lens: Sequence[int] | np.ndarray,
+    dim: int,
+    recent: np.ndarray | None = None,
 ) -> MemoryBatch:
     """The memories created by ``ingest``: item, user and timestamp come from the events."""
     check_events(events)
@@ -271,6 +321,7 @@ def memory_batch_for_events(
         [ev.timestamp for ev in events],
         prefix_lens,
         dim,
+        recent,
     )
 
 

@@ -50,7 +50,8 @@ from memory_store.base import (
     snapshot_file,
 )
 from memory_store.config import StoreConfig
-from memory_store.index import MemoryIndex, _savez, search_now
+from memory_store.index import MemoryIndex, _savez, followers_now, search_now
+from memory_store.transitions import RECENT, Followers
 from memory_store.wal import AppendLog, Record
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,8 @@ class EmbeddedMemoryStore:
                 users=tuple(meta["mem_users"]),
                 timestamps=arrays["ts"],
                 prefix_lens=arrays["plens"],
+                # a log written before memories kept their prefix's last items: none known
+                recent=arrays.get("recent", np.zeros((ids.size, RECENT), np.int64)),
             )
             self._index.add(ids, batch)
             self._next_id = max(self._next_id, int(ids.max()) + 1)
@@ -226,6 +229,7 @@ class EmbeddedMemoryStore:
             "items": mem.items if mem is not None else np.zeros(0, np.int64),
             "ts": mem.timestamps if mem is not None else np.zeros(0, np.float64),
             "plens": mem.prefix_lens if mem is not None else np.zeros(0, np.int32),
+            "recent": mem.recent if mem is not None else np.zeros((0, RECENT), np.int64),
             "evicted": self._evictions(mem_ids, mem.users if mem is not None else ()),
         }
         n_acc = int(rows.size)
@@ -288,9 +292,13 @@ class EmbeddedMemoryStore:
         return result
 
     async def ingest(
-        self, events: Sequence[Interaction], keys: np.ndarray, prefix_lens: Sequence[int] | np.ndarray
+        self,
+        events: Sequence[Interaction],
+        keys: np.ndarray,
+        prefix_lens: Sequence[int] | np.ndarray,
+        recent: np.ndarray | None = None,
     ) -> IngestResult:
-        batch = memory_batch_for_events(events, keys, prefix_lens, self.dim)
+        batch = memory_batch_for_events(events, keys, prefix_lens, self.dim, recent)
         result: IngestResult = await self._locked(self._write, list(events), batch)
         return result
 
@@ -318,6 +326,9 @@ class EmbeddedMemoryStore:
         check_k(k)
         unit = normalise_rows(queries, self.dim, "queries")
         return await search_now(self._index, unit, k, with_keys)
+
+    async def followers(self, items: Sequence[int]) -> list[Followers]:
+        return await followers_now(self._index, items)
 
     async def update_user_memories(
         self,

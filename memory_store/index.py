@@ -3,8 +3,9 @@
 * Ids are the store's memory ids, so memories can be removed: an ``IndexIDMap2`` over a flat index while
   the bank is small (exact search), an ``IndexIVFFlat`` with a hashtable direct map once it is large
   (approximate; the direct map makes removal O(1) per id and allows reconstruction for rebuilds).
-* Metadata (item, user, timestamp, prefix length) live in NumPy arrays indexed by ``id - base``, so a
-  search returns them for the whole batch with fancy indexing, never a round trip per hit.
+* Metadata (item, user, timestamp, prefix length, the prefix's last items) live in NumPy arrays indexed
+  by ``id - base``, so a search returns them for the whole batch with fancy indexing, never a round trip
+  per hit. The item transitions of the memories held (``memory_store.transitions``) change with them.
 * FAISS is not safe for concurrent add and search: every call takes a readers-writer lock (searches
   share it, adds, removes and rebuilds hold it alone; writers are preferred so a storm of searches
   cannot starve the replication log). FAISS releases the GIL, so searches run in parallel threads.
@@ -20,7 +21,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 
 from memory_store.base import MemoryBatch, SearchResult, SnapshotError, snapshot_file
 from memory_store.config import IndexParams
+from memory_store.transitions import RECENT, Followers, TransitionTable
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,9 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
+_COLUMNS = ("alive", "item", "user", "ts", "plen", "recent")
+
+
 class _Metadata:
     """Per-memory columns indexed by ``id - base``; ``base`` moves up as the oldest memories leave."""
 
@@ -108,6 +113,7 @@ class _Metadata:
         self.user = np.zeros(size, np.int32)  # code into user_names
         self.ts = np.zeros(size, np.float64)
         self.plen = np.zeros(size, np.int32)
+        self.recent = np.zeros((size, RECENT), np.int64)  # the prefix's last items (MemoryBatch.recent)
         self.user_names: list[str] = []
         self._user_code: dict[str, int] = {}
         self._names_arr = np.array([""], dtype=object)  # user_names + [""] (padding), for fancy indexing
@@ -130,9 +136,9 @@ class _Metadata:
         if need <= size:
             return
         new = max(need, 2 * size, 1024)
-        for name in ("alive", "item", "user", "ts", "plen"):
+        for name in _COLUMNS:
             old = getattr(self, name)
-            grown = np.zeros(new, old.dtype)
+            grown = np.zeros((new, *old.shape[1:]), old.dtype)
             grown[:size] = old
             setattr(self, name, grown)
 
@@ -158,6 +164,7 @@ class _Metadata:
         self.user[rows] = self.codes_for(batch.users)
         self.ts[rows] = batch.timestamps
         self.plen[rows] = batch.prefix_lens
+        self.recent[rows] = batch.recent
         self.count += int(ids.size)
         self._low = min(self._low, int(rows.min()))
 
@@ -185,9 +192,9 @@ class _Metadata:
         shift = int(first[0] - self.base) if first.size else size
         if size < 4096 or shift < size // 2:
             return
-        for name in ("alive", "item", "user", "ts", "plen"):
+        for name in _COLUMNS:
             old = getattr(self, name)
-            moved = np.zeros(size, old.dtype)
+            moved = np.zeros_like(old)
             moved[: size - shift] = old[shift:]
             setattr(self, name, moved)
         self.base += shift
@@ -212,6 +219,7 @@ class _Metadata:
             "user": self.user,
             "ts": self.ts,
             "plen": self.plen,
+            "recent": self.recent,
         }
 
     @classmethod
@@ -220,6 +228,8 @@ class _Metadata:
         meta.base = int(arrays["base"][0])
         meta.alive, meta.item, meta.user = arrays["alive"], arrays["item"], arrays["user"]
         meta.ts, meta.plen = arrays["ts"], arrays["plen"]
+        # a snapshot written before memories kept their prefix's last items: none known
+        meta.recent = arrays.get("recent", np.zeros((meta.alive.shape[0], RECENT), np.int64))
         meta.user_names = user_names
         meta._user_code = {name: i for i, name in enumerate(user_names)}
         meta._names_arr = np.array(user_names + [""], dtype=object)
@@ -262,6 +272,7 @@ class MemoryIndex:
         self.params = params
         self.lock = ReadWriteLock()
         self._meta = _Metadata()
+        self._transitions = TransitionTable()  # of the memories in _meta, changed with it
         self._index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._nlist = 0  # 0: exact
         self._trained_for = 0
@@ -324,6 +335,20 @@ class MemoryIndex:
             ids=ids, scores=scores, items=items, users=users, prefix_lens=plens, timestamps=ts, keys=keys
         )
 
+    def followers(self, items: Sequence[int]) -> list[Followers]:
+        """The transition table's row of each item (memory_store.transitions)."""
+        with self.lock.read():
+            return [self._transitions.followers(int(i)) for i in items]
+
+    def try_followers(self, items: Sequence[int]) -> list[Followers] | None:
+        """:meth:`followers` if no writer holds or awaits the lock, else None at once (never blocks)."""
+        with self.lock.try_read() as acquired:
+            return [self._transitions.followers(int(i)) for i in items] if acquired else None
+
+    def transition_count(self) -> int:
+        with self.lock.read():
+            return len(self._transitions)
+
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors (n, dim) of present ids."""
         with self.lock.read():
@@ -346,6 +371,7 @@ class MemoryIndex:
             else:
                 self._index.add_with_ids(batch.keys, ids)
             self._meta.put(ids, batch)
+            self._transitions.add(batch.items, batch.recent)
             return int(ids.size)
 
     def remove(self, ids: np.ndarray) -> int:
@@ -361,6 +387,8 @@ class MemoryIndex:
                 removed = self._index.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids)))
             if removed != ids.size:
                 raise RuntimeError(f"FAISS removed {removed} of {ids.size} ids: index and metadata disagree")
+            rows = ids - self._meta.base
+            self._transitions.remove(self._meta.item[rows], self._meta.recent[rows])
             self._meta.drop(ids)
             return int(ids.size)
 
@@ -440,6 +468,8 @@ class MemoryIndex:
             state = {name: arrays[name] for name in arrays.files}
         with snapshot_file(directory / "users.json") as path:
             self._meta = _Metadata.from_state(state, json.loads(path.read_text()))
+        alive = self._meta.alive
+        self._transitions.add(self._meta.item[alive], self._meta.recent[alive])
         with snapshot_file(directory / "index.faiss") as path:
             self._index = faiss.read_index(str(path))
         self._nlist, self._trained_for = int(info["nlist"]), int(info["trained_for"])
@@ -457,6 +487,14 @@ def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """``np.savez`` with named arrays (its stub types ``**kwds`` as bool)."""
     savez: Any = np.savez
     savez(path, **arrays)
+
+
+async def followers_now(index: MemoryIndex, items: Sequence[int]) -> list[Followers]:
+    """:meth:`MemoryIndex.followers` from a coroutine, as :func:`search_now` searches."""
+    result = index.try_followers(items)
+    if result is None:
+        result = await asyncio.to_thread(index.followers, items)
+    return result
 
 
 async def search_now(

@@ -7,7 +7,8 @@ namespace lives in one slot and the multi-key scripts below stay valid on a clus
 key (after the prefix)   type    content
 =======================  ======  ==================================================================
 ``hist:{user}``          LIST    recent item ids of the user, oldest first, trimmed to history_len
-``mem:{id}``             HASH    one memory: v (dim float32 LE bytes), item, user, ts, len
+``mem:{id}``             HASH    one memory: v (dim float32 LE bytes), item, user, ts, len, rec
+                                 (the prefix's last items, RECENT int64 LE, most recent first)
 ``mem:seq``              STRING  last memory id allocated (INCRBY inside the write script)
 ``mem:count``            STRING  memories currently held
 ``mem:low``              STRING  eviction cursor: no memory below this id is held
@@ -22,8 +23,9 @@ key (after the prefix)   type    content
 
 Log entries (all binary little-endian):
 
-* ``op=add id0 n vec item ts len user``: memories ``id0 .. id0+n-1``; ``vec`` (n, dim) float32,
-  ``item`` (n,) int64, ``ts`` (n,) float64, ``len`` (n,) int32, ``user`` a JSON list of n strings.
+* ``op=add id0 n vec item ts len rec user``: memories ``id0 .. id0+n-1``; ``vec`` (n, dim) float32,
+  ``item`` (n,) int64, ``ts`` (n,) float64, ``len`` (n,) int32, ``rec`` (n, RECENT) int64, ``user`` a
+  JSON list of n strings. Entries and hashes written before ``rec`` existed lack it (no items known).
 * ``op=del ids``: comma-separated memory ids removed (explicitly or by eviction).
 
 One write script call is one atomic unit: dedup markers, history appends, memory hashes, the log entry
@@ -49,10 +51,10 @@ LOG = "log"
 EPOCH = "epoch"
 
 # Fields of one memory hash.
-MEM_FIELDS = (b"v", b"item", b"user", b"ts", b"len")
+MEM_FIELDS = (b"v", b"item", b"user", b"ts", b"len", b"rec")
 
 # ARGV: prefix, n, vector stride, dedup ttl, history_len, capacity, user capacity (0: none), stream
-# maxlen, mode ('i' history, 'm' memory, 'im' both), the packed vec/item/ts/len blobs (13 so far), then
+# maxlen, mode ('i' history, 'm' memory, 'im' both), the packed vec/item/ts/len/rec blobs (14 so far), then
 # per record: event id ('' for none), user, item, ts, prefix length. Returns {add id, del id, first
 # memory id, accepted record indices (1-based)}.
 WRITE_SCRIPT = """
@@ -60,8 +62,9 @@ local p = ARGV[1]
 local n, stride, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local hlen, cap, ucap, maxlen = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local mode = ARGV[9]
-local vecs, items, tss, lens = ARGV[10], ARGV[11], ARGV[12], ARGV[13]
-local H, W = 13, 5
+local vecs, items, tss, lens, recs = ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14]
+local H, W = 14, 5
+local rstride = string.len(recs) / n
 local with_hist = string.find(mode, 'i', 1, true) ~= nil
 local with_mem = string.find(mode, 'm', 1, true) ~= nil
 
@@ -90,13 +93,14 @@ if not with_mem then return {'', '', 0, acc} end
 -- 3. memories: contiguous ids, one hash each, one log entry for the batch
 local last = redis.call('INCRBY', p .. 'mem:seq', m)
 local first = last - m + 1
-local users, v, it, t, l = {}, {}, {}, {}, {}
+local users, v, it, t, l, r = {}, {}, {}, {}, {}, {}
 for j, i in ipairs(acc) do
   local b = H + (i - 1) * W
   local id = first + j - 1
   local vec = string.sub(vecs, (i - 1) * stride + 1, i * stride)
+  local rec = string.sub(recs, (i - 1) * rstride + 1, i * rstride)
   redis.call('HSET', p .. 'mem:' .. id, 'v', vec, 'item', ARGV[b + 3], 'user', ARGV[b + 2],
-             'ts', ARGV[b + 4], 'len', ARGV[b + 5])
+             'ts', ARGV[b + 4], 'len', ARGV[b + 5], 'rec', rec)
   users[j] = ARGV[b + 2]
   if ucap > 0 then redis.call('RPUSH', p .. 'byuser:' .. users[j], id) end
   if m < n then
@@ -104,15 +108,17 @@ for j, i in ipairs(acc) do
     it[j] = string.sub(items, (i - 1) * 8 + 1, i * 8)
     t[j] = string.sub(tss, (i - 1) * 8 + 1, i * 8)
     l[j] = string.sub(lens, (i - 1) * 4 + 1, i * 4)
+    r[j] = rec
   end
 end
 if m < n then
   vecs, items, tss, lens = table.concat(v), table.concat(it), table.concat(t), table.concat(l)
+  recs = table.concat(r)
 end
 local count = redis.call('INCRBY', p .. 'mem:count', m)
 local add_id = redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'add', 'id0', first,
                           'n', m, 'vec', vecs, 'item', items, 'ts', tss, 'len', lens,
-                          'user', cjson.encode(users))
+                          'rec', recs, 'user', cjson.encode(users))
 
 -- 4. evictions: per-user capacity first, then the global capacity (oldest ids first)
 local evicted = {}

@@ -57,7 +57,8 @@ from memory_store.base import (
     snapshot_file,
 )
 from memory_store.config import StoreConfig
-from memory_store.index import IndexImage, MemoryIndex, search_now
+from memory_store.index import IndexImage, MemoryIndex, followers_now, search_now
+from memory_store.transitions import RECENT, Followers
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,17 @@ def _decode_add(fields: dict[bytes, bytes], dim: int) -> tuple[np.ndarray, Memor
         users=tuple(json.loads(fields[b"user"])),
         timestamps=np.frombuffer(fields[b"ts"], "<f8"),
         prefix_lens=np.frombuffer(fields[b"len"], "<i4"),
+        recent=_decode_recent(fields.get(b"rec"), n),
     )
     return np.arange(id0, id0 + n, dtype=np.int64), batch
+
+
+def _decode_recent(blob: bytes | None, n: int) -> np.ndarray:
+    """(n, RECENT) of a log entry's or hash's ``rec`` bytes; zeros when absent (written before memories
+    kept their prefix's last items)."""
+    if not blob:
+        return np.zeros((n, RECENT), np.int64)
+    return np.frombuffer(blob, "<i8").reshape(n, RECENT).astype(np.int64)
 
 
 def _concat(parts: list[tuple[np.ndarray, MemoryBatch]]) -> tuple[np.ndarray, MemoryBatch]:
@@ -142,6 +152,7 @@ def _concat(parts: list[tuple[np.ndarray, MemoryBatch]]) -> tuple[np.ndarray, Me
         users=tuple(u for p in parts for u in p[1].users),
         timestamps=np.concatenate([p[1].timestamps for p in parts]),
         prefix_lens=np.concatenate([p[1].prefix_lens for p in parts]),
+        recent=np.concatenate([p[1].recent for p in parts]),
     )
     return ids, batch
 
@@ -214,9 +225,10 @@ class RedisMemoryStore:
                 batch.items.astype("<i8").tobytes(),
                 batch.timestamps.astype("<f8").tobytes(),
                 batch.prefix_lens.astype("<i4").tobytes(),
+                batch.recent.astype("<i8").tobytes(),
             ]
         else:
-            head += [b"", b"", b"", b""]
+            head += [b"", b"", b"", b"", b""]
         rows: list[Any] = []
         for i in range(n):
             ev = events[i] if events else None
@@ -271,9 +283,13 @@ class RedisMemoryStore:
         return await self._run_writes("i", list(events), None)
 
     async def ingest(
-        self, events: Sequence[Interaction], keys: np.ndarray, prefix_lens: Sequence[int] | np.ndarray
+        self,
+        events: Sequence[Interaction],
+        keys: np.ndarray,
+        prefix_lens: Sequence[int] | np.ndarray,
+        recent: np.ndarray | None = None,
     ) -> IngestResult:
-        batch = memory_batch_for_events(events, keys, prefix_lens, self.dim)
+        batch = memory_batch_for_events(events, keys, prefix_lens, self.dim, recent)
         return await self._run_writes("im", list(events), batch)
 
     async def add_memories(self, batch: MemoryBatch) -> IngestResult:
@@ -307,6 +323,9 @@ class RedisMemoryStore:
         check_k(k)
         unit = normalise_rows(queries, self.dim, "queries")
         return await search_now(self._index, unit, k, with_keys)
+
+    async def followers(self, items: Sequence[int]) -> list[Followers]:
+        return await followers_now(self._index, items)
 
     # --------------------------------------------------------------------------------- user memories
 
@@ -613,6 +632,7 @@ class RedisMemoryStore:
             users=tuple(r[2].decode() for _, r in rows),
             timestamps=np.asarray([float(r[3]) for _, r in rows], np.float64),
             prefix_lens=np.asarray([int(r[4]) for _, r in rows], np.int32),
+            recent=np.concatenate([_decode_recent(r[5], 1) for _, r in rows]),
         )
         return np.asarray([i for i, _ in rows], np.int64), batch
 

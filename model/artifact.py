@@ -6,8 +6,9 @@ Layout::
     DIR/vocab.json          external user and item ids (item i is items[i-1]; 0 is padding)
     DIR/model.safetensors   encoder weights (tensors only: loading never executes code)
     DIR/fusion.safetensors  retrieval fusion weights (retrieval-augmented models only)
-    DIR/memory.safetensors  the memory bank: keys, items, users, prefix lengths, and each user's
-                            first item, the one history item no memory holds (same)
+    DIR/memory.safetensors  the memory bank: keys, items, users, prefix lengths, each prefix's last
+                            items (model.transitions), and each user's first item, the one history
+                            item no memory holds (same)
 
 A missing or damaged file fails the load with an :class:`ArtifactError` that names the file.
 """
@@ -91,6 +92,8 @@ def save(artifact: Artifact, out_dir: str | os.PathLike[str]) -> Path:
             "users": bank.users,
             "prefix_lens": bank.prefix_lens,
         }
+        if bank.recent is not None:
+            arrays["recent"] = bank.recent
         if artifact.first_items is not None:
             arrays["first_items"] = artifact.first_items.astype(np.int64)
         save_numpy(arrays, out / MEMORY_FILE)
@@ -146,7 +149,7 @@ def _load_bank(path: Path, dim: int) -> tuple[MemoryBank, np.ndarray | None]:
         keys = arrays["keys"]
         if keys.ndim != 2 or keys.shape[1] != dim:
             raise ValueError(f"keys have shape {keys.shape}, expected (N, {dim})")
-        bank = MemoryBank(keys, arrays["items"], arrays["users"], arrays["prefix_lens"])
+        bank = MemoryBank(keys, arrays["items"], arrays["users"], arrays["prefix_lens"], arrays.get("recent"))
         return bank, arrays.get("first_items")
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise ArtifactError(f"{path}: unreadable memory bank ({e})") from None
@@ -181,6 +184,11 @@ def load(model_dir: str | os.PathLike[str], device: str = "cpu") -> Artifact:
         bank, first_items = _load_bank(root / MEMORY_FILE, enc_cfg.dim)
         if bank.items.max(initial=0) > vocab.n_items or bank.users.max(initial=0) >= max(len(vocab.users), 1):
             raise ArtifactError(f"{root / MEMORY_FILE}: memory ids outside the vocabulary")
+        if (
+            bank.recent is not None
+            and not 0 <= bank.recent.min(initial=0) <= bank.recent.max(initial=0) <= vocab.n_items
+        ):
+            raise ArtifactError(f"{root / MEMORY_FILE}: prefix items outside the vocabulary")
         if first_items is not None and (
             first_items.shape != (len(vocab.users),)
             or first_items.min(initial=0) < 0

@@ -30,6 +30,8 @@ from model.finetune import (
 from model.fusion import FusionConfig
 from model.sasrec import EncoderConfig, SASRec
 from model.train import OBJECTIVES, SCHEMES, TrainConfig, evaluate_encoder, train
+from model.transitions import TuneResult as TransitionTune
+from model.transitions import recent_items
 from model.user_memory import QUALITIES, build_table
 from model.vote import VoteGrid
 
@@ -126,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=2.0,
         help="the vote stays off unless its validation NDCG@10 gain is this many standard errors",
+    )
+    f.add_argument(
+        "--transitions",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="choose the transition channel (the memories' item transitions mixed into the scores) on "
+        "validation after the vote, by the vote's rule; it stays off where it does not help there",
     )
     f.add_argument("--ft-epochs", type=int, default=100)
     f.add_argument("--ft-patience", type=int, default=10)
@@ -262,6 +271,7 @@ def _finetune(
         memory_quality=args.memory_quality,
         retrieval=args.retrieval,
         tune_vote=args.vote,
+        tune_transitions=args.transitions,
         seed=args.seed,
         device=args.device,
     )
@@ -295,7 +305,26 @@ def _finetune(
             vote["test_without_vote"] = evaluate_retrieval(
                 off, test_q, split.test, split.test_seen, cfg.device
             )
+    if result.transitions is not None:
+        metrics["transitions"] = _transitions_report(result.transitions, args.vote_min_z)
+        if cfg.transitions().on:  # the same model without the channel, on the same test queries
+            off = RetrievalModel(
+                full.encoder, full.fusion, full.bank, replace(cfg, transition_weight=0.0), full.user_table
+            )
+            metrics["transitions"]["test_without_transitions"] = evaluate_retrieval(
+                off, test_q, split.test, split.test_seen, cfg.device
+            )
     return full, metrics, cfg
+
+
+def _transitions_report(tuned: TransitionTune, min_z: float) -> dict[str, Any]:
+    return {
+        "chosen": tuned.best.to_json(),
+        "valid": tuned.table,
+        "z": tuned.z if math.isfinite(tuned.z) else None,  # None: a gain without any spread
+        "min_z": min_z,
+        "candidate": tuned.candidate.to_json() if tuned.candidate else None,
+    }
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -341,6 +370,11 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         um_cfg = cfg.user_memory()
         table = None if um_cfg is None else build_table(art.encoder, split, um_cfg, args.device)
         model = RetrievalModel(art.encoder, art.fusion, art.bank, cfg, table)
+        if args.split == "valid" and cfg.transitions().on:
+            # The bank holds the validation pairs too; counted, they would hand each validation query
+            # its own target. Validation counts the training pairs' transitions, as tuning did.
+            train = split.train
+            model.use_transitions_of(train.targets, recent_items(train.inputs, train.lengths))
         queries = model.queries(samples)
         out.update(evaluate_retrieval(model, queries, samples, seen, args.device, head))
         out["encoder"] = encoder_metrics

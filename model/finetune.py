@@ -4,7 +4,8 @@ The encoder is frozen (dropout off), so every sample's state h and its top-K ret
 computed once; an epoch then only runs the fusion module and the output layer. The memory bank holds the
 training pairs while training and validating, and the training + validation pairs at test time (never
 a test target). Early stopping on validation HR@10 (unmasked), the best fusion weights kept. With
-``tune_vote`` the memory vote (model.vote) is then chosen on validation over the trained fusion.
+``tune_vote`` the memory vote (model.vote) is then chosen on validation over the trained fusion, and
+with ``tune_transitions`` the transition channel (model.transitions) over both.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from model import transitions as tr
 from model.adaptive import AdaptiveKConfig, adaptive_k
 from model.data import IntArray, Samples, Split
 from model.evaluate import Metrics, evaluate, head_items
@@ -29,6 +31,7 @@ from model.fusion import FusionConfig, RetrievalFusion
 from model.memory import FloatArray, MemoryBank, Retrieved, encode_samples
 from model.sasrec import SASRec
 from model.train import EpochLog
+from model.transitions import TransitionMix
 from model.user_memory import UserMemoryConfig, UserMemoryTable, build_table
 from model.vote import TuneResult, Vote, VoteGrid, mix, tune
 
@@ -59,6 +62,11 @@ class FinetuneConfig:
     vote_weight: float = 0.0
     vote_temperature: float = 0.05
     vote_depth: int = 0
+    # The transition channel (model.transitions): off at weight 0; ``tune_transitions`` picks λ on
+    # validation after the vote, by the same rule.
+    tune_transitions: bool = False
+    transition_weight: float = 0.0
+    transition_order: int = tr.MAX_ORDER
     seed: int = 0
     device: str = "cpu"
 
@@ -70,6 +78,9 @@ class FinetuneConfig:
 
     def vote(self) -> Vote:
         return Vote(self.vote_weight, self.vote_temperature, self.vote_depth)
+
+    def transitions(self) -> TransitionMix:
+        return TransitionMix(self.transition_weight, self.transition_order)
 
     def user_memory(self) -> UserMemoryConfig | None:
         if not self.user_memories:
@@ -87,6 +98,7 @@ class Queries:
     retrieved: Retrieved  # (N, K)
     user_items: IntArray | None = None  # (N, C) the user's own memories, 0 = empty; None when off
     voters: Retrieved | None = None  # (N, depth) the nearest memories for the vote; None when off
+    recent: IntArray | None = None  # (N, MAX_ORDER) each query's last items, most recent first
 
     def subset(self, idx: IntArray) -> tuple[FloatArray, Retrieved, IntArray | None]:
         user = None if self.user_items is None else self.user_items[idx]
@@ -94,6 +106,9 @@ class Queries:
 
     def voter_subset(self, idx: IntArray) -> Retrieved | None:
         return None if self.voters is None else Retrieved(self.voters.ids[idx], self.voters.scores[idx])
+
+    def recent_subset(self, idx: IntArray) -> IntArray | None:
+        return None if self.recent is None else self.recent[idx]
 
 
 @dataclass
@@ -103,6 +118,7 @@ class FinetuneResult:
     history: list[EpochLog] = field(default_factory=list)
     vote_grid: VoteGrid | None = None  # the candidates the vote was chosen from
     vote: TuneResult | None = None  # their validation metrics, the winner and its z (None: not tuned)
+    transitions: tr.TuneResult | None = None  # the same for the transition channel
 
 
 def limit_depth(retrieved: Retrieved, k: IntArray) -> Retrieved:
@@ -129,6 +145,25 @@ class RetrievalModel:
         self.bank = bank
         self.cfg = cfg
         self.user_table = user_table
+        self._follow: Tensor | None = None
+
+    @property
+    def follow(self) -> Tensor:
+        """The bank's transitions (model.transitions.follow_matrix), built on first use."""
+        if self._follow is None:
+            if self.bank.recent is None:
+                raise ValueError("this memory bank has no prefix items: the transition channel needs them")
+            n_ids = self.encoder.cfg.n_items + 1
+            self._follow = tr.follow_matrix(
+                self.bank.items, self.bank.recent, n_ids, self.cfg.transition_order
+            )
+        return self._follow
+
+    def use_transitions_of(self, items: IntArray, recent: IntArray) -> None:
+        """Count the transitions of other memories than the bank's: next items (N,) and their prefixes'
+        last items (N, MAX_ORDER), e.g. the training pairs only."""
+        n_ids = self.encoder.cfg.n_items + 1
+        self._follow = tr.follow_matrix(items, recent, n_ids, self.cfg.transition_order)
 
     def memory_tensors(
         self,
@@ -177,14 +212,23 @@ class RetrievalModel:
         retrieved: Retrieved,
         user_items: IntArray | None = None,
         voters: Retrieved | None = None,
+        recent: IntArray | None = None,
     ) -> Tensor:
-        """Ranking scores over all ids (B, n_items + 1): the logits, or with ``voters`` and the vote on,
-        the log of their mix with the voters' next items (model.vote)."""
-        logits = self.logits(states, retrieved, user_items)
+        """Ranking scores over all ids (B, n_items + 1): the logits; with ``voters`` and the vote on,
+        the log of their mix with the voters' next items (model.vote); with ``recent`` (B, MAX_ORDER)
+        and the transition channel on, mixed with the transitions of the queries' last items."""
+        scores = self.logits(states, retrieved, user_items)
         vote = self.cfg.vote()
-        if voters is None or not vote.on:
-            return logits
-        return mix(logits, *self.voter_tensors(voters, states.device), vote)
+        if voters is not None and vote.on:
+            scores = mix(scores, *self.voter_tensors(voters, states.device), vote)
+        return self.with_transitions(scores, recent)
+
+    def with_transitions(self, scores: Tensor, recent: IntArray | None) -> Tensor:
+        mix_cfg = self.cfg.transitions()
+        if recent is None or not mix_cfg.on:
+            return scores
+        shares = tr.shares_from_matrix(recent, self.follow, mix_cfg.order).to(scores.device)
+        return tr.mix(scores, shares, mix_cfg)
 
     def voter_tensors(self, voters: Retrieved, device: torch.device) -> tuple[Tensor, Tensor]:
         """Voters (B, V) → their next items (B, V), 0 at empty slots, and similarities (B, V)."""
@@ -219,7 +263,8 @@ class RetrievalModel:
         states = encode_samples(self.encoder, samples, self.cfg.device)
         vote = self.cfg.vote()
         voters = self.nearest(states, samples, vote.depth) if vote.on else None
-        return Queries(states, self.retrieve(states, samples), self.user_items(samples), voters)
+        recent = tr.recent_items(samples.inputs, samples.lengths)
+        return Queries(states, self.retrieve(states, samples), self.user_items(samples), voters, recent)
 
     def user_items(self, samples: Samples) -> IntArray | None:
         if not self.cfg.user_memories:
@@ -244,7 +289,11 @@ def evaluate_retrieval(
     def score_fn(_x: Tensor, _lengths: Tensor, idx: IntArray) -> Tensor:
         states, retrieved, user_items = queries.subset(idx)
         return model.scores(
-            torch.from_numpy(states).to(dev), retrieved, user_items, queries.voter_subset(idx)
+            torch.from_numpy(states).to(dev),
+            retrieved,
+            user_items,
+            queries.voter_subset(idx),
+            queries.recent_subset(idx),
         )
 
     return evaluate(score_fn, samples, seen, device=device, head=head)
@@ -309,7 +358,57 @@ def finetune(
     if cfg.tune_vote:
         result.vote_grid = vote_grid or VoteGrid()
         result.vote = tune_vote(model, valid_q, split.valid, result.vote_grid, vote_min_z)
+    if cfg.tune_transitions:
+        if cfg.tune_vote and cfg.vote().on:
+            valid_q = model.queries(split.valid)  # with the chosen vote's voters
+        result.transitions = tune_transitions(model, valid_q, split.valid, vote_min_z)
     return model, result
+
+
+def tune_transitions(
+    model: RetrievalModel, queries: Queries, samples: Samples, min_z: float = 2.0
+) -> tr.TuneResult:
+    """Choose λ of the transition channel on ``samples`` (validation; the bank holds the training pairs)
+    over the model's scores with its vote, and set it in ``model.cfg``."""
+    t0 = time.perf_counter()
+    model.fusion.eval()
+    dev = torch.device(model.cfg.device)
+    recent = queries.recent
+    assert recent is not None
+    order = model.cfg.transition_order
+
+    def batches() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for s in range(0, len(samples), model.cfg.batch_size):
+            idx = np.arange(s, min(s + model.cfg.batch_size, len(samples)))
+            states, retrieved, user_items = queries.subset(idx)
+            scores = model.scores(
+                torch.from_numpy(states).to(dev), retrieved, user_items, queries.voter_subset(idx)
+            )
+            shares = tr.shares_from_matrix(recent[idx], model.follow, order).to(dev)
+            yield scores, shares, torch.from_numpy(samples.targets[idx]).to(dev)
+
+    with torch.inference_mode():
+        result = tr.tune(batches(), order, min_z=min_z)
+    model.cfg.transition_weight = result.best.weight
+    off, chosen = result.table[0], next(r for r in result.table if r["weight"] == result.best.weight)
+    cand = result.candidate
+    verdict = (
+        "none beat off"
+        if cand is None
+        else f"{'kept' if cand == result.best else 'refused'} λ {cand.weight:g}: gain {result.z:.1f} "
+        f"standard errors, needs {min_z:.1f}"
+    )
+    log.info(
+        "transition channel: λ %g; valid ndcg@10 %.4f hr@10 %.4f (off: %.4f, %.4f; %s) in %.0fs",
+        result.best.weight,
+        chosen["ndcg@10"],
+        chosen["hr@10"],
+        off["ndcg@10"],
+        off["hr@10"],
+        verdict,
+        time.perf_counter() - t0,
+    )
+    return result
 
 
 def tune_vote(

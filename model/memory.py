@@ -23,6 +23,7 @@ import torch
 
 from model.data import IntArray, Samples, bucket_batches
 from model.sasrec import SASRec
+from model.transitions import MAX_ORDER, recent_items
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,19 @@ class Retrieved:
 class MemoryBank:
     """Memories as parallel arrays plus an exact inner-product FAISS index over normalised keys."""
 
-    def __init__(self, keys: FloatArray, items: IntArray, users: IntArray, prefix_lens: IntArray) -> None:
+    def __init__(
+        self,
+        keys: FloatArray,
+        items: IntArray,
+        users: IntArray,
+        prefix_lens: IntArray,
+        recent: IntArray | None = None,
+    ) -> None:
         n = len(keys)
         if not (len(items) == len(users) == len(prefix_lens) == n):
             raise ValueError("keys, items, users and prefix_lens must have the same length")
+        if recent is not None and recent.shape != (n, MAX_ORDER):
+            raise ValueError(f"recent must have shape ({n}, {MAX_ORDER}), got {recent.shape}")
         if not np.isfinite(keys).all():
             raise ValueError("memory keys must be finite")
         self.keys = np.ascontiguousarray(keys, dtype=np.float32)  # (N, D) raw encoder states
@@ -78,6 +88,9 @@ class MemoryBank:
         self.items = items.astype(np.int64)  # (N,) value item ids
         self.users = users.astype(np.int64)  # (N,)
         self.prefix_lens = prefix_lens.astype(np.int64)  # (N,)
+        # (N, MAX_ORDER) each prefix's last items, most recent first, 0 = none (model.transitions);
+        # None in model directories written before they were kept
+        self.recent = None if recent is None else recent.astype(np.int64)
         self.index = faiss.IndexFlatIP(self.keys.shape[1])
         self.index.add(self.unit_keys)
 
@@ -86,15 +99,18 @@ class MemoryBank:
 
     @classmethod
     def from_samples(cls, keys: FloatArray, samples: Samples) -> MemoryBank:
-        return cls(keys, samples.targets, samples.users, samples.prefix_lens)
+        recent = recent_items(samples.inputs, samples.lengths)
+        return cls(keys, samples.targets, samples.users, samples.prefix_lens, recent)
 
     def concat(self, other: MemoryBank) -> MemoryBank:
         """A new bank holding both sets of memories (e.g. training + validation pairs at test time)."""
+        both = self.recent is not None and other.recent is not None
         return MemoryBank(
             np.concatenate([self.keys, other.keys]),
             np.concatenate([self.items, other.items]),
             np.concatenate([self.users, other.users]),
             np.concatenate([self.prefix_lens, other.prefix_lens]),
+            np.concatenate([self.recent, other.recent]) if both else None,
         )
 
     def search(

@@ -76,7 +76,8 @@ async def load_bank(
             Interaction(vocab.users[int(bank.users[r])], int(bank.items[r]), 0.0, bank_event_id(int(r)))
             for r in rows
         ]
-        res = await store.ingest(events, bank.keys[rows], bank.prefix_lens[rows])
+        recent = bank.recent[rows] if bank.recent is not None else None  # None: older model directories
+        res = await store.ingest(events, bank.keys[rows], bank.prefix_lens[rows], recent)
         written += res.accepted
     log.info(
         "loaded %d of %d bank memories in %.1f s (%d were already there)",

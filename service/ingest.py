@@ -1,7 +1,8 @@
 """POST /interactions behind HTTP: validated events → histories → one memory per event → the store.
 
 Every event's memory key is the encoding of the user's history *before* the item, where the history
-includes the earlier events of the same batch. A user's first ever event has no history, so it only
+includes the earlier events of the same batch; the memory also keeps that history's last items, from
+which the store counts item transitions. A user's first ever event has no history, so it only
 starts the history (no memory). In frozen-memory mode no memory is written at all.
 """
 
@@ -14,12 +15,23 @@ from collections.abc import Sequence
 import numpy as np
 
 from memory_store import Interaction, MemoryStore
+from memory_store.transitions import RECENT
 from service.metrics import Metrics
 from service.recommender import Recommender
 
 log = logging.getLogger(__name__)
 
 INLINE_ENCODE_MAX = 64  # events per batch encoded in the event-loop thread (about 5 ms of CPU)
+
+
+def last_items(histories: Sequence[Sequence[int]], width: int = RECENT) -> np.ndarray:
+    """Each history's last ``width`` items, most recent first (n, width), 0 where it is shorter: what a
+    memory keeps of its prefix, and what a query's transitions are read from (model.transitions)."""
+    out = np.zeros((len(histories), width), np.int64)
+    for i, h in enumerate(histories):
+        tail = h[-width:][::-1]
+        out[i, : len(tail)] = tail
+    return out
 
 
 class Ingestor:
@@ -64,7 +76,8 @@ class Ingestor:
         if with_memory:
             keys = await self._encode([prefixes[i] for i in with_memory])
             lens = np.array([len(prefixes[i]) for i in with_memory], dtype=np.int32)
-            res = await self.store.ingest([events[i] for i in with_memory], keys, lens)
+            recent = last_items([prefixes[i] for i in with_memory])
+            res = await self.store.ingest([events[i] for i in with_memory], keys, lens, recent)
             accepted, duplicates = accepted + res.accepted, duplicates + res.duplicates
         return self._count(accepted, duplicates)
 

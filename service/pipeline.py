@@ -24,6 +24,7 @@ from memory_store import MemoryStore, SearchResult
 from model.finetune import limit_depth
 from model.memory import Retrieved
 from service.errors import store_errors
+from service.ingest import last_items
 from service.metrics import Metrics
 from service.recommender import IntArray, Recommender
 
@@ -204,11 +205,25 @@ class Pipeline:
                 if rec.vote.on:
                     v = rec.vote.depth
                     voters = (np.where(hits.ids[:, :v] >= 0, hits.items[:, :v], 0), hits.scores[:, :v])
+        shares = None
+        if rec.transitions.on:
+            with self._stage("transitions"):
+                shares = await self._shares(histories)
         with self._stage("fuse"):
             h = rec.fuse(states, *memories) if memories is not None else torch.from_numpy(states)
         with self._stage("rank"):
-            ranked = rec.rank(h, masks, [q.n for q in queries], voters)
+            ranked = rec.rank(h, masks, [q.n for q in queries], voters, shares)
         return [_answer(q, ranked[i], hits, retrieved, i, rec.retrieval) for i, q in enumerate(queries)]
+
+    async def _shares(self, histories: list[list[int]]) -> torch.Tensor:
+        """The transition channel's shares of the encoded histories, from the store's follower rows."""
+        order = self.recommender.transitions.order
+        recent = last_items(histories, order)  # (B, order), 0 = none
+        wanted = np.unique(recent[recent > 0])
+        found = dict(zip(wanted.tolist(), await self.store.followers(wanted.tolist()), strict=True))
+        empty = (np.zeros(0, np.int64), np.zeros((0, order), np.int64))
+        rows = [(found[a].items, found[a].counts) if a > 0 else empty for a in recent.ravel().tolist()]
+        return self.recommender.shares(recent, rows)
 
 
 def others_only(hits: SearchResult, users: list[str], k: int) -> SearchResult:

@@ -20,11 +20,14 @@ import torch
 from torch import Tensor, nn
 from torch.jit import TracerWarning  # type: ignore[attr-defined]
 
+from memory_store.transitions import RECENT
+from model import transitions as tr
 from model.adaptive import adaptive_k
 from model.artifact import Artifact, ArtifactError
 from model.finetune import FinetuneConfig
 from model.fusion import RetrievalFusion
 from model.sasrec import SASRec
+from model.transitions import TransitionMix
 from model.vote import Vote, mix
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,16 @@ class Recommender:
                 "benchmark control; serve a model trained with similarity retrieval"
             )
         self.vote = self.cfg.vote() if self.cfg is not None else Vote()
+        self.transitions = self.cfg.transitions() if self.cfg is not None else TransitionMix()
+        if self.transitions.order > RECENT:  # the store keeps RECENT items of each memory's prefix
+            raise ArtifactError(
+                f"model {art.model_version} reads {self.transitions.order} items per transition, the "
+                f"memory store keeps {RECENT}"
+            )
+        if self.transitions.on and (art.bank is None or art.bank.recent is None):
+            raise ArtifactError(
+                f"model {art.model_version} mixes item transitions, but its memory bank has no prefix items"
+            )
         self.max_len = self.encoder.cfg.max_len
         self.n_items = self.encoder.cfg.n_items
         self.popular = _popularity(art)
@@ -223,14 +236,18 @@ class Recommender:
         masks: list[IntArray],
         n: list[int],
         voters: tuple[np.ndarray, np.ndarray] | None = None,
+        shares: Tensor | None = None,
     ) -> list[tuple[IntArray, np.ndarray]]:
         """Scores over the catalogue, masked items removed, top n[i] per row: (item ids, scores).
         ``voters``: the nearest memories' next items (B, V), 0 = empty slot, and their similarities
-        (B, V); with the model's vote on they are mixed into the scores, which become log-probabilities."""
+        (B, V); with the model's vote on they are mixed into the scores, which become log-probabilities.
+        ``shares`` (B, n_items + 1): the transition channel's (:meth:`shares`), mixed in after the vote."""
         scores = self.encoder.scores(h)  # (B, n_items + 1), column 0 = -inf
         if voters is not None and self.vote.on:
             items, sims = voters  # empty slots (item 0) are masked inside the mix, whatever their sims
             scores = mix(scores, torch.from_numpy(items), torch.from_numpy(sims), self.vote)
+        if shares is not None:
+            scores = tr.mix(scores, shares, self.transitions)
         for i, m in enumerate(masks):
             if m.size:
                 scores[i, torch.from_numpy(m)] = -torch.inf
@@ -241,6 +258,11 @@ class Recommender:
             keep = np.isfinite(s)
             out.append((ids[keep].astype(np.int64), s[keep].astype(np.float64)))
         return out
+
+    def shares(self, recent: IntArray, rows: list[tuple[np.ndarray, np.ndarray]]) -> Tensor:
+        """The transition shares (B, n_items + 1) of queries whose last items are ``recent`` (B, order),
+        most recent first, from the store's follower rows of those items (row-major, one per slot)."""
+        return tr.shares_from_rows(recent, rows, self.n_items + 1, self.transitions.order)
 
     def cold_start(self, mask: IntArray, n: int) -> tuple[IntArray, np.ndarray]:
         """The most frequent targets of the training memories (a popularity list), masked items removed."""

@@ -200,6 +200,36 @@ def test_the_chosen_memory_vote_of_each_seed_is_reported(tmp_path: Path) -> None
     assert "| vote | 2 | 0 | 0.05 | 0 | 0.4, refused λ 0.05 τ 0.1 20 voters | – | – |" in md
 
 
+def test_the_chosen_transition_channel_of_each_seed_is_reported(tmp_path: Path) -> None:
+    for seed, (weight, z, cand) in enumerate([(0.9, 6.1, 0.9), (0.0, 1.2, 0.5)]):
+        r = {
+            **result(seed, 0.06),
+            "variant": "transitions",
+            "encoder": "pretrain",
+            "transitions": {
+                "chosen": {"weight": weight, "order": 5},
+                "valid": [],
+                "z": z,
+                "min_z": 2.0,
+                "candidate": {"weight": cand, "order": 5},
+            },
+        }
+        if weight:  # kept: the same model without the channel, on the same test queries
+            off = dict.fromkeys(METRICS, 0.1) | {"ndcg@10": 0.05, "hr@10": 0.09}
+            r["transitions"]["test_without_transitions"] = {"unmasked": off}
+        (tmp_path / f"beauty.pretrain.transitions.seed{seed}.json").write_text(json.dumps(r))
+    report = aggregate(tmp_path, section=lambda r: f"{r['dataset']}, {r['encoder']} encoder")
+    rows = report["beauty, pretrain encoder"]["transitions"]["transitions"]
+    assert rows[0] == {
+        "seed": 0, "weight": 0.9, "z": 6.1, "ndcg@10_on": 0.06, "ndcg@10_off": 0.05, "hr@10_on": 0.1,
+        "hr@10_off": 0.09,
+    }  # fmt: skip
+    assert rows[1]["refused"] == 0.5 and rows[1]["ndcg@10_off"] == rows[1]["ndcg@10_on"] == 0.06
+    md = retrieval.markdown(report)
+    assert "| transitions | 0 | 0.9 | 6.1 | 0.0500 → 0.0600 | 0.0900 → 0.1000 |" in md
+    assert "| transitions | 1 | 0 | 1.2, refused λ 0.5 | 0.0600 → 0.0600 | 0.1000 → 0.1000 |" in md
+
+
 def test_every_retrieval_variant_is_a_valid_finetune_command() -> None:
     from model.cli import build_parser
 
@@ -207,6 +237,8 @@ def test_every_retrieval_variant_is_a_valid_finetune_command() -> None:
     base = ["train", "--dataset", "d", "--out", "o", "--stage", "finetune", "--from", "m"]
     parsed = {v: parser.parse_args([*base, *retrieval.variant_flags(v)]) for v in retrieval.VARIANTS}
     assert not parsed["raserec_k20"].vote and parsed["vote"].vote  # only the vote variants tune it
+    assert not parsed["vote"].transitions and parsed["transitions"].transitions  # the channel likewise
+    assert parsed["transitions"].vote and not parsed["transitions_only"].vote
     assert parsed["vote"].vote_depths == [20, 50, 100] and parsed["vote"].vote_temperatures == [
         0.02,
         0.05,

@@ -292,3 +292,31 @@ def test_vote_grid_flags_set_the_candidates(model_dir: Path, dataset: Path, tmp_
         {"weight": w, "temperature": t, "depth": d}
         for w, t, d in [(0.0, 0.05, 0), (0.3, 0.2, 7), (0.3, 0.2, 200)]
     ]
+
+
+def test_transitions_are_tuned_on_validation_and_reproduced_on_reload(
+    model_dir: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The toy cycles make the next item a function of the last one: the transitions predict it, and
+    # validation keeps the channel. Its λ is saved and `memrec evaluate` reproduces the test metrics.
+    args = ["train", "--dataset", str(dataset), "--out", str(tmp_path), "--device", "cpu", "--stage"]
+    args += ["finetune", "--from", str(model_dir), "--ft-epochs", "1", "--no-vote", "--transitions"]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    report = config["metrics"]["transitions"]
+    table, chosen = report["valid"], report["chosen"]
+    assert config["finetune"]["transition_weight"] == chosen["weight"] > 0 and chosen["order"] == 5
+    assert [row["weight"] for row in table] == [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99]
+    allowed = [row for row in table if row["hr@10"] >= table[0]["hr@10"]]  # the HR@10 guard
+    assert max(allowed, key=lambda row: row["ndcg@10"])["weight"] == chosen["weight"]
+    assert report["z"] is None or report["z"] >= 2.0
+    art = artifact.load(tmp_path)
+    assert (
+        art.bank is not None and art.bank.recent is not None and art.bank.recent.shape == (len(art.bank), 5)
+    )
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(tmp_path), "--dataset", str(dataset), "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["unmasked"] == config["metrics"]["test"]["unmasked"]
+    off = report["test_without_transitions"]["unmasked"]
+    assert out["unmasked"]["ndcg@10"] > off["ndcg@10"]

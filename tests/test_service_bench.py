@@ -182,6 +182,7 @@ def test_transition_mix_reranks_the_model_candidates(tmp_path: Path) -> None:
 def test_drift_sections_keep_the_first_keys_at_the_90_percent_cut() -> None:
     assert drift_section(False, 0.9) == "drift" and drift_section(True, 0.9) == "drift_vote"
     assert drift_section(True, 0.8) == "drift_vote_cut80" and drift_section(False, 0.75) == "drift_cut75"
+    assert drift_section(True, 0.5, transitions=True) == "drift_vote_transitions_cut50"
 
 
 def test_drift_report_shows_the_paired_gain_and_the_groups() -> None:

@@ -16,6 +16,7 @@ from test_service_support import (  # noqa: F401
     running_app,
     toy_root,
     train_toy_model,
+    with_transitions,
     with_vote,
 )
 
@@ -25,6 +26,7 @@ from model.adaptive import adaptive_k
 from model.artifact import ArtifactError
 from model.data import leave_one_out, load_dataset
 from model.finetune import FinetuneConfig, RetrievalModel, limit_depth
+from model.transitions import recent_items
 from service.pipeline import others_only
 from service.recommender import Recommender
 
@@ -54,7 +56,10 @@ def offline_ranking(model_path: Path, history: list[str], n: int) -> tuple[list[
         voters = None
         if cfg.vote().on:  # the nearest memories vote, more of them than the fusion reads
             voters = art.bank.search(state.numpy(), np.array([-1]), np.array([len(ids)]), cfg.vote_depth)
-        scores = model.scores(state, retrieved, None, voters)[0].clone()
+        recent = recent_items(
+            ids[None, -art.encoder.cfg.max_len :], np.array([min(len(ids), art.encoder.cfg.max_len)])
+        )
+        scores = model.scores(state, retrieved, None, voters, recent)[0].clone()
         scores[torch.from_numpy(ids)] = -torch.inf  # exclude_seen
         top = torch.topk(scores, min(n, scores.numel()))
     items = [art.vocab.external_item(int(i)) for i in top.indices]
@@ -94,15 +99,22 @@ def all_vote_model_dir(model_dir: Path, toy_root: Path) -> Path:  # noqa: F811
     return with_vote(model_dir, toy_root / "all-vote", ALL_VOTE)
 
 
-@pytest.mark.parametrize("which", ["fixed-k", "adaptive-k", "vote"])
+@pytest.mark.parametrize("which", ["fixed-k", "adaptive-k", "vote", "transitions", "vote-transitions"])
 async def test_service_ranking_equals_offline(
     which: str,
     model_dir: Path,  # noqa: F811
     adaptive_model_dir: Path,
     all_vote_model_dir: Path,
+    toy_root: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    path = {"fixed-k": model_dir, "adaptive-k": adaptive_model_dir, "vote": all_vote_model_dir}[which]
+    path = {
+        "fixed-k": lambda: model_dir,
+        "adaptive-k": lambda: adaptive_model_dir,
+        "vote": lambda: all_vote_model_dir,
+        "transitions": lambda: with_transitions(model_dir, toy_root / "transitions"),
+        "vote-transitions": lambda: with_transitions(all_vote_model_dir, toy_root / "vote-transitions", 0.7),
+    }[which]()
     async with running_app(model_dir=path, store_dir=tmp_path / "s", exact_threshold=1_000_000) as (
         _,
         client,
@@ -125,7 +137,9 @@ def offline_test_rankings(model_path: Path, data: Path, n: int) -> dict[str, tup
     indptr, seen = split.test_seen
     out = {}
     with torch.inference_mode():
-        scores = model.scores(torch.from_numpy(queries.states), queries.retrieved, None, queries.voters)
+        scores = model.scores(
+            torch.from_numpy(queries.states), queries.retrieved, None, queries.voters, queries.recent
+        )
         for row, user in enumerate(split.test.users):
             s = scores[row].clone()
             s[torch.from_numpy(seen[indptr[row] : indptr[row + 1]])] = -torch.inf
@@ -140,7 +154,7 @@ def cross_user_model_dir(toy_root: Path) -> Path:  # noqa: F811
     return train_toy_model(toy_root, "cross-user", "--cross-user")
 
 
-@pytest.mark.parametrize("which", ["own-and-others", "cross-user", "cross-user-vote"])
+@pytest.mark.parametrize("which", ["own-and-others", "cross-user", "cross-user-vote", "transitions"])
 async def test_known_users_are_ranked_as_their_offline_test_sample(
     which: str,
     model_dir: Path,  # noqa: F811
@@ -152,10 +166,11 @@ async def test_known_users_are_ranked_as_their_offline_test_sample(
     # a --cross-user model drops the user's own memories in the service as it does offline, among
     # the voters too.
     path = {
-        "own-and-others": model_dir,
-        "cross-user": cross_user_model_dir,
-        "cross-user-vote": with_vote(cross_user_model_dir, toy_root / "cross-user-vote", ALL_VOTE),
-    }[which]
+        "own-and-others": lambda: model_dir,
+        "cross-user": lambda: cross_user_model_dir,
+        "cross-user-vote": lambda: with_vote(cross_user_model_dir, toy_root / "cross-user-vote", ALL_VOTE),
+        "transitions": lambda: with_transitions(model_dir, toy_root / "transitions"),
+    }[which]()
     want = offline_test_rankings(path, toy_root / "toy.txt", 15)
     async with running_app(model_dir=path, store_dir=tmp_path / "s", exact_threshold=1_000_000) as (
         _,

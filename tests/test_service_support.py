@@ -46,8 +46,10 @@ def train_toy_model(root: Path, name: str = "model", *extra: str) -> Path:
     cmd = [sys.executable, "-m", "model.cli", "train", "--dataset", str(data), "--out", str(out)]
     cmd += ["--stage", "all", "--epochs", "2", "--ft-epochs", "1", "--k", "5", "--device", "cpu"]
     # The vote is left off unless asked for: on the toy data's tied similarities a cut among its voters
-    # would make the parity tests depend on how each index orders ties (see with_vote).
+    # would make the parity tests depend on how each index orders ties (see with_vote). The transition
+    # channel too, so that each test says which model it serves (see with_transitions).
     cmd += ["--threads", "1", *extra, *([] if "--vote" in extra else ["--no-vote"])]
+    cmd += [] if "--transitions" in extra else ["--no-transitions"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=240)
     return out
 
@@ -114,6 +116,17 @@ def with_vote(src: Path, dst: Path, depth: int) -> Path:
         shutil.copytree(src, dst)
         config = json.loads((dst / "config.json").read_text())
         config["finetune"].update(vote_weight=0.3, vote_temperature=0.1, vote_depth=depth)
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def with_transitions(src: Path, dst: Path, weight: float = 0.5) -> Path:
+    """A copy of model ``src`` with the transition channel on at ``weight``, set by hand as in
+    :func:`with_vote`."""
+    if not dst.is_dir():
+        shutil.copytree(src, dst)
+        config = json.loads((dst / "config.json").read_text())
+        config["finetune"].update(transition_weight=weight)
         (dst / "config.json").write_text(json.dumps(config))
     return dst
 

@@ -329,3 +329,91 @@ async def test_stats_and_replication_status(store: MemoryStore) -> None:
     assert (stats.memories, stats.index_size, stats.index_kind, stats.namespace) == (10, 10, "flat", "test")
     rep = stats.replication
     assert rep.applied == rep.last == res.position and rep.pending == 0 and rep.lag_s == 0.0
+
+
+def followed(f: Any) -> dict[int, list[int]]:
+    """A Followers row as {next item: counts per lag}."""
+    return {int(i): c.tolist() for i, c in zip(f.items, f.counts, strict=True)}
+
+
+async def test_transitions_count_each_memorys_prefix_by_lag(store: MemoryStore) -> None:
+    # user a: 1 → 2 → 3 → 2, user b: 1 → 2 (the prefix's last items, most recent first)
+    events = [Interaction("a", 2, 1.0, "a2"), Interaction("a", 3, 2.0, "a3"), Interaction("a", 2, 3.0, "a2b")]
+    keys = np.stack([unit(0), unit(1), unit(2)])
+    await store.ingest(events, keys, [1, 2, 3], np.array([[1, 0, 0], [2, 1, 0], [3, 2, 1]]))
+    await store.ingest([Interaction("b", 2, 4.0, "b2")], unit(3)[None], [1], np.array([[1]]))
+    one, two, three, unseen = await store.followers([1, 2, 3, 99])
+    # 1 → 2 at lag 1 (a and b) and at lag 3 (a's 1 2 3 → 2); 1 → 3 at lag 2
+    assert followed(one) == {2: [2, 0, 1, 0, 0], 3: [0, 1, 0, 0, 0]}
+    assert followed(two) == {3: [1, 0, 0, 0, 0], 2: [0, 1, 0, 0, 0]}
+    assert followed(three) == {2: [1, 0, 0, 0, 0]}
+    assert followed(unseen) == {}
+
+
+async def test_transitions_follow_removal_eviction_and_duplicates(
+    store_backend: str, store_config: Callable[..., Any]
+) -> None:
+    store = await open_store(store_config(store_backend, capacity=3))
+    try:
+
+        def ev(i: int) -> Interaction:
+            return Interaction("u", i + 10, float(i), f"e{i}")
+
+        rec = np.array([[7, 8]])
+        ids = [int((await store.ingest([ev(i)], unit(i)[None], [2], rec)).memory_ids[0]) for i in range(3)]
+        (f,) = await store.followers([7])
+        assert followed(f) == {10: [1, 0, 0, 0, 0], 11: [1, 0, 0, 0, 0], 12: [1, 0, 0, 0, 0]}
+        dup = await store.ingest([ev(2)], unit(2)[None], [2], rec)  # same event id: nothing counted twice
+        assert dup.duplicates == 1
+        await store.ingest([ev(3)], unit(3)[None], [2], rec)  # capacity 3: the oldest (item 10) leaves
+        (f,) = await store.followers([7])
+        assert sorted(followed(f)) == [11, 12, 13]
+        await store.remove_memories([ids[1]])
+        seven, eight = await store.followers([7, 8])
+        assert sorted(followed(seven)) == [12, 13] and followed(eight) == {
+            12: [0, 1, 0, 0, 0],
+            13: [0, 1, 0, 0, 0],
+        }
+    finally:
+        await store.close()
+
+
+async def test_transitions_survive_snapshot_and_reopen(
+    store_backend: str, store_config: Callable[..., Any]
+) -> None:
+    config = store_config(store_backend)
+    store = await open_store(config)
+    rng = np.random.default_rng(21)
+    batch = MemoryBatch.create(
+        rng.standard_normal((50, DIM)).astype(np.float32),
+        rng.integers(1, 20, 50),
+        ["u"] * 50,
+        np.zeros(50),
+        [5] * 50,
+        DIM,
+        rng.integers(0, 20, (50, 5)),
+    )
+    await store.add_memories(batch)
+    await store.snapshot()
+    await store.ingest([Interaction("v", 3, 1.0, "v3")], unit(0)[None], [1], np.array([[4]]))
+    items = list(range(1, 20))
+    before = [followed(f) for f in await store.followers(items)]
+    await store.close()
+    reopened = await open_store(config)
+    try:
+        assert [followed(f) for f in await reopened.followers(items)] == before
+        # item 4 → 3: the batch's count per lag (counted independently here) plus the ingested one at lag 1
+        expected = ((batch.recent == 4) & (batch.items[:, None] == 3)).sum(0) + np.eye(5, dtype=int)[0]
+        assert followed((await reopened.followers([4]))[0])[3] == expected.tolist()
+    finally:
+        await reopened.close()
+
+
+@pytest.mark.parametrize(
+    "recent", [np.array([[1, 2, 3, 4, 5, 6]]), np.array([[-1]]), np.array([[1.5]]), np.ones((2, 1))]
+)
+async def test_bad_recent_items_raise_and_store_nothing(store: MemoryStore, recent: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="recent"):
+        await store.ingest([Interaction("u", 1, 1.0, "x")], unit(0)[None], [1], recent)
+    assert await store.histories(["u"], 5) == [[]]
+    assert (await store.stats()).memories == 0

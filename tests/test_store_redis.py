@@ -113,11 +113,17 @@ async def test_snapshot_older_than_the_trimmed_log_falls_back_to_a_rebuild(
 ) -> None:
     config = store_config("redis", dim=DIM, data_dir=tmp_path, stream_maxlen=10)
     store = await open_store(config)
-    await store.add_memories(MemoryBatch.create(keys(5, 1), [1] * 5, ["u"] * 5, [0.0] * 5, [0] * 5, DIM))
+    recent = np.array([[7, 8]] * 5)
+    await store.add_memories(
+        MemoryBatch.create(keys(5, 1), [1] * 5, ["u"] * 5, [0.0] * 5, [0] * 5, DIM, recent)
+    )
     await store.snapshot()
     for i in range(300):  # one log entry each: the stream is trimmed past the snapshot
-        await store.ingest([Interaction("u", i + 1, float(i), f"e{i}")], keys(1, 100 + i), [0])
+        await store.ingest(
+            [Interaction("u", i + 1, float(i), f"e{i}")], keys(1, 100 + i), [1], np.array([[7]])
+        )
     await store.remove_memories([2])
+    before = await store.followers([7, 8])
     await store.close()
     with caplog.at_level(logging.WARNING, logger="memory_store.redis_store"):
         reopened = await open_store(config)
@@ -127,6 +133,15 @@ async def test_snapshot_older_than_the_trimmed_log_falls_back_to_a_rebuild(
         assert stats.memories == stats.index_size == 304
         out = await reopened.search(keys(5, 1), 1)
         assert out.ids[[0, 2, 3, 4], 0].tolist() == [1, 3, 4, 5] and out.ids[1, 0] != 2
+        # the transitions come back from the memory hashes too: 7 → 1 at lag 1 by the four bank memories
+        # left and the first ingested one; 8 → 1 at lag 2 by the four
+        after = await reopened.followers([7, 8])
+        for a, b in zip(before, after, strict=True):
+            np.testing.assert_array_equal(a.items, b.items)
+            np.testing.assert_array_equal(a.counts, b.counts)
+        assert after[0].counts[0].tolist() == [5, 0, 0, 0, 0] and after[1].counts.tolist() == [
+            [0, 4, 0, 0, 0]
+        ]
     finally:
         await reopened.close()
 

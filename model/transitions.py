@@ -1,0 +1,190 @@
+"""Transition channel: the memory bank's pairs read as item transitions, mixed into the ranking.
+
+A memory is one (prefix → next item) event; its prefix's last items say which items came just before
+the next one. Counting them over the bank gives, for every item a, how often each item b followed it at
+lag k (k = 1: right after). A query whose history ends in q_1 (most recent), q_2, … gets the next-item
+distribution::
+
+    share(b) = Σ_{j ≤ order} w(j) Σ_{k ≤ order} w(k) · count_k(q_j → b),    w(k) ∝ 1 / k
+    p_trans  = share / Σ share
+    score(b) = log((1 − λ) · p_model(b) + λ · p_trans(b))
+
+with p_model the softmax of the model's scores (the fused logits, or their mix with the memory vote).
+λ = 0 is the model alone; it is chosen on validation (:func:`tune`) like the vote, and stays off unless
+it wins there by ``min_z`` standard errors. Nothing is trained.
+
+On the sparse Amazon data first-order co-occurrence carries much of the next-item signal, and a live
+memory bank changes the counts with every interaction: this channel is what makes live memories move
+the ranking (the fusion module reads the memories only through one attention-refined state).
+
+The weights are integers (w(k) = lcm(1..order) / k) and so are the counts, so ``share`` is an exact
+integer in float64 whichever way it is summed: the offline evaluator (a sparse matrix product,
+:func:`follow_matrix`) and the service (per-item rows from the store, :func:`shares_from_rows`) give
+bit-identical scores.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.data import IntArray
+from model.evaluate import KS, metrics_from_ranks, target_ranks
+from model.vote import paired_z
+
+MAX_ORDER = 5  # prefix items a memory keeps (the memory store keeps as many)
+
+
+@dataclass(frozen=True)
+class TransitionMix:
+    weight: float = 0.0  # λ: the transitions' share of the probability; 0 = off
+    order: int = MAX_ORDER  # query items and lags that count
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight < 1.0:
+            raise ValueError(f"transition weight must be in [0, 1), got {self.weight}")
+        if not 1 <= self.order <= MAX_ORDER:
+            raise ValueError(f"transition order must be in 1..{MAX_ORDER}, got {self.order}")
+
+    @property
+    def on(self) -> bool:
+        return self.weight > 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+WEIGHTS = (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99)  # λ candidates of tune (1.0 would drop the model)
+
+
+def lag_weights(order: int) -> np.ndarray:
+    """(order,) int64 w(k) = lcm(1..order) / k: 1/k up to a common factor, in integers."""
+    scale = math.lcm(*range(1, order + 1))
+    return np.asarray([scale // k for k in range(1, order + 1)], np.int64)
+
+
+def recent_items(inputs: IntArray, lengths: IntArray, width: int = MAX_ORDER) -> IntArray:
+    """Right-padded prefixes (N, T) with lengths (N,) → their last ``width`` items, most recent first
+    (N, width), 0 where a prefix is shorter."""
+    n = len(lengths)
+    out = np.zeros((n, width), np.int64)
+    for k in range(1, width + 1):
+        has = lengths >= k
+        out[has, k - 1] = inputs[np.flatnonzero(has), lengths[has] - k]
+    return out
+
+
+def follow_matrix(items: IntArray, recent: IntArray, n_ids: int, order: int = MAX_ORDER) -> Tensor:
+    """(n_ids, n_ids) sparse float64: row a, column b = Σ_k w(k) · [memories whose next item is b with a
+    at lag k], over memories with next items ``items`` (N,) and prefixes ending in ``recent`` (N, ≥ order)."""
+    w = lag_weights(order)
+    rows, cols, vals = [], [], []
+    for k in range(order):
+        has = recent[:, k] > 0
+        rows.append(recent[has, k])
+        cols.append(items[has])
+        vals.append(np.full(int(has.sum()), w[k], np.float64))
+    idx = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(cols)]).astype(np.int64))
+    vals_t = torch.from_numpy(np.concatenate(vals))
+    m = torch.sparse_coo_tensor(idx, vals_t, (n_ids, n_ids), check_invariants=True)
+    return m.coalesce()
+
+
+def shares_from_matrix(query_recent: IntArray, follow: Tensor, order: int = MAX_ORDER) -> Tensor:
+    """Queries' last items (B, ≥ order), most recent first → unnormalised shares (B, n_ids) float64."""
+    w = lag_weights(order)
+    b_idx, cols, vals = [], [], []
+    for j in range(order):
+        has = query_recent[:, j] > 0
+        b_idx.append(np.flatnonzero(has))
+        cols.append(query_recent[has, j])
+        vals.append(np.full(int(has.sum()), w[j], np.float64))
+    shape = (len(query_recent), follow.shape[0])
+    idx = torch.from_numpy(np.stack([np.concatenate(b_idx), np.concatenate(cols)]).astype(np.int64))
+    queries = torch.sparse_coo_tensor(
+        idx, torch.from_numpy(np.concatenate(vals)), shape, check_invariants=True
+    )
+    with warnings.catch_warnings():  # torch's notice that its sparse product runs through beta CSR code
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        out: Tensor = torch.sparse.mm(queries.coalesce(), follow).to_dense()
+    return out
+
+
+def shares_from_rows(
+    query_recent: IntArray,
+    rows: Sequence[tuple[np.ndarray, np.ndarray]],
+    n_ids: int,
+    order: int = MAX_ORDER,
+) -> Tensor:
+    """The same shares from per-item rows: ``rows[i * order + j]`` = (next items (m,), counts per lag
+    (m, ≥ order)) of query i's j-th most recent item (empty where it has none)."""
+    w = lag_weights(order)
+    cells, vals = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for slot, (nxt, counts) in enumerate(rows):
+        if nxt.size:
+            i, j = divmod(slot, order)
+            cells.append(i * n_ids + nxt)  # flat (B · n_ids) index of each follower
+            vals.append(w[j] * (counts[:, :order] @ w))  # integers, so any summation order is exact
+    size = len(query_recent) * n_ids
+    flat = np.bincount(np.concatenate(cells), np.concatenate(vals).astype(np.float64), minlength=size)
+    return torch.from_numpy(flat.reshape(len(query_recent), n_ids))
+
+
+def mix(scores: Tensor, shares: Tensor, transitions: TransitionMix) -> Tensor:
+    """Model scores (B, n_ids) (column 0 = −inf) and unnormalised shares (B, n_ids) → the log of the
+    mixed distribution (B, n_ids) float32; the scores as they are when the channel is off. A row without
+    any share keeps the model's order."""
+    if not transitions.on:
+        return scores
+    lam = transitions.weight
+    total = shares.sum(1, keepdim=True)
+    p_trans = (shares / total.clamp_min(1.0)).float()  # rows without shares stay zero
+    p_model = torch.softmax(scores.float(), dim=1)
+    return torch.log((1.0 - lam) * p_model + lam * p_trans)
+
+
+@dataclass
+class TuneResult:
+    best: TransitionMix
+    table: list[dict[str, Any]] = field(default_factory=list)  # every candidate's validation metrics
+    z: float = 0.0  # the winner's paired NDCG@10 gain over off in standard errors
+    candidate: TransitionMix | None = None  # the validation winner, kept or refused (None: off won)
+
+
+Batch = tuple[Tensor, Tensor, Tensor]  # scores (B, n_ids), shares (B, n_ids), targets (B,)
+
+
+@torch.inference_mode()
+def tune(
+    batches: Iterable[Batch],
+    order: int = MAX_ORDER,
+    weights: Sequence[float] = WEIGHTS,
+    metric: str = "ndcg@10",
+    guard: str | None = "hr@10",
+    min_z: float = 2.0,
+    ks: tuple[int, ...] = KS,
+) -> TuneResult:
+    """λ among ``weights`` and off on the same validation batches (unmasked): the best ``metric`` among
+    the candidates whose ``guard`` is at least off's, kept only if it beats off by ``min_z`` standard
+    errors of its paired gain (model.vote.tune's rule)."""
+    cands = [TransitionMix(0.0, order), *(TransitionMix(w, order) for w in weights)]
+    ranks: list[list[np.ndarray]] = [[] for _ in cands]
+    for scores, shares, targets in batches:
+        for j, c in enumerate(cands):
+            ranks[j].append(target_ranks(mix(scores, shares, c), targets).cpu().numpy())
+    flat = [np.concatenate(r) if r else np.zeros(0, np.int64) for r in ranks]
+    table = [{**c.to_json(), **metrics_from_ranks(r, ks)} for c, r in zip(cands, flat, strict=True)]
+    allowed = [j for j in range(len(cands)) if guard is None or table[j][guard] >= table[0][guard]]
+    best = max(allowed, key=lambda j: (table[j][metric], -j))
+    z = paired_z(flat[best], flat[0], metric) if best else 0.0
+    candidate = cands[best] if best else None
+    if z < min_z:
+        best = 0
+    return TuneResult(cands[best], table, z, candidate)

@@ -1,0 +1,127 @@
+"""The transition channel (model.transitions) on tiny known cases: counts, shares, the mix, tuning,
+and the two ways of computing shares agreeing bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model import transitions as tr
+from model.data import Interactions, Vocab, leave_one_out
+
+
+def test_recent_items_are_the_last_items_most_recent_first() -> None:
+    inputs = np.array([[4, 5, 6, 0], [7, 0, 0, 0], [0, 0, 0, 0]])
+    out = tr.recent_items(inputs, np.array([3, 1, 0]), width=3)
+    assert out.tolist() == [[6, 5, 4], [7, 0, 0], [0, 0, 0]]
+
+
+def test_lag_weights_are_one_over_k_in_integers() -> None:
+    assert tr.lag_weights(5).tolist() == [60, 30, 20, 15, 12]
+    assert tr.lag_weights(1).tolist() == [1]
+
+
+def test_follow_matrix_weighs_each_predecessor_by_its_lag() -> None:
+    # memories 1 → 2, (1 2) → 3, (3) → 2: row a, column b = Σ w(lag)
+    items = np.array([2, 3, 2])
+    recent = np.array([[1, 0, 0, 0, 0], [2, 1, 0, 0, 0], [3, 0, 0, 0, 0]])
+    f = tr.follow_matrix(items, recent, n_ids=5).to_dense()
+    assert f[1, 2] == 60 and f[2, 3] == 60 and f[1, 3] == 30 and f[3, 2] == 60
+    assert float(f.sum()) == 210
+
+
+def test_shares_weigh_the_querys_recent_items() -> None:
+    items = np.array([4, 2])
+    recent = np.array([[3, 0, 0, 0, 0], [1, 0, 0, 0, 0]])  # 3 → 4 and 1 → 2, each at lag 1
+    follow = tr.follow_matrix(items, recent, n_ids=6)
+    query = np.array([[3, 1, 0, 0, 0], [5, 0, 0, 0, 0], [0, 0, 0, 0, 0]])  # last item 3, then 1
+    shares = tr.shares_from_matrix(query, follow)
+    assert shares[0, 4] == 60 * 60 and shares[0, 2] == 30 * 60  # item 1 is the second most recent
+    assert float(shares[1:].abs().sum()) == 0.0  # 5 was never followed; an empty history reads nothing
+
+
+def test_shares_from_store_rows_equal_the_matrix_product_exactly() -> None:
+    rng = np.random.default_rng(0)
+    n_ids, order = 30, 5
+    items = rng.integers(1, n_ids, 400)
+    recent = rng.integers(0, n_ids, (400, order))
+    follow = tr.follow_matrix(items, recent, n_ids, order)
+    query = rng.integers(0, n_ids, (7, order))
+    # the rows the store would return: per item, its followers and their counts per lag
+    counts = np.zeros((n_ids, n_ids, order), np.int64)
+    for b, rec in zip(items, recent, strict=True):
+        for k, a in enumerate(rec):
+            if a:
+                counts[a, b, k] += 1
+    rows = []
+    for a in query.ravel():
+        nxt = np.flatnonzero(counts[a].sum(1)) if a else np.zeros(0, np.int64)
+        rows.append((nxt, counts[a, nxt]))
+    from_rows = tr.shares_from_rows(query, rows, n_ids, order)
+    assert torch.equal(from_rows, tr.shares_from_matrix(query, follow, order))
+    assert float(from_rows.sum()) > 0
+
+
+def test_mix_is_the_log_of_the_mixed_distribution() -> None:
+    scores = torch.tensor([[-torch.inf, 2.0, 1.0, 0.0], [-torch.inf, 0.0, 1.0, 2.0]])
+    shares = torch.tensor([[0.0, 0.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    off = tr.mix(scores, shares, tr.TransitionMix(0.0))
+    assert off is scores
+    out = tr.mix(scores, shares, tr.TransitionMix(0.5))
+    p = torch.softmax(scores, dim=1)
+    expected = torch.log(0.5 * p[0] + 0.5 * torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    torch.testing.assert_close(out[0], expected)
+    assert torch.exp(out).sum(1).tolist() == pytest.approx([1.0, 0.5])  # a row without shares: (1 − λ)p
+    assert out[1].argsort().tolist() == scores[1].argsort().tolist()  # ... in the model's order
+    assert out[0, 0] == -torch.inf  # padding stays out
+
+
+def test_mix_rejects_weights_outside_the_unit_interval() -> None:
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="transition weight"):
+            tr.TransitionMix(bad)
+    with pytest.raises(ValueError, match="transition order"):
+        tr.TransitionMix(0.5, order=6)
+
+
+def _batches(n: int, informative: bool, seed: int) -> list[tr.Batch]:
+    """Model scores that rank the target 10th; shares that point at the target (or at random items)."""
+    rng = np.random.default_rng(seed)
+    n_ids = 50
+    targets = torch.from_numpy(rng.integers(1, n_ids, n))
+    scores = torch.from_numpy(rng.standard_normal((n, n_ids)).astype(np.float32))
+    scores[:, 0] = -torch.inf
+    shares = torch.zeros(n, n_ids, dtype=torch.float64)
+    hot = targets if informative else torch.from_numpy(rng.integers(1, n_ids, n))
+    shares[torch.arange(n), hot] = 5.0
+    shares[:, 1:] += torch.from_numpy(rng.integers(0, 2, (n, n_ids - 1))).double()
+    return [(scores, shares, targets)]
+
+
+def test_tune_keeps_a_channel_that_wins_and_refuses_one_that_does_not() -> None:
+    won = tr.tune(_batches(400, informative=True, seed=1))
+    assert won.best.on and won.z >= 2.0 and won.candidate == won.best
+    assert won.table[0]["weight"] == 0.0 and len(won.table) == 1 + len(tr.WEIGHTS)
+    lost = tr.tune(_batches(400, informative=False, seed=2))
+    assert not lost.best.on
+
+
+def test_follow_matrix_of_the_split_counts_every_transition_but_the_evaluation_targets() -> None:
+    seqs = [np.array([1, 2, 3, 4, 5]), np.array([2, 3, 6, 1]), np.array([4, 1, 2])]
+    users = [f"u{i}" for i in range(len(seqs))]
+    data = Interactions("toy", Vocab(users, [f"i{i}" for i in range(1, 7)]), seqs)
+    split = leave_one_out(data, max_len=50)
+    n_ids = 7
+    for pairs, drop in (([split.train], 2), ([split.train, split.valid], 1)):
+        items = np.concatenate([p.targets for p in pairs])
+        recent = np.concatenate([tr.recent_items(p.inputs, p.lengths) for p in pairs])
+        got = tr.follow_matrix(items, recent, n_ids).to_dense()
+        want = torch.zeros(n_ids, n_ids, dtype=torch.float64)  # counted here from the sequences
+        w = tr.lag_weights(5)
+        for s in seqs:
+            s = s[: len(s) - drop]
+            for j in range(len(s)):
+                for k in range(1, min(5, j) + 1):
+                    want[s[j - k], s[j]] += float(w[k - 1])
+        assert torch.equal(got, want), drop
