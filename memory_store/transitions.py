@@ -58,8 +58,11 @@ class TransitionTable:
         if not prev.size:
             return
         # One dictionary update per distinct (prev, code) pair: a bulk load repeats pairs a lot.
-        pairs, counts = np.unique(np.stack([prev, code], axis=1), axis=0, return_counts=True)
-        for (a, c), m in zip(pairs.tolist(), (sign * counts).tolist(), strict=True):
+        width = int(code.max()) + 1
+        pairs, counts = np.unique(prev * width + code, return_counts=True)  # ≤ 5·n² < 2^63 below 10^9 items
+        for a, c, m in zip(
+            (pairs // width).tolist(), (pairs % width).tolist(), (sign * counts).tolist(), strict=True
+        ):
             row = self._rows.setdefault(a, {})
             left = row.get(c, 0) + m
             if left > 0:
