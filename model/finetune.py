@@ -392,12 +392,14 @@ def tune_transitions(
     model.cfg.transition_weight = result.best.weight
     off, chosen = result.table[0], next(r for r in result.table if r["weight"] == result.best.weight)
     cand = result.candidate
-    verdict = (
-        "none beat off"
-        if cand is None
-        else f"{'kept' if cand == result.best else 'refused'} λ {cand.weight:g}: gain {result.z:.1f} "
-        f"standard errors, needs {min_z:.1f}"
-    )
+    if cand is None:
+        verdict = "none beat off"
+    elif not result.best.on:
+        verdict = f"refused λ {cand.weight:g}: gain {result.z:.1f} standard errors, needs {min_z:.1f}"
+    else:
+        verdict = f"kept λ {result.best.weight:g}: gain {result.z:.1f} standard errors, needs {min_z:.1f}"
+        if cand != result.best:
+            verdict += f"; λ {cand.weight:g} won validation without a significant gain"
     log.info(
         "transition channel: λ %g; valid ndcg@10 %.4f hr@10 %.4f (off: %.4f, %.4f; %s) in %.0fs",
         result.best.weight,

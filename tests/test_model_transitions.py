@@ -125,3 +125,17 @@ def test_follow_matrix_of_the_split_counts_every_transition_but_the_evaluation_t
                 for k in range(1, min(5, j) + 1):
                     want[s[j - k], s[j]] += float(w[k - 1])
         assert torch.equal(got, want), drop
+
+
+def test_a_winner_that_is_not_significant_gives_way_to_the_best_that_is() -> None:
+    table = [
+        {"ndcg@10": 0.050, "hr@10": 0.10},  # off
+        {"ndcg@10": 0.060, "hr@10": 0.11},  # significant
+        {"ndcg@10": 0.062, "hr@10": 0.12},  # the validation winner, but noisy
+        {"ndcg@10": 0.070, "hr@10": 0.09},  # best NDCG, but below off's HR@10: the guard drops it
+    ]
+    assert tr.choose(table, [0.0, 2.5, 0.8, 9.0], "ndcg@10", "hr@10", 2.0) == (1, 2)
+    assert tr.choose(table, [0.0, 1.9, 0.8, 9.0], "ndcg@10", "hr@10", 2.0) == (0, 2)  # none significant
+    assert tr.choose(table, [0.0, 2.5, 3.0, 9.0], "ndcg@10", None, 2.0) == (3, 3)  # no guard
+    worse = [{"ndcg@10": 0.05, "hr@10": 0.1}, {"ndcg@10": 0.04, "hr@10": 0.1}]
+    assert tr.choose(worse, [0.0, -3.0], "ndcg@10", "hr@10", 2.0) == (0, 0)
