@@ -688,9 +688,14 @@ def _load_md(load: dict[str, Any]) -> list[str]:
 
 def _vote(load: dict[str, Any]) -> str:
     vote = load.get("vote") or {}
-    if not vote.get("weight"):
-        return ""
-    return f", memory vote λ {vote['weight']:g}, τ {vote['temperature']:g}, {vote['depth']} voters"
+    out = ""
+    if vote.get("weight"):
+        out += f", memory vote λ {vote['weight']:g}, τ {vote['temperature']:g}, {vote['depth']} voters"
+    if load.get("transition_weight"):
+        out += f", transition channel λ {load['transition_weight']:g}"
+    elif "transition_weight" in load:
+        out += ", no transition channel"
+    return out
 
 
 def _windows(load: dict[str, Any]) -> str:
@@ -800,7 +805,7 @@ def _drift_md(drift: dict[str, Any], title: str) -> list[str]:
 
 def render_md(report: dict[str, Any]) -> str:
     lines = ["# Service benchmarks", ""]
-    for key in ("load", "load_fine"):  # load_fine: an optional second sweep with finer rate steps
+    for key in sorted(k for k in report if k.startswith("load")):  # load, load_fine, ...: more sweeps
         if key in report:
             lines += _load_md(report[key])
     drifts = sorted(
@@ -829,6 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     lp.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query")
     lp.add_argument("--repeats", type=int, default=3, help="windows per rate (their medians are reported)")
     lp.add_argument("--batch-wait-ms", type=float, default=1.0, help="the server's micro-batch wait")
+    lp.add_argument("--section", default="load", help="report key (e.g. a second model's sweep)")
     dp = sub.add_parser("drift", help="time-split replay, live versus frozen memory")
     dp.add_argument("--data-dir")
     dp.add_argument("--cut", type=float, default=0.9)
@@ -843,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = shlex.join(["python", "-m", "bench.service", *(argv if argv is not None else sys.argv[1:])])
     runner: Callable[[argparse.Namespace], dict[str, Any]] = run_load if args.command == "load" else run_drift
-    section = args.command
+    section = args.section if args.command == "load" else args.command
     if args.command == "drift":
         section = drift_section(args.vote, args.cut, args.transitions)
     write_reports(section, runner(args), command)

@@ -18,14 +18,16 @@ RECENT = 5  # prefix items kept with each memory (its lags)
 
 @dataclass(frozen=True, slots=True)
 class Followers:
-    """The items that followed one item: ``counts[j, k - 1]`` memories had it at lag k before ``items[j]``."""
+    """The items that followed one item, one entry per (next item, lag): ``counts[j]`` memories had it
+    at lag ``lags[j]`` (1 = just before) before ``items[j]``. Sorted by item, then lag."""
 
-    items: np.ndarray  # (m,) int64, ascending
-    counts: np.ndarray  # (m, RECENT) int64
+    items: np.ndarray  # (m,) int64
+    lags: np.ndarray  # (m,) int64, 1..RECENT
+    counts: np.ndarray  # (m,) int64, ≥ 1
 
     @classmethod
     def empty(cls) -> Followers:
-        return cls(np.zeros(0, np.int64), np.zeros((0, RECENT), np.int64))
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
 class TransitionTable:
@@ -88,9 +90,8 @@ class TransitionTable:
             return Followers.empty()
         codes = np.fromiter(row.keys(), np.int64, len(row))
         counts = np.fromiter(row.values(), np.int64, len(row))
-        nxt, slot = np.unique(codes // RECENT, return_inverse=True)
-        table = np.zeros((nxt.size, RECENT), np.int64)
-        np.add.at(table, (slot, codes % RECENT), counts)
-        out = Followers(nxt, table)
+        order = np.argsort(codes)
+        codes, counts = codes[order], counts[order]
+        out = Followers(codes // RECENT, codes % RECENT + 1, counts)
         self._cache[item] = out
         return out

@@ -377,7 +377,7 @@ def tune_transitions(
     assert recent is not None
     order = model.cfg.transition_order
 
-    def batches() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def batches() -> Iterator[tr.Batch]:
         for s in range(0, len(samples), model.cfg.batch_size):
             idx = np.arange(s, min(s + model.cfg.batch_size, len(samples)))
             states, retrieved, user_items = queries.subset(idx)

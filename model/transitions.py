@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -97,8 +97,35 @@ def follow_matrix(items: IntArray, recent: IntArray, n_ids: int, order: int = MA
     return m.coalesce()
 
 
-def shares_from_matrix(query_recent: IntArray, follow: Tensor, order: int = MAX_ORDER) -> Tensor:
-    """Queries' last items (B, ≥ order), most recent first → unnormalised shares (B, n_ids) float64."""
+@dataclass(frozen=True)
+class Shares:
+    """Each query's unnormalised shares, sparse: ``items[i, :n]`` its items with a share (ascending, 0 =
+    padding after them), ``values`` their shares (exact integers in float64, 0 at padding)."""
+
+    items: Tensor  # (B, M) int64
+    values: Tensor  # (B, M) float64
+
+    def to(self, device: torch.device | str) -> Shares:
+        return Shares(self.items.to(device), self.values.to(device))
+
+    def dense(self, n_ids: int) -> Tensor:
+        """(B, n_ids) float64, for inspection."""
+        out = torch.zeros(self.items.shape[0], n_ids, dtype=torch.float64, device=self.items.device)
+        return out.scatter_add_(1, self.items, self.values)
+
+
+def _pack(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int) -> Shares:
+    """(row, column, value) triples, sorted by row then column, columns unique per row → Shares."""
+    counts = np.bincount(rows, minlength=n_rows)
+    width = int(counts.max(initial=0))
+    slot = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)  # position in its row
+    items, values = np.zeros((n_rows, width), np.int64), np.zeros((n_rows, width), np.float64)
+    items[rows, slot], values[rows, slot] = cols, vals
+    return Shares(torch.from_numpy(items), torch.from_numpy(values))
+
+
+def shares_from_matrix(query_recent: IntArray, follow: Tensor, order: int = MAX_ORDER) -> Shares:
+    """Queries' last items (B, ≥ order), most recent first → their shares, from the bank's follow matrix."""
     w = lag_weights(order)
     b_idx, cols, vals = [], [], []
     for j in range(order):
@@ -113,41 +140,66 @@ def shares_from_matrix(query_recent: IntArray, follow: Tensor, order: int = MAX_
     )
     with warnings.catch_warnings():  # torch's notice that its sparse product runs through beta CSR code
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        out: Tensor = torch.sparse.mm(queries.coalesce(), follow).to_dense()
-    return out
+        out = torch.sparse.mm(queries.coalesce(), follow).coalesce()  # sorted by row, then column
+    rows, cols_t = out.indices().numpy()
+    keep = out.values().numpy() != 0
+    return _pack(rows[keep], cols_t[keep], out.values().numpy()[keep], len(query_recent))
+
+
+Row = tuple[np.ndarray, np.ndarray, np.ndarray]  # next items, lags 1.., counts: one per (item, lag)
 
 
 def shares_from_rows(
-    query_recent: IntArray,
-    rows: Sequence[tuple[np.ndarray, np.ndarray]],
-    n_ids: int,
-    order: int = MAX_ORDER,
-) -> Tensor:
-    """The same shares from per-item rows: ``rows[i * order + j]`` = (next items (m,), counts per lag
-    (m, ≥ order)) of query i's j-th most recent item (empty where it has none)."""
+    query_recent: IntArray, rows: Mapping[int, Row], n_ids: int, order: int = MAX_ORDER
+) -> Shares:
+    """The same shares from the store's rows: ``rows[a]`` = (next items, lags, counts), one entry per
+    (next item, lag), for every item a of ``query_recent`` (B, ≥ order). Vectorised over the batch: a
+    Python loop per (query, item) cost more than the rest of the request path."""
     w = lag_weights(order)
-    cells, vals = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for slot, (nxt, counts) in enumerate(rows):
-        if nxt.size:
-            i, j = divmod(slot, order)
-            cells.append(i * n_ids + nxt)  # flat (B · n_ids) index of each follower
-            vals.append(w[j] * (counts[:, :order] @ w))  # integers, so any summation order is exact
-    size = len(query_recent) * n_ids
-    flat = np.bincount(np.concatenate(cells), np.concatenate(vals).astype(np.float64), minlength=size)
-    return torch.from_numpy(flat.reshape(len(query_recent), n_ids))
+    query_recent = query_recent[:, :order]
+    q_row, q_slot = np.nonzero(query_recent)  # (S,) the present (query, j) slots
+    keys = list(rows)
+    lengths = np.asarray([rows[a][0].size for a in keys], np.int64)
+    if not q_row.size or not lengths.sum():
+        none = np.zeros(0, np.int64)
+        return _pack(none, none, np.zeros(0, np.float64), len(query_recent))
+    nxt, lags, counts = (np.concatenate([rows[a][f] for a in keys]) for f in range(3))
+    lag_ok = lags <= order
+    weighted = np.where(lag_ok, w[np.minimum(lags, order) - 1] * counts, 0)  # (E,) w(lag) · count
+    starts = np.cumsum(lengths) - lengths
+    index = {a: k for k, a in enumerate(keys)}
+    k = np.asarray([index[int(a)] for a in query_recent[q_row, q_slot]], np.int64)  # (S,) row of each slot
+    per_slot = lengths[k]
+    slot = np.repeat(np.arange(q_row.size), per_slot)  # (T,) the slot of each (slot, entry) pair
+    entry = starts[k][slot] + np.arange(slot.size) - np.repeat(np.cumsum(per_slot) - per_slot, per_slot)
+    cells = q_row[slot] * n_ids + nxt[entry]
+    vals = w[q_slot[slot]] * weighted[entry]  # integers, so any summation order is exact
+    code, inverse = np.unique(cells, return_inverse=True)
+    total = np.bincount(inverse, vals.astype(np.float64), minlength=code.size)
+    nonzero = total > 0
+    return _pack(code[nonzero] // n_ids, code[nonzero] % n_ids, total[nonzero], len(query_recent))
 
 
-def mix(scores: Tensor, shares: Tensor, transitions: TransitionMix) -> Tensor:
-    """Model scores (B, n_ids) (column 0 = −inf) and unnormalised shares (B, n_ids) → the log of the
-    mixed distribution (B, n_ids) float32; the scores as they are when the channel is off. A row without
-    any share keeps the model's order."""
+def mix(scores: Tensor, shares: Shares, transitions: TransitionMix) -> Tensor:
+    """Model scores (B, n_ids) (column 0 = −inf) and the queries' shares → the log of the mixed
+    distribution (B, n_ids) float32; the scores as they are when the channel is off. A row without any
+    share keeps the model's order.
+
+    Only the items with a share change beyond the shift every item gets, so they are computed on the
+    (B, M) share slots and scattered in (as model.vote.mix does): two passes over the catalogue, which
+    matters on the request path."""
     if not transitions.on:
         return scores
     lam = transitions.weight
-    total = shares.sum(1, keepdim=True)
-    p_trans = (shares / total.clamp_min(1.0)).float()  # rows without shares stay zero
-    p_model = torch.softmax(scores.float(), dim=1)
-    return torch.log((1.0 - lam) * p_model + lam * p_trans)
+    scores = scores.float()
+    # log((1 − λ) · softmax(scores)) for every item: the final score of the items without a share
+    base = scores - (torch.logsumexp(scores, dim=-1, keepdim=True) - math.log1p(-lam))
+    total = shares.values.sum(1, keepdim=True).clamp_min(1.0)
+    q = (shares.values / total).float()  # (B, M) p_trans at the share slots, 0 at padding
+    # log((1−λ)p + λq) at the share slots; padding slots (item 0, q = 0) rewrite the padding column's
+    # −inf with −inf
+    mixed = torch.logaddexp(base.gather(1, shares.items), torch.log(lam * q))
+    return base.scatter(1, shares.items, mixed)
 
 
 @dataclass
@@ -158,7 +210,7 @@ class TuneResult:
     candidate: TransitionMix | None = None  # the validation winner, kept or refused (None: off won)
 
 
-Batch = tuple[Tensor, Tensor, Tensor]  # scores (B, n_ids), shares (B, n_ids), targets (B,)
+Batch = tuple[Tensor, Shares, Tensor]  # scores (B, n_ids), the queries' shares, targets (B,)
 
 
 @torch.inference_mode()

@@ -23,6 +23,7 @@ import torch
 from memory_store import MemoryStore, SearchResult
 from model.finetune import limit_depth
 from model.memory import Retrieved
+from model.transitions import Shares
 from service.errors import store_errors
 from service.ingest import last_items
 from service.metrics import Metrics
@@ -215,14 +216,13 @@ class Pipeline:
             ranked = rec.rank(h, masks, [q.n for q in queries], voters, shares)
         return [_answer(q, ranked[i], hits, retrieved, i, rec.retrieval) for i, q in enumerate(queries)]
 
-    async def _shares(self, histories: list[list[int]]) -> torch.Tensor:
+    async def _shares(self, histories: list[list[int]]) -> Shares:
         """The transition channel's shares of the encoded histories, from the store's follower rows."""
         order = self.recommender.transitions.order
         recent = last_items(histories, order)  # (B, order), 0 = none
-        wanted = np.unique(recent[recent > 0])
-        found = dict(zip(wanted.tolist(), await self.store.followers(wanted.tolist()), strict=True))
-        empty = (np.zeros(0, np.int64), np.zeros((0, order), np.int64))
-        rows = [(found[a].items, found[a].counts) if a > 0 else empty for a in recent.ravel().tolist()]
+        wanted = np.unique(recent[recent > 0]).tolist()
+        found = await self.store.followers(wanted)
+        rows = {a: (f.items, f.lags, f.counts) for a, f in zip(wanted, found, strict=True)}
         return self.recommender.shares(recent, rows)
 
 

@@ -236,12 +236,12 @@ class Recommender:
         masks: list[IntArray],
         n: list[int],
         voters: tuple[np.ndarray, np.ndarray] | None = None,
-        shares: Tensor | None = None,
+        shares: tr.Shares | None = None,
     ) -> list[tuple[IntArray, np.ndarray]]:
         """Scores over the catalogue, masked items removed, top n[i] per row: (item ids, scores).
         ``voters``: the nearest memories' next items (B, V), 0 = empty slot, and their similarities
         (B, V); with the model's vote on they are mixed into the scores, which become log-probabilities.
-        ``shares`` (B, n_items + 1): the transition channel's (:meth:`shares`), mixed in after the vote."""
+        ``shares``: the transition channel's (:meth:`shares`), mixed in after the vote."""
         scores = self.encoder.scores(h)  # (B, n_items + 1), column 0 = -inf
         if voters is not None and self.vote.on:
             items, sims = voters  # empty slots (item 0) are masked inside the mix, whatever their sims
@@ -259,9 +259,9 @@ class Recommender:
             out.append((ids[keep].astype(np.int64), s[keep].astype(np.float64)))
         return out
 
-    def shares(self, recent: IntArray, rows: list[tuple[np.ndarray, np.ndarray]]) -> Tensor:
-        """The transition shares (B, n_items + 1) of queries whose last items are ``recent`` (B, order),
-        most recent first, from the store's follower rows of those items (row-major, one per slot)."""
+    def shares(self, recent: IntArray, rows: dict[int, tr.Row]) -> tr.Shares:
+        """The transition shares of queries whose last items are ``recent`` (B, order),
+        most recent first, from the store's follower rows of those items."""
         return tr.shares_from_rows(recent, rows, self.n_items + 1, self.transitions.order)
 
     def cold_start(self, mask: IntArray, n: int) -> tuple[IntArray, np.ndarray]:

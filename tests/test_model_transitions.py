@@ -36,7 +36,7 @@ def test_shares_weigh_the_querys_recent_items() -> None:
     recent = np.array([[3, 0, 0, 0, 0], [1, 0, 0, 0, 0]])  # 3 → 4 and 1 → 2, each at lag 1
     follow = tr.follow_matrix(items, recent, n_ids=6)
     query = np.array([[3, 1, 0, 0, 0], [5, 0, 0, 0, 0], [0, 0, 0, 0, 0]])  # last item 3, then 1
-    shares = tr.shares_from_matrix(query, follow)
+    shares = tr.shares_from_matrix(query, follow).dense(6)
     assert shares[0, 4] == 60 * 60 and shares[0, 2] == 30 * 60  # item 1 is the second most recent
     assert float(shares[1:].abs().sum()) == 0.0  # 5 was never followed; an empty history reads nothing
 
@@ -54,24 +54,37 @@ def test_shares_from_store_rows_equal_the_matrix_product_exactly() -> None:
         for k, a in enumerate(rec):
             if a:
                 counts[a, b, k] += 1
-    rows = []
-    for a in query.ravel():
-        nxt = np.flatnonzero(counts[a].sum(1)) if a else np.zeros(0, np.int64)
-        rows.append((nxt, counts[a, nxt]))
+    rows = {}  # per item: one entry per (next item, lag), as the store gives them
+    for a in np.unique(query[query > 0]).tolist():
+        nxt, lag = np.nonzero(counts[a])
+        rows[a] = (nxt, lag + 1, counts[a][nxt, lag])
     from_rows = tr.shares_from_rows(query, rows, n_ids, order)
-    assert torch.equal(from_rows, tr.shares_from_matrix(query, follow, order))
-    assert float(from_rows.sum()) > 0
+    from_matrix = tr.shares_from_matrix(query, follow, order)
+    assert torch.equal(from_rows.items, from_matrix.items) and torch.equal(
+        from_rows.values, from_matrix.values
+    )
+    assert float(from_rows.values.sum()) > 0
+    # the same as counting here, densely
+    dense = np.zeros((len(query), n_ids))
+    w = tr.lag_weights(order)
+    for i, q in enumerate(query):
+        for j, a in enumerate(q):
+            if a:
+                dense[i] += w[j] * (counts[a] @ w)
+    np.testing.assert_array_equal(from_rows.dense(n_ids).numpy(), dense)
 
 
 def test_mix_is_the_log_of_the_mixed_distribution() -> None:
     scores = torch.tensor([[-torch.inf, 2.0, 1.0, 0.0], [-torch.inf, 0.0, 1.0, 2.0]])
-    shares = torch.tensor([[0.0, 0.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    # row 0: all of the share on item 3; row 1: none (padding only)
+    shares = tr.Shares(torch.tensor([[3], [0]]), torch.tensor([[3.0], [0.0]], dtype=torch.float64))
     off = tr.mix(scores, shares, tr.TransitionMix(0.0))
     assert off is scores
     out = tr.mix(scores, shares, tr.TransitionMix(0.5))
     p = torch.softmax(scores, dim=1)
     expected = torch.log(0.5 * p[0] + 0.5 * torch.tensor([0.0, 0.0, 0.0, 1.0]))
     torch.testing.assert_close(out[0], expected)
+    torch.testing.assert_close(out[1], torch.log(0.5 * p[1]))
     assert torch.exp(out).sum(1).tolist() == pytest.approx([1.0, 0.5])  # a row without shares: (1 − λ)p
     assert out[1].argsort().tolist() == scores[1].argsort().tolist()  # ... in the model's order
     assert out[0, 0] == -torch.inf  # padding stays out
@@ -92,11 +105,12 @@ def _batches(n: int, informative: bool, seed: int) -> list[tr.Batch]:
     targets = torch.from_numpy(rng.integers(1, n_ids, n))
     scores = torch.from_numpy(rng.standard_normal((n, n_ids)).astype(np.float32))
     scores[:, 0] = -torch.inf
-    shares = torch.zeros(n, n_ids, dtype=torch.float64)
-    hot = targets if informative else torch.from_numpy(rng.integers(1, n_ids, n))
-    shares[torch.arange(n), hot] = 5.0
-    shares[:, 1:] += torch.from_numpy(rng.integers(0, 2, (n, n_ids - 1))).double()
-    return [(scores, shares, targets)]
+    dense = np.zeros((n, n_ids))
+    hot = targets.numpy() if informative else rng.integers(1, n_ids, n)
+    dense[np.arange(n), hot] = 5.0
+    dense[:, 1:] += rng.integers(0, 2, (n, n_ids - 1))
+    rows, cols = np.nonzero(dense)
+    return [(scores, tr._pack(rows, cols, dense[rows, cols], n), targets)]
 
 
 def test_tune_keeps_a_channel_that_wins_and_refuses_one_that_does_not() -> None:

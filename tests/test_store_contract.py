@@ -332,8 +332,11 @@ async def test_stats_and_replication_status(store: MemoryStore) -> None:
 
 
 def followed(f: Any) -> dict[int, list[int]]:
-    """A Followers row as {next item: counts per lag}."""
-    return {int(i): c.tolist() for i, c in zip(f.items, f.counts, strict=True)}
+    """A Followers row as {next item: counts per lag 1..5}."""
+    out: dict[int, list[int]] = {}
+    for i, lag, c in zip(f.items.tolist(), f.lags.tolist(), f.counts.tolist(), strict=True):
+        out.setdefault(i, [0] * 5)[lag - 1] += c
+    return out
 
 
 async def test_transitions_count_each_memorys_prefix_by_lag(store: MemoryStore) -> None:
