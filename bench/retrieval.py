@@ -212,9 +212,10 @@ def transitions_table(variants: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     lines = [
-        "Transition channel chosen on validation (model.transitions; the vote's rule: best NDCG@10 with",
-        "HR@10 no lower than without it, kept only at z ≥ 2), and its paired effect on test (unmasked):",
-        "the same model without the channel, on the same test queries:",
+        "Transition channel chosen on validation (model.transitions.tune: the best NDCG@10 among the λ",
+        "whose HR@10 is no lower than without the channel and whose paired gain is at least 2 standard",
+        "errors; *refused*: the validation winner, when it was not significant), and its paired effect on",
+        "test (unmasked): the same model without the channel, on the same test queries:",
         "",
         "| variant | seed | λ | valid z | NDCG@10 off → on | HR@10 off → on |",
         "|---|---:|---:|---|---|---|",
