@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -127,13 +127,22 @@ def stat(values: list[float]) -> dict[str, Any]:
     return {"mean": float(arr.mean()), "std": std, "seeds": values}
 
 
+K = TypeVar("K")
+
+
+def grouped_results(runs_dir: Path, key: Callable[[dict[str, Any]], K]) -> dict[K, list[dict[str, Any]]]:
+    """Every result file in ``runs_dir``, in file-name order, grouped by ``key`` of its record."""
+    groups: dict[K, list[dict[str, Any]]] = {}
+    for f in sorted(runs_dir.glob("*.json")):
+        r = json.loads(f.read_text())
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
 def aggregate(runs_dir: Path, section: Callable[[dict[str, Any]], str] | None = None) -> dict[str, Any]:
     """Every result file in ``runs_dir`` → {section: {variant: entry}} with mean ± std per metric; the
     section is the dataset unless ``section`` derives another from a record."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for f in sorted(runs_dir.glob("*.json")):
-        r = json.loads(f.read_text())
-        groups.setdefault((section(r) if section else r["dataset"], r["variant"]), []).append(r)
+    groups = grouped_results(runs_dir, lambda r: (section(r) if section else r["dataset"], r["variant"]))
     report: dict[str, Any] = {}
     for (dataset, variant), rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["seed"])

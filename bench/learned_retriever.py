@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import REPORTS, RUNS, machine, machine_label, stat, train_cli
+from bench.common import REPORTS, RUNS, grouped_results, machine, machine_label, stat, train_cli
 from model import artifact
 from model.data import leave_one_out, load_dataset
 from model.retriever import RULES, RetrieverConfig, compare_rules
@@ -80,10 +80,7 @@ def run_one(dataset: str, seed: int, args: argparse.Namespace, command: str) -> 
 
 
 def aggregate() -> dict[str, Any]:
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for f in sorted(RESULTS.glob("*.json")):
-        r = json.loads(f.read_text())
-        groups.setdefault(r["dataset"], []).append(r)
+    groups = grouped_results(RESULTS, lambda r: str(r["dataset"]))
     report: dict[str, Any] = {}
     for dataset, rs in groups.items():
         report[dataset] = {

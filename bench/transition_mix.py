@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from bench.accuracy import ENCODERS
-from bench.common import REPORTS, fmt, machine, machine_label, stat, write_result
+from bench.common import REPORTS, fmt, grouped_results, machine, machine_label, stat, write_result
 from model import artifact
 from model import transitions as tr
 from model.data import IntArray, Interactions, Samples, leave_one_out, load_dataset
@@ -115,10 +115,7 @@ def render(report: dict[str, Any]) -> str:
 
 
 def aggregate(command: str) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted(RESULTS.glob("*.json")):
-        rec = json.loads(path.read_text())
-        runs.setdefault(rec["run"], []).append(rec)
+    runs = grouped_results(RESULTS, lambda r: str(r["run"]))
     out: dict[str, Any] = {}
     for name, recs in runs.items():
         out[name] = {"seeds": len(recs), "weights": [r["weight"] for r in recs]}

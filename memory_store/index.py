@@ -21,11 +21,11 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import faiss
 import numpy as np
@@ -37,6 +37,7 @@ from memory_store.transitions import RECENT, Followers, TransitionTable
 log = logging.getLogger(__name__)
 
 _RECONSTRUCT_CHUNK = 262_144
+R = TypeVar("R")
 
 
 class ReadWriteLock:
@@ -338,16 +339,16 @@ class MemoryIndex:
     def followers(self, items: Sequence[int]) -> list[Followers]:
         """The transition table's row of each item (memory_store.transitions)."""
         with self.lock.read():
-            return [self._transitions.followers(int(i)) for i in items]
+            return self._followers(items)
 
     def try_followers(self, items: Sequence[int]) -> list[Followers] | None:
         """:meth:`followers` if no writer holds or awaits the lock, else None at once (never blocks)."""
         with self.lock.try_read() as acquired:
-            return [self._transitions.followers(int(i)) for i in items] if acquired else None
+            return self._followers(items) if acquired else None
 
-    def transition_count(self) -> int:
-        with self.lock.read():
-            return len(self._transitions)
+    def _followers(self, items: Sequence[int]) -> list[Followers]:
+        """The rows themselves; the caller holds the read lock."""
+        return [self._transitions.followers(int(i)) for i in items]
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors (n, dim) of present ids."""
@@ -491,10 +492,7 @@ def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 async def followers_now(index: MemoryIndex, items: Sequence[int]) -> list[Followers]:
     """:meth:`MemoryIndex.followers` from a coroutine, as :func:`search_now` searches."""
-    result = index.try_followers(items)
-    if result is None:
-        result = await asyncio.to_thread(index.followers, items)
-    return result
+    return await _read_now(index.try_followers, index.followers, items)
 
 
 async def search_now(
@@ -502,7 +500,13 @@ async def search_now(
 ) -> SearchResult:
     """:meth:`MemoryIndex.search` from a coroutine: in the calling thread when the lock is free, else in a
     worker thread, so the event loop never blocks behind a writer."""
-    result = index.try_search(queries, k, with_keys)
+    return await _read_now(index.try_search, index.search, queries, k, with_keys)
+
+
+async def _read_now(attempt: Callable[..., R | None], read: Callable[..., R], *args: Any) -> R:
+    """``attempt(*args)`` (a non-blocking read: None while a writer holds or awaits the lock), else
+    ``read(*args)`` in a worker thread."""
+    result = attempt(*args)
     if result is None:
-        result = await asyncio.to_thread(index.search, queries, k, with_keys)
+        result = await asyncio.to_thread(read, *args)
     return result

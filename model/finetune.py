@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -359,8 +359,9 @@ def finetune(
         result.vote_grid = vote_grid or VoteGrid()
         result.vote = tune_vote(model, valid_q, split.valid, result.vote_grid, vote_min_z)
     if cfg.tune_transitions:
-        if cfg.tune_vote and cfg.vote().on:
-            valid_q = model.queries(split.valid)  # with the chosen vote's voters
+        vote = cfg.vote()
+        if cfg.tune_vote and vote.on:  # the chosen vote's voters, over the same states
+            valid_q = replace(valid_q, voters=model.nearest(valid_q.states, split.valid, vote.depth))
         result.transitions = tune_transitions(model, valid_q, split.valid, vote_min_z)
     return model, result
 
