@@ -199,7 +199,7 @@ def mix(scores: Tensor, shares: Shares, transitions: TransitionMix) -> Tensor:
     # log((1−λ)p + λq) at the share slots; padding slots (item 0, q = 0) rewrite the padding column's
     # −inf with −inf
     mixed = torch.logaddexp(base.gather(1, shares.items), torch.log(lam * q))
-    return base.scatter(1, shares.items, mixed)
+    return base.scatter_(1, shares.items, mixed)  # base is this call's own tensor
 
 
 @dataclass

@@ -110,7 +110,7 @@ def mix(logits: Tensor, items: Tensor, sims: Tensor, vote: Vote) -> Tensor:
     # log((1−λ)p + λq) at the voted items; an empty slot (item 0, q = 0) rewrites the padding column's
     # −inf with −inf. A repeated item writes the same value from each of its slots.
     voted = torch.logaddexp(base.gather(1, items), torch.log(vote.weight * q))
-    return base.scatter(1, items, voted)
+    return base.scatter_(1, items, voted)  # base is this call's own tensor
 
 
 @dataclass

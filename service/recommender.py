@@ -248,9 +248,9 @@ class Recommender:
             scores = mix(scores, torch.from_numpy(items), torch.from_numpy(sims), self.vote)
         if shares is not None:
             scores = tr.mix(scores, shares, self.transitions)
-        for i, m in enumerate(masks):
-            if m.size:
-                scores[i, torch.from_numpy(m)] = -torch.inf
+        if any(m.size for m in masks):  # one indexed write for the batch, not one per row
+            rows = torch.from_numpy(np.repeat(np.arange(len(masks)), [m.size for m in masks]))
+            scores[rows, torch.from_numpy(np.concatenate(masks).astype(np.int64))] = -torch.inf
         top_s, top_i = torch.topk(scores, k=min(max(n), self.n_items), dim=1)
         out = []
         for i, want in enumerate(n):

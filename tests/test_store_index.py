@@ -17,6 +17,7 @@ import pytest
 from memory_store.base import MemoryBatch
 from memory_store.config import IndexParams
 from memory_store.index import MemoryIndex, choose_nlist, search_now
+from memory_store.transitions import TransitionTable
 
 DIM = 16
 
@@ -244,3 +245,21 @@ async def test_search_now_waits_for_a_writer_off_the_event_loop() -> None:
         result = await asyncio.wait_for(search, 5)
         tick_task.cancel()
     np.testing.assert_array_equal(result.ids, expected)
+
+
+def test_transition_rows_are_built_by_writes_not_reads() -> None:
+    """Reads only look rows up (the request path never builds one); a write rebuilds exactly the rows
+    it touched, and a failed removal leaves every row as its counts say."""
+    table = TransitionTable()
+    recent = np.array([[1, 2, 0, 0, 0], [1, 0, 0, 0, 0]])
+    table.add(np.array([5, 6]), recent)  # 1 → 5 at lag 1, 2 → 5 at lag 2, 1 → 6 at lag 1
+    one, two = table.followers(1), table.followers(2)
+    assert (one.items.tolist(), one.lags.tolist(), one.counts.tolist()) == ([5, 6], [1, 1], [1, 1])
+    assert (two.items.tolist(), two.lags.tolist()) == ([5], [2])
+    assert table.followers(1) is one  # the same object: nothing rebuilt on read
+    table.add(np.array([6]), np.array([[1, 0, 0, 0, 0]]))
+    assert table.followers(1).counts.tolist() == [1, 2] and table.followers(2) is two  # row 2 untouched
+    with pytest.raises(ValueError, match="negative"):
+        table.remove(np.array([5, 7]), np.array([[1, 0, 0, 0, 0], [3, 0, 0, 0, 0]]))  # 3 → 7 never added
+    assert table.followers(1).counts.tolist() == [2] and table.followers(3).items.size == 0
+    assert len(table) == 2  # 1 → 6 at lag 1 and 2 → 5 at lag 2
