@@ -246,6 +246,8 @@ def metric_table(rows: list[tuple[str, int, str, dict[str, Any]]]) -> list[str]:
 def cost_table(variants: dict[str, Any]) -> list[str]:
     lines = ["| variant | best epochs | s/epoch (median) | peak RSS MB | machine |", "|---|---|---|---|---|"]
     for name, v in variants.items():
+        if "best_epoch" not in v:  # nothing trained (bench.learned_retriever's frozen-encoder row)
+            continue
         cells = [str(v["best_epoch"]), f"{v['sec_per_epoch']:.1f}", f"{v['peak_rss_mb']:.0f}"]
         lines.append(f"| {name} | {' | '.join(cells)} | {'; '.join(v['machines'])} |")
     return lines

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import accuracy
+from bench import accuracy, learned_retriever
 from bench.common import (
     GROUPS,
     REPORTS,
@@ -135,7 +135,10 @@ def markdown(report: dict[str, Any]) -> str:
         "β = 1, K = 20; every variant without `--vote` runs with `--no-vote`, without `--transitions` "
         "with `--no-transitions`): "
         + "; ".join(f"{n} `{' '.join(f) or '(none)'}`" for n, f in VARIANTS.items())
-        + ".",
+        + ". learned_retriever: the learned retriever over long-term memory (`python -m",
+        "bench.learned_retriever`, reports/learned_retriever.md) on the same encoder, on the whole test",
+        "set: the queries without long-term memory score from the encoder alone; no fine-tuning, so it has",
+        "no row in the training-cost table.",
         "",
     ]
     for dataset, by_name in report.items():
@@ -157,7 +160,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def ordered(by_name: dict[str, Any]) -> dict[str, Any]:
     """The encoder alone first, then the variants in ablation order."""
-    order = ["pretrain_only", *VARIANTS]
+    order = ["pretrain_only", *VARIANTS, "learned_retriever"]
     return {
         n: by_name[n] for n in sorted(by_name, key=lambda n: order.index(n) if n in order else len(order))
     }
@@ -287,6 +290,10 @@ def long_tail_plot(report: dict[str, Any]) -> None:
 
 def write_report() -> dict[str, Any]:
     report = aggregate(RESULTS, section=lambda r: f"{r['dataset']}, {r['encoder']} encoder")
+    # the learned retriever, where bench.learned_retriever ran on a section's encoder
+    for section, entry in learned_retriever.ablation_entries().items():
+        if section in report:
+            report[section]["learned_retriever"] = entry
     (REPORTS / "retrieval.json").write_text(json.dumps(report, indent=2) + "\n")
     (REPORTS / "retrieval.md").write_text(markdown(report))
     long_tail_plot(report)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from model.data import Samples, Split, bucket_batches
-from model.evaluate import Metrics, evaluate
+from model.evaluate import Metrics, evaluate, head_items
 from model.sasrec import SASRec
 
 log = logging.getLogger(__name__)
@@ -391,7 +391,9 @@ def compare_rules(encoder: SASRec, split: Split, cfg: RetrieverConfig) -> dict[s
     test_cand = candidate_rows(memory, test_queries, test_samples, window, cfg.candidates)
     test = Labelled(test_queries, test_cand, np.full(test_cand.shape, np.nan, np.float32))  # no labels
     seen = subset_seen(split.test_seen, test_idx)
+    head = head_items(split.train.targets, encoder.cfg.n_items)
     results: dict[str, Metrics] = {}
+    whole: dict[str, Metrics] = {}
     for rule in RULES:
         rows = select(
             rule,
@@ -410,6 +412,7 @@ def compare_rules(encoder: SASRec, split: Split, cfg: RetrieverConfig) -> dict[s
             return encoder.scores(torch.from_numpy(states[idx]).to(cfg.device))
 
         results[rule] = evaluate(score_fn, test_samples, seen, device=cfg.device)
+        whole[rule] = whole_test(encoder, split, test_idx, None if rule == "none" else states, head, cfg)
     real = ~np.isnan(train.delta)
     return {
         "queries": {
@@ -425,4 +428,31 @@ def compare_rules(encoder: SASRec, split: Split, cfg: RetrieverConfig) -> dict[s
         },
         "valid_kl": history,
         "test": results,
+        "test_all": whole,
     }
+
+
+def whole_test(
+    encoder: SASRec,
+    split: Split,
+    test_idx: IntArray,
+    fused: FloatArray | None,
+    head: npt.NDArray[np.bool_],
+    cfg: RetrieverConfig,
+) -> Metrics:
+    """A rule on the whole test set, with the head/tail split: the queries ``test_idx`` (those with
+    long-term memory) score from their ``fused`` states (len(test_idx), D), every other query from the
+    plain encoder, so that the figures compare with the encoder's own test metrics. ``fused`` None is
+    the encoder alone."""
+    pos = np.full(len(split.test), -1, np.int64)
+    pos[test_idx] = np.arange(test_idx.size)
+
+    def score_fn(x: Tensor, lengths: Tensor, idx: IntArray) -> Tensor:
+        h = encoder.encode(x, lengths)  # (B, D)
+        p = pos[idx]
+        if fused is not None and (p >= 0).any():
+            h[torch.from_numpy(p >= 0).to(h.device)] = torch.from_numpy(fused[p[p >= 0]]).to(h.device)
+        return encoder.scores(h)
+
+    encoder.eval()
+    return evaluate(score_fn, split.test, split.test_seen, device=cfg.device, head=head)

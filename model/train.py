@@ -79,8 +79,9 @@ class TrainConfig:
 class EpochLog:
     epoch: int
     loss: float
-    seconds: float
+    seconds: float  # the training pass
     valid: Metrics
+    valid_seconds: float = 0.0  # the validation pass (0 in checkpoints written before it was kept)
 
 
 @dataclass
@@ -92,6 +93,11 @@ class TrainResult:
     @property
     def sec_per_epoch(self) -> float:
         return float(np.median([e.seconds for e in self.history])) if self.history else math.nan
+
+    @property
+    def train_seconds(self) -> float:
+        """Wall time of every epoch run, training and validation, across resumed sessions."""
+        return float(sum(e.seconds + e.valid_seconds for e in self.history))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,7 +293,7 @@ def train(model: SASRec, split: Split, cfg: TrainConfig, checkpoint_dir: Path | 
         loss = _train_epoch(model, split, train_idx, cfg, opt, positives, rng, f"epoch {epoch}")
         seconds = time.perf_counter() - t0
         valid = evaluate_encoder(model, split.valid, split.valid_seen, cfg)
-        run.result.history.append(EpochLog(epoch, loss, seconds, valid))
+        run.result.history.append(EpochLog(epoch, loss, seconds, valid, time.perf_counter() - t0 - seconds))
         score = valid["unmasked"][cfg.valid_metric]
         if not run.result.best_valid or score > run.result.best_valid["unmasked"][cfg.valid_metric]:
             run.result.best_epoch, run.result.best_valid, run.bad_epochs = epoch, valid, 0

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench import accuracy, retrieval
+from bench import accuracy, learned_retriever, retrieval
 from bench.ann import accuracy as ann_accuracy
 from bench.ann import compare
-from bench.common import METRICS, PROTOCOLS, aggregate, display_path, machine, write_result
+from bench.common import GROUPS, METRICS, PROTOCOLS, aggregate, display_path, machine, write_result
 
 
 def result(seed: int, ndcg10: float) -> dict[str, object]:
@@ -248,3 +248,62 @@ def test_every_retrieval_variant_is_a_valid_finetune_command() -> None:
     assert wide.vote and wide.alpha == 1.0 and wide.ft_epochs == 1
     assert wide.vote_depths == [20, 50, 100, 200] and wide.vote_temperatures == [0.02, 0.05, 0.1, 0.2]
     assert wide.vote_weights == parsed["vote"].vote_weights
+
+
+def test_learned_retriever_report_pairs_each_rule_with_none_seed_by_seed() -> None:
+    def record(seed: int, none: float, learned: float) -> dict[str, Any]:
+        scores = {"none": none, "similarity": none, "random": none - 0.01, "learned": learned}
+        test = {rule: {p: {"ndcg@10": v} for p in ("unmasked", "masked")} for rule, v in scores.items()}
+        return {"seed": seed, "test": test}
+
+    # the encoders differ a lot between seeds; the effect of a rule does not
+    diffs = learned_retriever.paired([record(0, 0.10, 0.12), record(1, 0.30, 0.32), record(2, 0.50, 0.53)])
+    assert set(diffs) == {"similarity", "random", "learned"}
+    assert diffs["learned"]["unmasked"]["seeds"] == pytest.approx([0.02, 0.02, 0.03])
+    assert diffs["learned"]["masked"]["mean"] == pytest.approx(0.07 / 3)
+    assert diffs["learned"]["unmasked"]["std"] == pytest.approx(np.std([0.02, 0.02, 0.03], ddof=1))
+    assert diffs["similarity"]["unmasked"]["mean"] == 0.0
+    assert diffs["random"]["masked"]["mean"] == pytest.approx(-0.01)
+
+
+def test_learned_retriever_joins_the_ablation_of_the_encoder_it_ran_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retrieval, "RESULTS", tmp_path / "retrieval_runs")
+    monkeypatch.setattr(retrieval, "REPORTS", tmp_path)
+    monkeypatch.setattr(learned_retriever, "RESULTS", tmp_path / "learned_retriever_runs")
+    (tmp_path / "retrieval_runs").mkdir()
+    (tmp_path / "learned_retriever_runs").mkdir()
+    for seed in (0, 1):
+        r = {**result(seed, 0.04), "variant": "pretrain_only", "encoder": "pretrain"}
+        name = f"beauty.pretrain.pretrain_only.seed{seed}.json"
+        (tmp_path / "retrieval_runs" / name).write_text(json.dumps(r))
+
+    def lr_record(dataset: str, variant: str, seed: int, learned: float | None) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "dataset": dataset, "encoder_variant": variant, "seed": seed, "command": f"lr {seed}",
+            "date": "2026-12-06T00:00:00+00:00", "machine": {"cpu": "cpu", "cores": 2},
+        }  # fmt: skip
+        if learned is not None:
+            whole = {p: dict.fromkeys(METRICS, 0.1) | {"ndcg@10": learned} for p in (*PROTOCOLS, *GROUPS)}
+            record["test_all"] = dict.fromkeys(learned_retriever.RULES, whole)
+        return record
+
+    runs = tmp_path / "learned_retriever_runs"
+    for seed, v in enumerate([0.041, 0.043]):
+        (runs / f"beauty.seed{seed}.json").write_text(json.dumps(lr_record("beauty", "pretrain", seed, v)))
+    # no ablation on this encoder, and a run recorded before the whole-test figures: neither appears
+    (runs / "ml-100k.seed0.json").write_text(json.dumps(lr_record("ml-100k", "sasrec_allpos", 0, 0.05)))
+    (runs / "sports.seed0.json").write_text(json.dumps(lr_record("sports", "pretrain_warm", 0, None)))
+
+    report = retrieval.write_report()
+    assert set(report) == {"beauty, pretrain encoder"}
+    entry = report["beauty, pretrain encoder"]["learned_retriever"]
+    assert entry["seeds"] == [0, 1] and entry["commands"] == ["lr 0", "lr 1"]
+    assert entry["test"]["unmasked"]["ndcg@10"]["seeds"] == [0.041, 0.043]
+    assert entry["test"]["masked_tail"]["ndcg@10"]["mean"] == pytest.approx(0.042)
+    md = (tmp_path / "retrieval.md").read_text()
+    assert "| learned_retriever | 2 | unmasked | 0.1000 ± 0.0000 | 0.1000 ± 0.0000 | 0.1000 ± 0.0000" in md
+    assert "| learned_retriever | 0.0420 ± 0.0014 |" in md  # the long-tail table
+    assert "| learned_retriever | [" not in md  # nothing trained: no training-cost row
+    assert md.index("| pretrain_only | 2 |") < md.index("| learned_retriever | 2 |")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from model.data import Samples, leave_one_out, load_dataset
+from model.evaluate import head_items
 from model.retriever import (
     Labelled,
     LongTermMemory,
@@ -170,3 +171,38 @@ def test_compare_rules_end_to_end_on_long_histories(tmp_path: Path) -> None:
     plain = evaluate_encoder(enc, split.test, split.test_seen, TrainConfig(device="cpu"))
     for protocol in ("unmasked", "masked"):
         assert test["none"][protocol] == pytest.approx(plain[protocol])
+
+
+def test_whole_test_figures_change_only_the_queries_with_long_term_memory(tmp_path: Path) -> None:
+    """Half the users outgrow the window: on the whole test set "none" is exactly the plain encoder,
+    and every other rule differs from it only through the queries that have long-term memory."""
+    rng = np.random.default_rng(1)
+    lines = [
+        f"u{u} " + " ".join(f"i{(u + 3 * j + rng.integers(2)) % 25}" for j in range(20 if u < 20 else 5))
+        for u in range(40)
+    ]
+    (tmp_path / "mixed.txt").write_text("\n".join(lines) + "\n")
+    data = load_dataset(str(tmp_path / "mixed.txt"))
+    torch.manual_seed(0)
+    # weights large enough that one memory token moves ranks (at the default 0.02 it barely does)
+    cfg = EncoderConfig(n_items=data.vocab.n_items, dim=D, n_heads=2, n_layers=2, max_len=6, init_std=0.5)
+    enc = SASRec(cfg).eval()
+    split = leave_one_out(data, 6)
+    out = compare_rules(enc, split, RetrieverConfig(candidates=4, k=2, epochs=3, max_train_queries=300))
+    queries, sub, whole = out["queries"], out["test"], out["test_all"]
+    assert isinstance(queries, dict) and (queries["test"], queries["test_all"]) == (20, 40)
+    assert isinstance(sub, dict) and isinstance(whole, dict)
+    head = head_items(split.train.targets, enc.cfg.n_items)
+    plain = evaluate_encoder(enc, split.test, split.test_seen, TrainConfig(device="cpu"), head=head)
+    assert whole["none"] == plain  # the same scores, so the same figures to the last bit
+    assert {"unmasked_head", "unmasked_tail", "masked_head", "masked_tail"} <= set(whole["learned"])
+    moved = False
+    for rule in ("similarity", "random", "learned"):
+        for protocol in ("unmasked", "masked"):
+            for metric, value in whole[rule][protocol].items():
+                # the 20 queries without memory add the same to the whole-set sum under every rule
+                rest = 40 * value - 20 * sub[rule][protocol][metric]
+                rest_plain = 40 * plain[protocol][metric] - 20 * sub["none"][protocol][metric]
+                assert rest == pytest.approx(rest_plain)
+                moved |= value != plain[protocol][metric]
+    assert moved  # fused memories do move some whole-set figure: the rows above are not all "none"

@@ -78,13 +78,17 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
     expected = train(straight, split, cfg)
 
     first = tiny_encoder(seed=1)
-    train(first, split, TrainConfig(**{**cfg.to_json(), "epochs": 2}), checkpoint_dir=tmp_path)
+    half = train(first, split, TrainConfig(**{**cfg.to_json(), "epochs": 2}), checkpoint_dir=tmp_path)
     resumed = tiny_encoder(seed=99)  # a fresh process's model: its weights come from the checkpoint
     result = train(resumed, split, cfg, checkpoint_dir=tmp_path)
 
     assert [e.loss for e in result.history] == [e.loss for e in expected.history]
     assert result.best_epoch == expected.best_epoch
     assert all(torch.equal(v, straight.state_dict()[k]) for k, v in resumed.state_dict().items())
+    # the reported training time counts the first session's epochs too, validation included
+    assert all(e.valid_seconds > 0 for e in result.history)
+    later = sum(e.seconds + e.valid_seconds for e in result.history[2:])
+    assert result.train_seconds == pytest.approx(half.train_seconds + later)
 
 
 def test_early_stopping_keeps_the_best_epoch() -> None:
