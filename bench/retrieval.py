@@ -135,10 +135,12 @@ def markdown(report: dict[str, Any]) -> str:
         "β = 1, K = 20; every variant without `--vote` runs with `--no-vote`, without `--transitions` "
         "with `--no-transitions`): "
         + "; ".join(f"{n} `{' '.join(f) or '(none)'}`" for n, f in VARIANTS.items())
-        + ". learned_retriever: the learned retriever over long-term memory (`python -m",
-        "bench.learned_retriever`, reports/learned_retriever.md) on the same encoder, on the whole test",
-        "set: the queries without long-term memory score from the encoder alone; no fine-tuning, so it has",
-        "no row in the training-cost table.",
+        + ".",
+        "",
+        "learned_retriever: the learned retriever over long-term memory",
+        "(`python -m bench.learned_retriever`, reports/learned_retriever.md) on the same encoder, on the",
+        "whole test set: the queries without long-term memory score from the encoder alone. Nothing is",
+        "fine-tuned, so it has no row in the training-cost table.",
         "",
     ]
     for dataset, by_name in report.items():
