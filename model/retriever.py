@@ -366,7 +366,8 @@ def subset_seen(seen: tuple[IntArray, IntArray], idx: IntArray) -> tuple[IntArra
 
 def compare_rules(encoder: SASRec, split: Split, cfg: RetrieverConfig) -> dict[str, object]:
     """Label, train the retriever, and evaluate every rule on the test queries with long-term memory
-    (the others are unchanged by any rule); returns metrics, label statistics and the KL history."""
+    (``test``: the others are unchanged by any rule) and on the whole test set (``test_all``, with the
+    head/tail split); returns those metrics, label statistics and the KL history."""
     window = encoder.cfg.max_len
     encoder.to(cfg.device)
     memory = LongTermMemory.build(encoder, split.train, cfg.layer, cfg.device)
