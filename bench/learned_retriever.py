@@ -39,14 +39,12 @@ log = logging.getLogger("bench.learned_retriever")
 RESULTS = REPORTS / "learned_retriever_runs"
 # the long-history datasets AutoMR evaluates on, then the short-history ones of the retrieval ablation
 DATASETS = ["ml-100k", "lastfm", "yelp", "beauty", "sports"]
-# dataset → accuracy variant of its encoder: the retrieval ablation's encoder (reports/retrieval.md)
-# where that is not SASRec's all-position scheme, the long-history default (reports/accuracy.md)
-ENCODERS = {"beauty": "pretrain", "sports": "pretrain_warm"}
-DEFAULT_ENCODER = "sasrec_allpos"
+DEFAULT_ENCODER = "sasrec_allpos"  # SASRec's all-position scheme (reports/accuracy.md)
 
 
 def encoder_variant(dataset: str) -> str:
-    return ENCODERS.get(dataset, DEFAULT_ENCODER)
+    """The accuracy variant of the dataset's encoder: its retrieval ablation's, else the default."""
+    return accuracy.ABLATION_ENCODER.get(dataset, DEFAULT_ENCODER)
 
 
 def encoder_dir(dataset: str, seed: int, args: argparse.Namespace) -> Path | None:
@@ -145,17 +143,17 @@ def whole_test(rs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]
     }
 
 
-def ablation_entries() -> dict[str, dict[str, Any]]:
-    """The learned retriever as a variant of the retrieval ablation: {"<dataset>, <encoder> encoder":
+def ablation_entries() -> dict[tuple[str, str], dict[str, Any]]:
+    """The learned retriever as a variant of the retrieval ablation: {(dataset, encoder variant):
     entry}, its figures on the whole test set, in the shape of ``bench.common.aggregate``'s entries
     (no training figures: the encoder is frozen and the retriever is not a `memrec train` stage)."""
     groups = grouped_results(RESULTS, lambda r: (str(r["dataset"]), str(r.get("encoder_variant", ""))))
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[tuple[str, str], dict[str, Any]] = {}
     for (dataset, variant), rs in sorted(groups.items()):
         rs = sorted((r for r in rs if "test_all" in r), key=lambda r: int(r["seed"]))
         if not rs:
             continue
-        out[f"{dataset}, {variant} encoder"] = {
+        out[dataset, variant] = {
             "encoder": variant,
             "flags": [],
             "seeds": [r["seed"] for r in rs],

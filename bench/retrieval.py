@@ -127,7 +127,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"Generated {datetime.now(UTC).date().isoformat()} by `python -m bench.retrieval` from the per-seed",
         "files in `reports/retrieval_runs/` (each holds its exact command, machine, seed and date). Every",
         "variant of a dataset is fine-tuned on the same frozen encoder per seed; `pretrain_only` is that",
-        "encoder alone. Fine-tuning stops on validation HR@10 (unmasked), patience 10.",
+        "encoder alone. Fine-tuning stops on validation HR@10 (unmasked), patience 10. In",
+        "`reports/retrieval.json` each dataset's ablation encoder keys its section by the dataset alone",
+        "(" + ", ".join(f"`{d}`: {e}" for d, e in accuracy.ABLATION_ENCODER.items()) + "); other",
+        "encoders' sections are `<dataset>, <encoder> encoder`.",
         "",
         *accuracy.PROTOCOL_NOTE,
         "",
@@ -152,7 +155,7 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         published = accuracy.PUBLISHED.get(dataset.split(",")[0], {}).items()
         rows += [(f"published {n}", 0, "unmasked", pub) for n, pub in published]
-        lines += [f"## {dataset}", "", *metric_table(rows), "", *cost_table(variants), ""]
+        lines += [f"## {heading(dataset, by_name)}", "", *metric_table(rows), "", *cost_table(variants), ""]
         lines += vote_table(variants)
         lines += transitions_table(variants)
         lines += long_tail_table(variants)
@@ -283,19 +286,33 @@ def long_tail_plot(report: dict[str, Any]) -> None:
             stds = [report[dataset][n]["test"][group]["ndcg@10"]["std"] for n in names]
             ax.bar(x + offset, means, 0.4, yerr=stds, label=group.split("_")[1])
         ax.set_xticks(x, names, rotation=30, ha="right")
-        ax.set_title(f"{dataset}: test NDCG@10 by target popularity")
+        ax.set_title(f"{heading(dataset, report[dataset])}: test NDCG@10 by target popularity")
         ax.legend()
     fig.tight_layout()
     fig.savefig(REPORTS / "retrieval_long_tail.png", dpi=100)
     plt.close(fig)
 
 
+def section(dataset: str, encoder: str) -> str:
+    """A report key: the dataset alone for the encoder its ablation is built on
+    (``accuracy.ABLATION_ENCODER``, as ``reports/accuracy.json`` is keyed), "<dataset>, <encoder>
+    encoder" for any other encoder's runs."""
+    return dataset if accuracy.ABLATION_ENCODER.get(dataset) == encoder else f"{dataset}, {encoder} encoder"
+
+
+def heading(key: str, by_name: dict[str, Any]) -> str:
+    """A section's title, which always names its encoder."""
+    encoder = next(iter(by_name.values()))["encoder"]
+    return f"{key.split(',')[0]}, {encoder} encoder"
+
+
 def write_report() -> dict[str, Any]:
-    report = aggregate(RESULTS, section=lambda r: f"{r['dataset']}, {r['encoder']} encoder")
+    report = aggregate(RESULTS, section=lambda r: section(r["dataset"], r["encoder"]))
     # the learned retriever, where bench.learned_retriever ran on a section's encoder
-    for section, entry in learned_retriever.ablation_entries().items():
-        if section in report:
-            report[section]["learned_retriever"] = entry
+    for (dataset, encoder), entry in learned_retriever.ablation_entries().items():
+        key = section(dataset, encoder)
+        if key in report:
+            report[key]["learned_retriever"] = entry
     (REPORTS / "retrieval.json").write_text(json.dumps(report, indent=2) + "\n")
     (REPORTS / "retrieval.md").write_text(markdown(report))
     long_tail_plot(report)

@@ -278,6 +278,8 @@ def test_learned_retriever_joins_the_ablation_of_the_encoder_it_ran_on(
         r = {**result(seed, 0.04), "variant": "pretrain_only", "encoder": "pretrain"}
         name = f"beauty.pretrain.pretrain_only.seed{seed}.json"
         (tmp_path / "retrieval_runs" / name).write_text(json.dumps(r))
+    other = {**result(0, 0.03), "variant": "pretrain_only", "encoder": "sasrec"}  # not the ablation's
+    (tmp_path / "retrieval_runs" / "beauty.sasrec.pretrain_only.seed0.json").write_text(json.dumps(other))
 
     def lr_record(dataset: str, variant: str, seed: int, learned: float | None) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -297,12 +299,16 @@ def test_learned_retriever_joins_the_ablation_of_the_encoder_it_ran_on(
     (runs / "sports.seed0.json").write_text(json.dumps(lr_record("sports", "pretrain_warm", 0, None)))
 
     report = retrieval.write_report()
-    assert set(report) == {"beauty, pretrain encoder"}
-    entry = report["beauty, pretrain encoder"]["learned_retriever"]
+    # the ablation's own encoder is keyed by the dataset alone, as in reports/accuracy.json
+    assert set(report) == {"beauty", "beauty, sasrec encoder"}
+    assert report["beauty"]["pretrain_only"]["test"]["unmasked"]["ndcg@10"]["mean"] == pytest.approx(0.04)
+    assert "learned_retriever" not in report["beauty, sasrec encoder"]
+    entry = report["beauty"]["learned_retriever"]
     assert entry["seeds"] == [0, 1] and entry["commands"] == ["lr 0", "lr 1"]
     assert entry["test"]["unmasked"]["ndcg@10"]["seeds"] == [0.041, 0.043]
     assert entry["test"]["masked_tail"]["ndcg@10"]["mean"] == pytest.approx(0.042)
     md = (tmp_path / "retrieval.md").read_text()
+    assert "## beauty, pretrain encoder" in md and "## beauty, sasrec encoder" in md
     assert "| learned_retriever | 2 | unmasked | 0.1000 ± 0.0000 | 0.1000 ± 0.0000 | 0.1000 ± 0.0000" in md
     assert "| learned_retriever | 0.0420 ± 0.0014 |" in md  # the long-tail table
     assert "| learned_retriever | [" not in md  # nothing trained: no training-cost row
