@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPORTS, RUNS, aggregate, cost_table, metric_table, run_recorded
+from bench.common import REPORTS, RUNS, aggregate, cost_table, display_path, metric_table, run_recorded
 
 log = logging.getLogger("bench.accuracy")
 
@@ -70,6 +70,9 @@ PROTOCOL_NOTE = [
 
 ENCODERS = REPORTS / "encoders"
 ENCODER_FILES = ("config.json", "vocab.json", "model.safetensors")
+# Weights stay out of the repository beyond this size (Yelp's 20k-item encoder is 5.3 MiB): such an
+# encoder lives only in its run directory, on the machine that trained it.
+ARCHIVE_MAX_BYTES = 5 * 1024 * 1024
 
 
 def encoder_dir(dataset: str, variant: str, seed: int) -> Path:
@@ -84,12 +87,29 @@ def encoder_dir(dataset: str, variant: str, seed: int) -> Path:
     return run
 
 
+def trained_encoder(dataset: str, variant: str, seed: int) -> Path | None:
+    """``encoder_dir`` if an encoder is there, else None with an error that says how to get one."""
+    path = encoder_dir(dataset, variant, seed)
+    if (path / "config.json").is_file():
+        return path
+    log.error(
+        "no encoder for %s %s seed %d on this machine (neither %s nor an archived copy: its weights are "
+        "over %d MiB, or its result file predates archiving): delete its result file to retrain",
+        dataset, variant, seed, display_path(path), ARCHIVE_MAX_BYTES // 2**20,
+    )  # fmt: skip
+    return None
+
+
 def archive_encoder(dataset: str, variant: str, seed: int) -> None:
     """Copy a finished run's model directory (weights, vocabulary, config; no checkpoints) into
-    ``reports/encoders/``, once."""
+    ``reports/encoders/``, once, unless its weights are over ``ARCHIVE_MAX_BYTES``."""
     run = RUNS / "accuracy" / dataset / f"{variant}-seed{seed}"
     archived = ENCODERS / f"{dataset}.{variant}.seed{seed}"
     if (archived / "config.json").is_file() or not (run / "config.json").is_file():
+        return
+    if (run / "model.safetensors").stat().st_size > ARCHIVE_MAX_BYTES:
+        log.warning("%s %s seed %d: weights too large to archive, kept in the run directory only",
+                    dataset, variant, seed)  # fmt: skip
         return
     archived.mkdir(parents=True, exist_ok=True)
     for name in ENCODER_FILES:

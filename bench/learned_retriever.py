@@ -56,7 +56,7 @@ def encoder_dir(dataset: str, seed: int, args: argparse.Namespace) -> Path | Non
     variant = encoder_variant(dataset)
     if not accuracy.run_one(dataset, variant, seed, run):
         return None
-    return accuracy.encoder_dir(dataset, variant, seed)
+    return accuracy.trained_encoder(dataset, variant, seed)
 
 
 def run_one(dataset: str, seed: int, args: argparse.Namespace, command: str) -> None:

@@ -27,7 +27,6 @@ from bench.common import (
     RUNS,
     aggregate,
     cost_table,
-    display_path,
     evaluate_cli,
     fmt,
     machine,
@@ -102,13 +101,8 @@ def variant_flags(variant: str) -> list[str]:
 
 
 def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> bool:
-    encoder_dir = accuracy.encoder_dir(dataset, args.encoder, seed)
-    if not (encoder_dir / "config.json").is_file():
-        log.error(
-            "no encoder for %s %s seed %d on this machine (neither %s nor an archived copy); its result "
-            "file predates archiving: delete it to retrain",
-            dataset, args.encoder, seed, display_path(encoder_dir),
-        )  # fmt: skip
+    encoder_dir = accuracy.trained_encoder(dataset, args.encoder, seed)
+    if encoder_dir is None:
         return False
     out = RUNS / "retrieval" / dataset / f"{args.encoder}-{variant}-seed{seed}"
     cli_args = ["--dataset", dataset, "--stage", "finetune", "--from", str(encoder_dir), "--out", str(out)]

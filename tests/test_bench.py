@@ -102,6 +102,25 @@ def test_finished_encoders_are_archived_and_found_on_another_machine(
     assert (archived / "model.safetensors").read_text() == "model.safetensors"
 
 
+def test_weights_over_the_bound_stay_out_of_the_archive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(accuracy, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(accuracy, "ENCODERS", tmp_path / "reports" / "encoders")
+    monkeypatch.setattr(accuracy, "ARCHIVE_MAX_BYTES", 16)
+    run = tmp_path / "runs" / "accuracy" / "yelp" / "sasrec_allpos-seed0"
+    run.mkdir(parents=True)
+    for name in accuracy.ENCODER_FILES:
+        (run / name).write_text(name)
+    (run / "model.safetensors").write_bytes(b"w" * 17)
+    accuracy.archive_encoder("yelp", "sasrec_allpos", 0)
+    assert not (tmp_path / "reports").exists()
+    assert accuracy.trained_encoder("yelp", "sasrec_allpos", 0) == run  # the training machine has it
+    shutil.rmtree(tmp_path / "runs")  # another machine: nothing to fine-tune on, and it says why
+    assert accuracy.trained_encoder("yelp", "sasrec_allpos", 0) is None
+    assert "delete its result file to retrain" in caplog.text
+
+
 @pytest.fixture
 def accuracy_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The accuracy benchmark's runs, results, parked checkpoints and encoders under ``tmp_path``."""
