@@ -5,8 +5,9 @@
 The service searches its memory index with FAISS IVF once the bank holds ``exact_threshold`` memories
 or more; ``nprobe`` lists are scanned per query. This benchmark loads a model directory's bank into the
 service's own index (`memory_store.index.MemoryIndex`, the parameters the service uses) and into an exact
-one, answers every test user of the model's dataset through the service's model path (encode → search →
-fuse → rank with seen items masked), and reports per nprobe: recall@K of the retrieved memories against
+one, answers every test user of the model's dataset through the service's model path (the predictor:
+encode → search → select → fuse, vote, transitions → rank with seen items masked; model.predictor), and
+reports per nprobe: recall@K of the fused memories against
 exact search, the share of top-10 lists identical to the exact ones, the mean top-10 overlap, test
 HR@10 / NDCG@10 (masked protocol) and the search time per query (one thread, batches of 16, every query
 a different user, so the index is read from memory as in serving). Writes ``reports/ann.{json,md}``.
@@ -30,13 +31,14 @@ import numpy as np
 import torch
 
 from bench.common import REPORTS, machine, machine_label
-from memory_store import IndexParams, MemoryBatch
+from memory_store import IndexParams, MemoryBatch, SearchResult
 from memory_store.index import MemoryIndex
 from model import artifact
+from model import transitions as tr
 from model.data import leave_one_out, load_dataset
-from model.finetune import limit_depth
-from model.memory import Retrieved, l2_normalise
-from service.recommender import Recommender
+from model.memory import l2_normalise
+from model.predictor import Plan, Predictor, Ranked
+from service.recommender import serving_predictor
 
 log = logging.getLogger("bench.ann")
 
@@ -44,36 +46,58 @@ BATCH = 16  # queries per search call: a busy replica's micro-batch
 
 
 def build_index(art: artifact.Artifact, params: IndexParams) -> MemoryIndex:
+    """The model's bank in the service's index, memory ids 1..N, with the prefix items the transition
+    channel reads where the bank keeps them."""
     bank = art.bank
     assert bank is not None, "the model directory holds no memory bank (train with --stage all)"
     users = tuple(art.vocab.users[int(u)] for u in bank.users)
+    width = tr.MAX_ORDER if bank.recent is not None else 0
     batch = MemoryBatch.create(
-        bank.keys, bank.items, users, np.zeros(len(bank)), bank.prefix_lens, art.encoder.cfg.dim
+        bank.keys, bank.items, users, np.zeros(len(bank)), bank.prefix_lens, art.encoder.cfg.dim, bank.recent
     )
-    index = MemoryIndex(art.encoder.cfg.dim, params)
+    index = MemoryIndex(art.encoder.cfg.dim, params, recent_width=width)
     index.add(np.arange(1, len(bank) + 1, dtype=np.int64), batch)
     return index
 
 
 def answer(
-    rec: Recommender, index: MemoryIndex, states: np.ndarray, depths: np.ndarray, masks: list[np.ndarray]
+    predictor: Predictor, index: MemoryIndex, plan: Plan, masks: list[np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Top-10 item ids (N, 10), fused memory ids (N, K; -1 past each row's depth) and search seconds per
-    query, the way `service.pipeline` answers."""
+    query, the way `service.pipeline` answers: the predictor's plan, the index's search and follower
+    rows, the predictor's selection, fusion, vote, transitions and ranking."""
     tops, ids, search_s = [], [], 0.0
-    unit = l2_normalise(states)  # (N, D), as the store normalises its queries
-    for s in range(0, len(states), BATCH):
-        q = np.ascontiguousarray(unit[s : s + BATCH])
+    unit = l2_normalise(plan.states)  # (N, D), as the store normalises its queries
+    for s in range(0, plan.rows, BATCH):
+        idx = np.arange(s, min(s + BATCH, plan.rows))
+        batch = plan.subset(idx)
         t0 = time.perf_counter()
-        hits = index.search(q, rec.k_max, with_keys=True)
+        hits = (
+            index.search(np.ascontiguousarray(unit[idx]), batch.fetch, with_keys=True)
+            if batch.fetch
+            else None
+        )
         search_s += time.perf_counter() - t0
-        assert hits.keys is not None
-        used = limit_depth(Retrieved(hits.ids, hits.scores), depths[s : s + BATCH])
-        h = rec.fuse(states[s : s + BATCH], hits.keys, np.where(used.ids >= 0, hits.items, 0), used.scores)
-        ranked = rec.rank(h, masks[s : s + BATCH], [10] * len(q))
-        tops.append(np.stack([np.pad(r[0], (0, 10 - len(r[0])), constant_values=-1) for r in ranked]))
-        ids.append(used.ids)
-    return np.concatenate(tops), np.concatenate(ids), search_s / len(states)
+        rows = followers(index, batch) if predictor.cfg.transitions.on else None
+        ranked = predictor.finish(batch, hits, rows, [masks[i] for i in idx], [10] * len(idx))
+        tops.append(np.stack([np.pad(r.items, (0, 10 - len(r.items)), constant_values=-1) for r in ranked]))
+        ids.append(fused_ids(hits, ranked, predictor.cfg.k))
+    return np.concatenate(tops), np.concatenate(ids), search_s / plan.rows
+
+
+def followers(index: MemoryIndex, plan: Plan) -> dict[int, tr.Row]:
+    """The follower rows the plan's transition channel reads, from the index (as the store answers)."""
+    wanted = plan.wanted
+    return {a: (f.items, f.lags, f.counts) for a, f in zip(wanted, index.followers(wanted), strict=True)}
+
+
+def fused_ids(hits: SearchResult | None, ranked: list[Ranked], k: int) -> np.ndarray:
+    """(B, k) the memory ids each answer fused, best first, -1 past its count."""
+    out = np.full((len(ranked), k), -1, dtype=np.int64)
+    for j, r in enumerate(ranked):
+        if hits is not None and r.k_used:
+            out[j, : r.k_used] = hits.ids[j, r.memory_cols]
+    return out
 
 
 def accuracy(tops: np.ndarray, targets: np.ndarray) -> dict[str, float]:
@@ -103,32 +127,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     art = artifact.load(args.model)
-    rec = Recommender(art)
+    predictor = serving_predictor(art)
     split = leave_one_out(load_dataset(art.dataset, args.data_dir))
     test = split.test
     rows = np.random.default_rng(args.seed).permutation(len(test))[: args.users]  # a random order of users
     histories = [test.inputs[i, : test.lengths[i]].tolist() for i in rows]
     indptr, seen = split.test_seen
     masks = [np.unique(seen[indptr[i] : indptr[i + 1]]) for i in rows]
-    states, depths = rec.encode_with_depths(histories)
+    plan = predictor.prepare(histories, [art.vocab.users[int(test.users[i])] for i in rows])  # encoded once
+    assert len(plan.warm) == plan.rows, "every test query has a history"
     params = IndexParams(threads=1)
     exact = build_index(art, replace(params, exact_threshold=len(art.bank or []) + 1))
     approx = build_index(art, params)
-    ref_tops, ref_ids, exact_s = answer(rec, exact, states, depths, masks)
+    ref_tops, ref_ids, exact_s = answer(predictor, exact, plan, masks)
     result: dict[str, Any] = {
         "model": Path(args.model).name,
         "model_version": art.model_version,
         "dataset": art.dataset,
         "memories": len(exact),
         "index_kind": approx.kind,
-        "k": rec.k_max,
+        "k": predictor.cfg.k,
         "users": len(rows),
         "exact": {**accuracy(ref_tops, test.targets[rows]), "search_ms_per_query": exact_s * 1e3},
         "nprobe": {},
     }
     for nprobe in args.nprobes:
         approx.set_nprobe(nprobe)
-        tops, ids, search_s = answer(rec, approx, states, depths, masks)
+        tops, ids, search_s = answer(predictor, approx, plan, masks)
         result["nprobe"][str(nprobe)] = {
             **accuracy(tops, test.targets[rows]),
             **compare(tops, ids, ref_tops, ref_ids),

@@ -58,14 +58,24 @@ def display_path(path: Path) -> str:
     return str(Path("runs") / path.relative_to(RUNS)) if path.is_relative_to(RUNS) else path.name
 
 
+CLI = "service.cli"  # the module of `memrec`
+
+
 def train_cli(
-    args: Sequence[str], *, device: str | None, threads: int | None, data_dir: str | None
+    args: Sequence[str],
+    *,
+    device: str | None,
+    threads: int | None,
+    data_dir: str | None,
+    module: str = CLI,
 ) -> tuple[dict[str, Any] | None, str]:
-    """Run `memrec train ARGS` in a child process → (its JSON output or None on failure, the command as
-    a user would type it, without machine paths)."""
+    """Run `memrec train ARGS` in a child process, or `python -m MODULE train ARGS` (a benchmark
+    control with memrec's flags, bench.controls) → (its JSON output or None on failure, the command as a
+    user would type it, without machine paths)."""
     extra = [*(["--device", device] if device else []), *(["--threads", str(threads)] if threads else [])]
-    cmd = [sys.executable, "-m", "model.cli", "train", *args, *extra]
-    recorded = shlex.join(["memrec", "train", *args, *extra])
+    cmd = [sys.executable, "-m", module, "train", *args, *extra]
+    program = ["memrec"] if module == CLI else ["python", "-m", module]
+    recorded = shlex.join([*program, "train", *args, *extra])
     recorded = recorded.replace(str(RUNS), "runs").replace(str(ROOT) + "/", "")
     if data_dir:
         cmd += ["--data-dir", data_dir]
@@ -80,7 +90,7 @@ def train_cli(
 
 def evaluate_cli(model_dir: Path, *, device: str | None, data_dir: str | None) -> dict[str, Any] | None:
     """`memrec evaluate --model DIR` in a child process → its JSON output, None on failure."""
-    cmd = [sys.executable, "-m", "model.cli", "evaluate", "--model", str(model_dir)]
+    cmd = [sys.executable, "-m", "service.cli", "evaluate", "--model", str(model_dir)]
     cmd += [*(["--device", device] if device else []), *(["--data-dir", data_dir] if data_dir else [])]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -103,20 +113,33 @@ def run_recorded(
     run: Any,
     record: dict[str, Any],
     extra: Sequence[str] = (),
+    module: str = CLI,
+    measure: Callable[[], dict[str, Any]] | None = None,
 ) -> bool:
-    """One benchmark run: skip it if ``result_file`` exists, else train through `memrec train` and
-    write ``record`` with the command, the run fields, the metrics and the ``extra`` output keys.
+    """One benchmark run: skip it if ``result_file`` exists, else train through `memrec train` (or the
+    control ``module``, see :func:`train_cli`) and write ``record`` with the command, the run fields,
+    the metrics, the ``extra`` output keys and what ``measure`` returns, called after training.
     ``run`` carries device, threads and data_dir. False if training failed."""
     if result_file.is_file():
         log.info("%s exists, skipping", result_file.name)
         return True
-    metrics, command = train_cli(cli_args, device=run.device, threads=run.threads, data_dir=run.data_dir)
+    metrics, command = train_cli(
+        cli_args, device=run.device, threads=run.threads, data_dir=run.data_dir, module=module
+    )
     if metrics is None:
         return False
     picked = {k: metrics[k] for k in (*RUN_KEYS, *extra) if k in metrics}
+    measured = measure() if measure is not None else {}
     write_result(
         result_file,
-        {**record, "command": command, **picked, "valid": metrics["valid"], "test": metrics["test"]},
+        {
+            **record,
+            "command": command,
+            **picked,
+            **measured,
+            "valid": metrics["valid"],
+            "test": metrics["test"],
+        },
     )
     return True
 

@@ -1,4 +1,4 @@
-"""Learned retriever benchmark (our AutoMR adaptation, ``model/retriever.py``) → reports/learned_retriever.*
+"""Learned retriever benchmark (our AutoMR adaptation, ``bench/retriever.py``) → reports/learned_retriever.*
 
     python -m bench.learned_retriever --datasets ml-100k lastfm yelp beauty sports --seeds 0 1 2
 
@@ -30,9 +30,9 @@ import torch
 
 from bench import accuracy
 from bench.common import GROUPS, METRICS, PROTOCOLS, REPORTS, grouped_results, machine, machine_label, stat
+from bench.retriever import RULES, RetrieverConfig, compare_rules
 from model import artifact
 from model.data import leave_one_out, load_dataset
-from model.retriever import RULES, RetrieverConfig, compare_rules
 
 log = logging.getLogger("bench.learned_retriever")
 

@@ -4,7 +4,9 @@
 
 For every (dataset, seed) the encoder is the accuracy benchmark's model directory of that seed (trained
 through `bench.accuracy` first if missing); each variant runs `memrec train --stage finetune --from
-ENCODER` into `runs/retrieval/` and leaves one result file in `reports/retrieval_runs/`.
+ENCODER` (the random control `python -m bench.controls train`, with the same flags) into
+`runs/retrieval/`, its retrieval cost is measured on the model directory (`bench.retrieval_cost`), and
+it leaves one result file in `reports/retrieval_runs/`.
 `reports/retrieval.{json,md}` aggregate whatever result files exist; `pretrain_only` is the encoder's
 own test result, so every row of a dataset shares one encoder per seed.
 """
@@ -16,17 +18,20 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench import accuracy, learned_retriever
+from bench import accuracy, learned_retriever, retrieval_cost
 from bench.common import (
+    CLI,
     GROUPS,
     REPORTS,
     RUNS,
     aggregate,
     cost_table,
+    display_path,
     evaluate_cli,
     fmt,
     machine,
@@ -34,6 +39,8 @@ from bench.common import (
     run_recorded,
     write_result,
 )
+from model.artifact import ArtifactError
+from model.data import DataError
 
 log = logging.getLogger("bench.retrieval")
 
@@ -56,7 +63,9 @@ VARIANTS: dict[str, list[str]] = {
     "cross_user": ["--cross-user"],
     "user_memories": ["--user-memories"],
     "user_memories_fewest": ["--user-memories", "--memory-quality", "fewest_accesses"],
-    "random_retrieval": ["--retrieval", "random"],
+    # memories drawn at random (the leakage rule applied): the control that shows similarity matters;
+    # trained by bench.controls with memrec train's flags (CONTROLS)
+    "random_retrieval": [],
     # the published module plus the memory vote (model.vote), its weight, temperature and depth
     # chosen on validation (off among the candidates)
     "vote": ["--vote"],
@@ -69,6 +78,10 @@ VARIANTS: dict[str, list[str]] = {
     # the channel on the encoder alone (α = 1, one epoch, as vote_only)
     "transitions_only": ["--alpha", "1.0", "--ft-epochs", "1", "--transitions"],
 }
+
+
+# variant → the module that trains it instead of `memrec train`: a benchmark control (bench.controls)
+CONTROLS: dict[str, str] = {"random_retrieval": "bench.controls"}
 
 
 def pretrain_only(dataset: str, seed: int, args: argparse.Namespace) -> bool:
@@ -110,8 +123,36 @@ def run_one(dataset: str, variant: str, seed: int, args: argparse.Namespace) -> 
     record = {"dataset": dataset, "variant": variant, "seed": seed, "encoder": args.encoder}
     record["flags"] = VARIANTS[variant]
     result_file = RESULTS / f"{dataset}.{args.encoder}.{variant}.seed{seed}.json"
-    extra = ("memories", "cost", "vote", "transitions")
-    return run_recorded(result_file, cli_args, args, record, extra=extra)
+    extra = ("memories", "vote", "transitions")
+    module = CONTROLS.get(variant, CLI)
+    return run_recorded(
+        result_file,
+        cli_args,
+        args,
+        record,
+        extra,
+        module,
+        measure=lambda: cost_of(out, dataset, args.data_dir),
+    )
+
+
+def cost_of(model_dir: Path, dataset: str, data_dir: str | None) -> dict[str, Any]:
+    """``{"cost": …}``: the retrieval cost of a trained variant (bench.retrieval_cost); nothing, the
+    failure logged, when it cannot be measured (the variant's metrics are recorded all the same)."""
+    try:
+        return {"cost": retrieval_cost.measure_dir(model_dir, dataset, data_dir)}
+    except (ArtifactError, DataError, ValueError) as e:
+        log.error("retrieval cost of %s not measured: %s", display_path(model_dir), e)
+        return {}
+
+
+def variant_command(variant: str) -> str:
+    """How the report names a variant's training: its flags, or the control that trains it."""
+    flags = " ".join(VARIANTS[variant])
+    control = CONTROLS.get(variant)
+    if control is None:
+        return f"`{flags or '(none)'}`"
+    return f"`{' '.join(['python -m', control, 'train', flags]).strip()}` (memories drawn at random)"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -130,9 +171,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Variants (`memrec train --stage finetune` flags on top of the published module, RaSeRec's α = 0.5,",
         "β = 1, K = 20; every variant without `--vote` runs with `--no-vote`, without `--transitions` "
-        "with `--no-transitions`): "
-        + "; ".join(f"{n} `{' '.join(f) or '(none)'}`" for n, f in VARIANTS.items())
-        + ".",
+        "with `--no-transitions`): " + "; ".join(f"{n} {variant_command(n)}" for n in VARIANTS) + ".",
         "",
         "learned_retriever: the learned retriever over long-term memory",
         "(`python -m bench.learned_retriever`, reports/learned_retriever.md) on the same encoder, on the",

@@ -31,17 +31,8 @@ import httpx
 import numpy as np
 
 from bench.common import REPORTS, ROOT, machine, machine_label
-from bench.service import (
-    _flush,
-    launch,
-    max_rate,
-    mixed_traffic,
-    model_card,
-    open_loop,
-    run_fast,
-    serve_argv,
-    sweep,
-)
+from bench.loadgen import max_rate, mixed_traffic, open_loop, run_fast, sweep
+from bench.serving import flush, launch, model_card, serve_argv
 
 log = logging.getLogger("bench.soak")
 
@@ -158,7 +149,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     capacity = args.capacity or bank + writes // 20
     env = {"MEMREC_TORCH_THREADS": "1", "MEMREC_LOG_LEVEL": "warning", "MEMREC_WORKERS": str(args.workers)}
     env["MEMREC_CAPACITY"] = str(capacity)
-    _flush(SOAK_REDIS_URL)
+    flush(SOAK_REDIS_URL)
     result: dict[str, Any] = {"model": model.name, **card, "workers": args.workers, "capacity": capacity}
     result["load_average_at_start"] = os.getloadavg()[0]
     with tempfile.TemporaryFile() as out:
@@ -192,7 +183,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    _flush(SOAK_REDIS_URL)
+    flush(SOAK_REDIS_URL)
     result["windows"], result["window_s"] = windows, args.window
     result["summary"] = summarise(windows, capacity)
     return result

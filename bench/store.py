@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from memory_store import IndexParams, Interaction, MemoryBatch, StoreConfig, open_store
 from memory_store.index import MemoryIndex
-from memory_store.transitions import RECENT
+from model.transitions import MAX_ORDER
 
 log = logging.getLogger("bench.store")
 
@@ -78,7 +78,7 @@ def memory_batch(keys: np.ndarray, first_item: int) -> MemoryBatch:
         users=tuple(f"user{i % 10_000}" for i in range(first_item, first_item + n)),
         timestamps=np.full(n, time.time()),
         prefix_lens=(np.arange(n, dtype=np.int32) % 50),
-        recent=(items[:, None] + np.arange(1, RECENT + 1) * 7) % 50_000 + 1,  # a prefix's last items
+        recent=(items[:, None] + np.arange(1, MAX_ORDER + 1) * 7) % 50_000 + 1,  # a prefix's last items
     )
 
 
@@ -178,7 +178,7 @@ def bench_search(name: str, n: int, mixture: Mixture, params: IndexParams) -> di
     queries = mixture.sample(N_QUERIES, seed=SEED + 11)
     rss0 = rss_bytes()
     t0 = time.perf_counter()
-    index = MemoryIndex(DIM, params)
+    index = MemoryIndex(DIM, params, MAX_ORDER)
     index.add(np.arange(1, n + 1, dtype=np.int64), memory_batch(keys, 0))
     build_s = time.perf_counter() - t0
     process_bytes = (rss_bytes() - rss0) / n
@@ -424,7 +424,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     params = IndexParams()
     scratch = Path(tempfile.mkdtemp(prefix="memrec-bench-"))
     base = StoreConfig(
-        dim=DIM, namespace="bench", redis_url=args.redis_url, data_dir=scratch / "redis", index=params
+        dim=DIM,
+        namespace="bench",
+        redis_url=args.redis_url,
+        data_dir=scratch / "redis",
+        index=params,
+        recent_width=MAX_ORDER,  # as the service keeps them
     )
     n_batched, n_single = (20_000, 500) if args.quick else (200_000, 3_000)
     restart_n = 100_000 if args.quick else 1_000_000

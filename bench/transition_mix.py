@@ -18,12 +18,12 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from bench.accuracy import ENCODERS
 from bench.common import REPORTS, fmt, grouped_results, machine, machine_label, stat, write_result
@@ -43,18 +43,20 @@ def mixed_ranks(
     art: artifact.Artifact,
     samples: Samples,
     seen: tuple[IntArray, IntArray],
-    follow: Tensor,
+    rows: Mapping[int, tr.Row],
     batch: int = 512,
 ) -> dict[float, dict[str, np.ndarray]]:
-    """Per λ and protocol (unmasked, masked): the target's rank of every sample (N,)."""
+    """Per λ and protocol (unmasked, masked): the target's rank of every sample (N,); ``rows`` are the
+    bank's follower rows (model.transitions.follower_rows)."""
     out = {w: {p: np.zeros(len(samples), np.int64) for p in ("unmasked", "masked")} for w in WEIGHTS}
+    n_ids = art.encoder.cfg.n_items + 1  # ids 1..n_items, 0 = padding
     recent = tr.recent_items(samples.inputs, samples.lengths)
     for start in range(0, len(samples), batch):
         idx = np.arange(start, min(start + batch, len(samples)))
         t = int(samples.lengths[idx].max())
         x, n = torch.from_numpy(samples.inputs[idx, :t]), torch.from_numpy(samples.lengths[idx])
         logits = art.encoder.scores(art.encoder.encode(x, n))  # (B, V), column 0 = -inf
-        shares = tr.shares_from_matrix(recent[idx], follow)
+        shares = tr.shares_from_rows(recent[idx], wanted(rows, recent[idx]), n_ids)
         y = torch.from_numpy(samples.targets[idx])
         for w in WEIGHTS:
             s = tr.mix(logits, shares, tr.TransitionMix(w)).clone()
@@ -64,12 +66,20 @@ def mixed_ranks(
     return out
 
 
+_NO_FOLLOWERS: tr.Row = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+def wanted(rows: Mapping[int, tr.Row], recent: IntArray) -> dict[int, tr.Row]:
+    """The follower rows of the items in ``recent``, an empty row where no memory's prefix holds one
+    (model.transitions.shares_from_rows reads a row for every item it is given)."""
+    return {a: rows.get(a, _NO_FOLLOWERS) for a in np.unique(recent[recent > 0]).tolist()}
+
+
 def run_one(name: str, seed: int, data_dir: str | None) -> dict[str, Any]:
     dataset = name.split(".")[0]
     art = artifact.load(ENCODERS / f"{name}.seed{seed}")
     data: Interactions = load_dataset(dataset, data_dir).with_vocab(art.vocab)  # the encoder's ids
     split = leave_one_out(data, art.encoder.cfg.max_len)
-    n_items = art.encoder.cfg.n_items + 1  # ids 1..n_items, 0 = padding
     per_split = {}
     # The memory bank's pairs: the training pairs for validation, with the validation pairs for test.
     pairs = {"valid": [split.train], "test": [split.train, split.valid]}
@@ -79,7 +89,7 @@ def run_one(name: str, seed: int, data_dir: str | None) -> dict[str, Any]:
     ):
         items = np.concatenate([p.targets for p in pairs[which]])
         recent = np.concatenate([tr.recent_items(p.inputs, p.lengths) for p in pairs[which]])
-        ranks = mixed_ranks(art, samples, seen, tr.follow_matrix(items, recent, n_items))
+        ranks = mixed_ranks(art, samples, seen, tr.follower_rows(items, recent))
         per_split[which] = {
             f"{w:g}": {p: metrics_from_ranks(r) for p, r in d.items()} for w, d in ranks.items()
         }

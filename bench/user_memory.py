@@ -41,6 +41,7 @@ from model.data import IntArray, Samples, leave_one_out, load_dataset, seen_csr
 from model.evaluate import evaluate
 from model.memory import encode_samples
 from model.user_memory import UserMemoryConfig, UserMemoryTable, replay, split_samples
+from service.memory_rules import store_rules
 
 log = logging.getLogger("bench.user_memory")
 
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for capacity, quality, half_life in sorted(configs, key=lambda c: c[0]):
         cfg = UserMemoryConfig(capacity, quality, args.access_top, half_life)
         t0 = time.perf_counter()
-        table = replay(item_emb.numpy(), samples, states, cfg)
+        table = replay(item_emb.numpy(), samples, states, cfg, store_rules())
         seconds = time.perf_counter() - t0
         # Only samples whose user already had more than C distinct items: elsewhere nothing was evicted
         # and every policy holds the same memory.
@@ -153,12 +154,14 @@ def fused_rows(model_dirs: list[str]) -> list[dict[str, Any]]:
     for d in model_dirs:
         config = json.loads((Path(d) / "config.json").read_text())
         ft, metrics = config.get("finetune", {}), config["metrics"]
+        inference = Path(d) / "inference.json"  # older directories: in the fine-tune config
+        fused = bool((json.loads(inference.read_text()) if inference.is_file() else ft).get("user_memories"))
         rows.append(
             {
                 "model": display_path(Path(d).resolve()),
-                "user_memories": bool(ft.get("user_memories")),
-                "quality": ft.get("memory_quality") if ft.get("user_memories") else None,
-                "capacity": ft.get("user_capacity") if ft.get("user_memories") else None,
+                "user_memories": fused,
+                "quality": ft.get("memory_quality") if fused else None,
+                "capacity": ft.get("user_memory_slots", ft.get("user_capacity")) if fused else None,
                 "test": {p: metrics["test"][p] for p in ("unmasked", "masked")},
                 "encoder_test": {p: metrics["encoder"]["test"][p] for p in ("unmasked", "masked")},
                 "best_epoch": metrics.get("best_epoch"),

@@ -4,37 +4,25 @@ A *collaborative memory* (RaSeRec) is one (prefix → next item) event: a key ve
 of the prefix), the next item, the user, a timestamp and the prefix length. The store L2-normalises
 every key and every query itself, so scores are cosine similarities; callers may pass raw vectors.
 Memory ids are positive int64 allocated by the store, increasing in write order. A memory also keeps
-the last ``RECENT`` items of its prefix, from which the store counts item transitions
-(``memory_store.transitions``).
+the last items of its prefix (as many as the store's ``recent_width``), from which the store counts item
+transitions (``memory_store.transitions``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from memory_store.transitions import RECENT, Followers
+from memory_store.transitions import Followers
 from memory_store.user_memory import UserMemories
 
 
 class SnapshotError(ValueError):
     """A snapshot that cannot be read back; the message names the file."""
-
-
-@contextmanager
-def snapshot_file(path: Path) -> Iterator[Path]:
-    """Read ``path`` inside the block; any failure becomes a SnapshotError naming the file."""
-    try:
-        yield path
-    except SnapshotError:
-        raise
-    except Exception as exc:  # truncated, garbled or missing: faiss, numpy, json each raise their own
-        raise SnapshotError(f"{path}: unreadable snapshot file ({type(exc).__name__}: {exc})") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +44,9 @@ class MemoryBatch:
     users: tuple[str, ...]  # (n,)
     timestamps: np.ndarray  # (n,) float64, unix seconds
     prefix_lens: np.ndarray  # (n,) int32, >= 0
-    # (n, RECENT) int64: the prefix's last items, most recent first (recent[:, 0] is the item just before
-    # the memory's next item), 0 where the prefix is shorter or the items are not known
+    # (n, w) int64: the prefix's last w items, most recent first (recent[:, 0] is the item just before
+    # the memory's next item), 0 where the prefix is shorter or the items are not known. A store keeps
+    # w = its config's recent_width (see :meth:`create`, :meth:`fitted`).
     recent: np.ndarray
 
     @classmethod
@@ -70,8 +59,10 @@ class MemoryBatch:
         prefix_lens: Sequence[int] | np.ndarray,
         dim: int,
         recent: np.ndarray | None = None,
+        recent_width: int | None = None,
     ) -> MemoryBatch:
-        """``recent``: (n, RECENT) ints ≥ 0, or (n, m) with m < RECENT (padded with 0); None: unknown."""
+        """``recent``: (n, m) ints ≥ 0, most recent first; None: unknown (no columns). With a store's
+        ``recent_width``, m must be at most that and the columns are padded with 0 to it."""
         unit = normalise_rows(keys, dim, "keys")
         n = unit.shape[0]
         items_a = _int_column(items, n, "items", minimum=1)
@@ -90,17 +81,30 @@ class MemoryBatch:
             users=users_t,
             timestamps=ts,
             prefix_lens=lens,
-            recent=_recent(recent, n),
+            recent=_recent(recent, n, recent_width),
         )
 
     def __len__(self) -> int:
         return int(self.items.shape[0])
 
-    def validated(self, dim: int) -> MemoryBatch:
+    def validated(self, dim: int, recent_width: int | None = None) -> MemoryBatch:
         """The batch checked and normalised again (it may have been built without :meth:`create`)."""
         return MemoryBatch.create(
-            self.keys, self.items, self.users, self.timestamps, self.prefix_lens, dim, self.recent
+            self.keys,
+            self.items,
+            self.users,
+            self.timestamps,
+            self.prefix_lens,
+            dim,
+            self.recent,
+            recent_width,
         )
+
+    def fitted(self, recent_width: int) -> MemoryBatch:
+        """The batch with ``recent`` at ``recent_width`` columns (see :func:`fit_recent`)."""
+        if self.recent.shape[1] == recent_width:
+            return self
+        return replace(self, recent=fit_recent(self.recent, recent_width))
 
     def take(self, rows: np.ndarray) -> MemoryBatch:
         """The sub-batch at ``rows`` (an int index array)."""
@@ -114,22 +118,33 @@ class MemoryBatch:
         )
 
 
-def _recent(recent: np.ndarray | None, n: int) -> np.ndarray:
-    """(n, RECENT) int64 from ``recent`` (see MemoryBatch.create)."""
+def _recent(recent: np.ndarray | None, n: int, width: int | None) -> np.ndarray:
+    """(n, m) int64 from ``recent``, padded to (n, width) when a width is given (see MemoryBatch.create)."""
     if recent is None:
-        return np.zeros((n, RECENT), np.int64)
+        return np.zeros((n, width or 0), np.int64)
     a = np.asarray(recent)
     if (
         a.ndim != 2
         or a.shape[0] != n
-        or a.shape[1] > RECENT
+        or (width is not None and a.shape[1] > width)
         or (a.size and not np.issubdtype(a.dtype, np.integer))
     ):
-        raise ValueError(f"recent must be ints of shape ({n}, ≤ {RECENT}), got {a.dtype} of shape {a.shape}")
+        cols = "m" if width is None else f"≤ recent_width = {width}"
+        raise ValueError(f"recent must be ints of shape ({n}, {cols}), got {a.dtype} of shape {a.shape}")
     if (a < 0).any():
         raise ValueError("recent item ids must be >= 0 (0: none)")
-    out = np.zeros((n, RECENT), np.int64)
-    out[:, : a.shape[1]] = a
+    return fit_recent(a.astype(np.int64), a.shape[1] if width is None else width)
+
+
+def fit_recent(recent: np.ndarray, width: int) -> np.ndarray:
+    """(n, width) int64 of stored prefix items (n, m) of another width: padded with 0 (not known) or cut
+    to the ``width`` most recent. Data written under another ``recent_width`` (or before memories kept
+    their prefix's items: m = 0) stays readable."""
+    if recent.shape[1] == width:
+        return recent.astype(np.int64, copy=False)
+    out = np.zeros((recent.shape[0], width), np.int64)
+    m = min(width, recent.shape[1])
+    out[:, :m] = recent[:, :m]
     return out
 
 
@@ -310,9 +325,11 @@ def memory_batch_for_events(
     keys: np.ndarray,
     prefix_lens: Sequence[int] | np.ndarray,
     dim: int,
+    recent_width: int,
     recent: np.ndarray | None = None,
 ) -> MemoryBatch:
-    """The memories created by ``ingest``: item, user and timestamp come from the events."""
+    """The memories created by ``ingest``: item, user and timestamp come from the events; ``recent`` padded
+    to the store's ``recent_width``."""
     check_events(events)
     return MemoryBatch.create(
         keys,
@@ -322,6 +339,7 @@ def memory_batch_for_events(
         prefix_lens,
         dim,
         recent,
+        recent_width,
     )
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from memory_store.user_memory import QualityFn, recency_frequency_quality
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# StoreConfig's integer fields and their least valid values
+_MINIMA = (("user_memory_capacity", 1), ("history_len", 1), ("recent_width", 0), ("connect_attempts", 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,12 @@ class StoreConfig:
     ``user_capacity`` bounds the collaborative memories of one user (that user's oldest go first), and
     ``user_memory_capacity`` is C, the number of per-user (RAMRec) memories kept by quality.
     ``None`` means unbounded.
+
+    ``recent_width``: how many of its prefix's last items each memory keeps (the lags its item
+    transitions are counted at, ``followers``). The width is the model's (its transition order): the
+    service sets it from the model, and the store has no opinion of its own, so the default 0 keeps none
+    and counts no transitions (a write that brings prefix items is then refused). Stored data of another
+    width stays readable: the items are padded with 0 or cut to the most recent ``recent_width``.
     """
 
     dim: int = 64
@@ -73,6 +81,7 @@ class StoreConfig:
     user_capacity: int | None = None
     user_memory_capacity: int = 32
     history_len: int = 200
+    recent_width: int = 0
     dedup_ttl_s: int = 7 * 24 * 3600
     index: IndexParams = field(default_factory=IndexParams)
     quality: QualityFn = recency_frequency_quality
@@ -94,13 +103,11 @@ class StoreConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        if self.user_memory_capacity < 1:
-            raise ValueError(f"user_memory_capacity must be >= 1, got {self.user_memory_capacity}")
-        if self.history_len < 1:
-            raise ValueError(f"history_len must be >= 1, got {self.history_len}")
+        for name, minimum in _MINIMA:
+            value = getattr(self, name)
+            if value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value}")
         if self.redis_tls_ca_file is not None and not (self.redis_url or "").startswith("rediss://"):
             raise ValueError("redis_tls_ca_file needs a rediss:// URL (TLS)")
         if self.redis_url is None and self.data_dir is None:
             raise ValueError("the embedded backend (no redis_url) needs a data_dir")
-        if self.connect_attempts < 1:
-            raise ValueError(f"connect_attempts must be >= 1, got {self.connect_attempts}")

@@ -47,11 +47,11 @@ from memory_store.base import (
     check_user_id,
     memory_batch_for_events,
     normalise_rows,
-    snapshot_file,
 )
 from memory_store.config import StoreConfig
-from memory_store.index import MemoryIndex, _savez, followers_now, search_now
-from memory_store.transitions import RECENT, Followers
+from memory_store.index import MemoryIndex, followers_now, search_now
+from memory_store.snapshot import savez, snapshot_file
+from memory_store.transitions import Followers
 from memory_store.wal import AppendLog, Record
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class EmbeddedMemoryStore:
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self._index = MemoryIndex(self.config.dim, self.config.index)
+        self._index = MemoryIndex(self.config.dim, self.config.index, self.config.recent_width)
         self._hist: dict[str, deque[int]] = {}
         self._seen: dict[str, float] = {}  # event id -> expiry (unix seconds)
         self._umem: dict[str, um.UserMemories] = {}
@@ -130,8 +130,9 @@ class EmbeddedMemoryStore:
                 users=tuple(meta["mem_users"]),
                 timestamps=arrays["ts"],
                 prefix_lens=arrays["plens"],
-                # a log written before memories kept their prefix's last items: none known
-                recent=arrays.get("recent", np.zeros((ids.size, RECENT), np.int64)),
+                # a log written before memories kept their prefix's last items: none known (the index
+                # fits the prefix items of any width to the store's)
+                recent=arrays.get("recent", np.zeros((ids.size, 0), np.int64)),
             )
             self._index.add(ids, batch)
             self._next_id = max(self._next_id, int(ids.max()) + 1)
@@ -229,7 +230,7 @@ class EmbeddedMemoryStore:
             "items": mem.items if mem is not None else np.zeros(0, np.int64),
             "ts": mem.timestamps if mem is not None else np.zeros(0, np.float64),
             "plens": mem.prefix_lens if mem is not None else np.zeros(0, np.int32),
-            "recent": mem.recent if mem is not None else np.zeros((0, RECENT), np.int64),
+            "recent": mem.recent if mem is not None else np.zeros((0, self.config.recent_width), np.int64),
             "evicted": self._evictions(mem_ids, mem.users if mem is not None else ()),
         }
         n_acc = int(rows.size)
@@ -298,12 +299,12 @@ class EmbeddedMemoryStore:
         prefix_lens: Sequence[int] | np.ndarray,
         recent: np.ndarray | None = None,
     ) -> IngestResult:
-        batch = memory_batch_for_events(events, keys, prefix_lens, self.dim, recent)
+        batch = memory_batch_for_events(events, keys, prefix_lens, self.dim, self.config.recent_width, recent)
         result: IngestResult = await self._locked(self._write, list(events), batch)
         return result
 
     async def add_memories(self, batch: MemoryBatch) -> IngestResult:
-        batch = batch.validated(self.dim)
+        batch = batch.validated(self.dim, self.config.recent_width)
         result: IngestResult = await self._locked(self._write, [], batch)
         return result
 
@@ -413,7 +414,7 @@ class EmbeddedMemoryStore:
                 state = json.loads(state_path.read_text())
             if int(state["dim"]) != self.dim:
                 raise ValueError(f"snapshot {source} has dim {state['dim']}, store dim is {self.dim}")
-            self._index = MemoryIndex.load(source, self.config.index)
+            self._index = MemoryIndex.load(source, self.config.index, self.config.recent_width)
             self._hist = {u: deque(h, maxlen=self.config.history_len) for u, h in state["histories"].items()}
             self._seen = {str(e): float(t) for e, t in state["seen"].items()}
             self._by_user = {u: deque(ids) for u, ids in state["by_user"].items()}
@@ -450,7 +451,7 @@ def _save_user_memories(path: Path, umem: dict[str, um.UserMemories], dim: int) 
         "last": np.concatenate([p.last_access for p in parts]),
         "first": np.concatenate([p.first_seen for p in parts]),
     }
-    _savez(path, arrays)
+    savez(path, arrays)
     path.with_suffix(".json").write_text(json.dumps(users))
 
 

@@ -3,12 +3,11 @@
 * Ids are the store's memory ids, so memories can be removed: an ``IndexIDMap2`` over a flat index while
   the bank is small (exact search), an ``IndexIVFFlat`` with a hashtable direct map once it is large
   (approximate; the direct map makes removal O(1) per id and allows reconstruction for rebuilds).
-* Metadata (item, user, timestamp, prefix length, the prefix's last items) live in NumPy arrays indexed
-  by ``id - base``, so a search returns them for the whole batch with fancy indexing, never a round trip
-  per hit. The item transitions of the memories held (``memory_store.transitions``) change with them.
-* FAISS is not safe for concurrent add and search: every call takes a readers-writer lock (searches
-  share it, adds, removes and rebuilds hold it alone; writers are preferred so a storm of searches
-  cannot starve the replication log). FAISS releases the GIL, so searches run in parallel threads.
+* Metadata (item, user, timestamp, prefix length, the prefix's last ``recent_width`` items) live in
+  NumPy columns (``memory_store.columns``). The item transitions of the memories held
+  (``memory_store.transitions``) change with them.
+* FAISS is not safe for concurrent add and search: every call takes a readers-writer lock
+  (``memory_store.rwlock``). FAISS releases the GIL, so searches run in parallel threads.
 * The stores search in the event-loop thread itself while no writer holds the lock (:func:`search_now`):
   a micro-batch search takes well under a millisecond, less than a hop to a worker thread costs under
   load. Only while a writer holds it (a log batch, a rebuild) does the search wait in a worker thread.
@@ -17,225 +16,27 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import faiss
 import numpy as np
 
-from memory_store.base import MemoryBatch, SearchResult, SnapshotError, snapshot_file
+from memory_store.base import MemoryBatch, SearchResult, SnapshotError
+from memory_store.columns import REQUIRED, MemoryColumns
 from memory_store.config import IndexParams
-from memory_store.transitions import RECENT, Followers, TransitionTable
+from memory_store.rwlock import ReadWriteLock
+from memory_store.snapshot import IndexImage, read_index_files
+from memory_store.transitions import Followers, TransitionTable
 
 log = logging.getLogger(__name__)
 
 _RECONSTRUCT_CHUNK = 262_144
 R = TypeVar("R")
-
-
-class ReadWriteLock:
-    """Many readers or one writer; a waiting writer blocks new readers."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            self._release_read()
-
-    @contextmanager
-    def try_read(self) -> Iterator[bool]:
-        """Like :meth:`read`, but never waits: yields False (holding nothing) while a writer holds or
-        awaits the lock, so an event-loop thread can fall back to a worker thread instead of blocking."""
-        with self._cond:
-            if self._writer or self._writers_waiting:
-                acquired = False
-            else:
-                self._readers += 1
-                acquired = True
-        if not acquired:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            self._release_read()
-
-    def _release_read(self) -> None:
-        with self._cond:
-            self._readers -= 1
-            if not self._readers:
-                self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-_COLUMNS = ("alive", "item", "user", "ts", "plen", "recent")
-
-
-class _Metadata:
-    """Per-memory columns indexed by ``id - base``; ``base`` moves up as the oldest memories leave."""
-
-    def __init__(self) -> None:
-        self.base = 1
-        size = 1024  # never empty: padding rows of a search gather row 0
-        self.alive = np.zeros(size, bool)
-        self.item = np.zeros(size, np.int64)
-        self.user = np.zeros(size, np.int32)  # code into user_names
-        self.ts = np.zeros(size, np.float64)
-        self.plen = np.zeros(size, np.int32)
-        self.recent = np.zeros((size, RECENT), np.int64)  # the prefix's last items (MemoryBatch.recent)
-        self.user_names: list[str] = []
-        self._user_code: dict[str, int] = {}
-        self._names_arr = np.array([""], dtype=object)  # user_names + [""] (padding), for fancy indexing
-        self.count = 0
-        self._low = 0  # no alive row below this one
-
-    def in_range(self, ids: np.ndarray) -> np.ndarray:
-        rows = ids - self.base
-        return (rows >= 0) & (rows < self.alive.shape[0])
-
-    def is_alive(self, ids: np.ndarray) -> np.ndarray:
-        ok = self.in_range(ids)
-        out = np.zeros(ids.shape, bool)
-        out[ok] = self.alive[ids[ok] - self.base]
-        return out
-
-    def _grow(self, max_id: int) -> None:
-        need = max_id - self.base + 1
-        size = self.alive.shape[0]
-        if need <= size:
-            return
-        new = max(need, 2 * size, 1024)
-        for name in _COLUMNS:
-            old = getattr(self, name)
-            grown = np.zeros((new, *old.shape[1:]), old.dtype)
-            grown[:size] = old
-            setattr(self, name, grown)
-
-    def codes_for(self, users: tuple[str, ...]) -> np.ndarray:
-        codes = np.empty(len(users), np.int32)
-        for i, user in enumerate(users):
-            code = self._user_code.get(user)
-            if code is None:
-                code = self._user_code[user] = len(self.user_names)
-                self.user_names.append(user)
-            codes[i] = code
-        if len(self.user_names) + 1 != self._names_arr.shape[0]:
-            self._names_arr = np.array(self.user_names + [""], dtype=object)
-        return codes
-
-    def put(self, ids: np.ndarray, batch: MemoryBatch) -> None:
-        if ids.min() < self.base:
-            raise ValueError(f"memory id {int(ids.min())} is below the index base {self.base}")
-        self._grow(int(ids.max()))
-        rows = ids - self.base
-        self.alive[rows] = True
-        self.item[rows] = batch.items
-        self.user[rows] = self.codes_for(batch.users)
-        self.ts[rows] = batch.timestamps
-        self.plen[rows] = batch.prefix_lens
-        self.recent[rows] = batch.recent
-        self.count += int(ids.size)
-        self._low = min(self._low, int(rows.min()))
-
-    def drop(self, ids: np.ndarray) -> None:
-        self.alive[ids - self.base] = False
-        self.count -= int(ids.size)
-        self._compact_if_sparse()
-
-    def alive_ids(self) -> np.ndarray:
-        return (np.flatnonzero(self.alive) + self.base).astype(np.int64)
-
-    def oldest(self, n: int) -> np.ndarray:
-        """The ``n`` smallest alive ids (fewer if fewer exist)."""
-        while self._low < self.alive.shape[0] and not self.alive[self._low]:
-            self._low += 1
-        rows = np.flatnonzero(self.alive[self._low : self._low + max(4 * n, 1024)])[:n] + self._low
-        if rows.size < n:  # sparse region: fall back to a full scan
-            rows = np.flatnonzero(self.alive[self._low :])[:n] + self._low
-        return (rows + self.base).astype(np.int64)
-
-    def _compact_if_sparse(self) -> None:
-        """Shift the columns down once more than half of them sit below the oldest alive memory."""
-        size = self.alive.shape[0]
-        first = self.oldest(1)
-        shift = int(first[0] - self.base) if first.size else size
-        if size < 4096 or shift < size // 2:
-            return
-        for name in _COLUMNS:
-            old = getattr(self, name)
-            moved = np.zeros_like(old)
-            moved[: size - shift] = old[shift:]
-            setattr(self, name, moved)
-        self.base += shift
-        self._low = 0
-
-    def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(items, users, prefix_lens, timestamps) for an id array of any shape; -1 ids give padding."""
-        valid = ids >= 0
-        rows = np.where(valid, ids - self.base, 0)
-        items = np.where(valid, self.item[rows], 0)
-        pad_code = len(self.user_names)  # the trailing "" in _names_arr
-        users = self._names_arr[np.where(valid, self.user[rows], pad_code)]
-        plens = np.where(valid, self.plen[rows], -1).astype(np.int32)
-        ts = np.where(valid, self.ts[rows], np.nan)
-        return items, users, plens, ts
-
-    def state(self) -> dict[str, np.ndarray]:
-        return {
-            "base": np.array([self.base], np.int64),
-            "alive": self.alive,
-            "item": self.item,
-            "user": self.user,
-            "ts": self.ts,
-            "plen": self.plen,
-            "recent": self.recent,
-        }
-
-    @classmethod
-    def from_state(cls, arrays: dict[str, np.ndarray], user_names: list[str]) -> _Metadata:
-        meta = cls()
-        meta.base = int(arrays["base"][0])
-        meta.alive, meta.item, meta.user = arrays["alive"], arrays["item"], arrays["user"]
-        meta.ts, meta.plen = arrays["ts"], arrays["plen"]
-        # a snapshot written before memories kept their prefix's last items: none known
-        meta.recent = arrays.get("recent", np.zeros((meta.alive.shape[0], RECENT), np.int64))
-        meta.user_names = user_names
-        meta._user_code = {name: i for i, name in enumerate(user_names)}
-        meta._names_arr = np.array(user_names + [""], dtype=object)
-        meta.count = int(meta.alive.sum())
-        return meta
 
 
 def choose_nlist(n: int, params: IndexParams) -> int:
@@ -247,33 +48,20 @@ def choose_nlist(n: int, params: IndexParams) -> int:
     return int(min(nlist, 2 ** int(math.log2(trainable))))
 
 
-@dataclass(frozen=True, slots=True)
-class IndexImage:
-    """A point-in-time copy of a MemoryIndex, written to disk without holding the index lock."""
-
-    index: np.ndarray
-    columns: dict[str, np.ndarray]
-    users: list[str]
-    info: dict[str, int]
-
-    def write(self, directory: Path) -> None:
-        """``index.faiss``, ``meta.npz`` (columns), ``users.json`` and ``meta.json`` in ``directory``."""
-        directory.mkdir(parents=True, exist_ok=True)
-        self.index.tofile(directory / "index.faiss")
-        _savez(directory / "meta.npz", self.columns)
-        (directory / "users.json").write_text(json.dumps(self.users))
-        (directory / "meta.json").write_text(json.dumps(self.info))
-
-
 class MemoryIndex:
-    """FAISS index + metadata columns, guarded by a readers-writer lock. Keys must be unit-norm."""
+    """FAISS index + metadata columns, guarded by a readers-writer lock. Keys must be unit-norm.
 
-    def __init__(self, dim: int, params: IndexParams) -> None:
+    ``recent_width``: prefix items kept per memory (StoreConfig.recent_width; 0 keeps none). Batches of
+    another width are fitted to it (MemoryBatch.fitted), so data stored under another width stays readable.
+    """
+
+    def __init__(self, dim: int, params: IndexParams, recent_width: int = 0) -> None:
         self.dim = dim
         self.params = params
+        self.recent_width = recent_width
         self.lock = ReadWriteLock()
-        self._meta = _Metadata()
-        self._transitions = TransitionTable()  # of the memories in _meta, changed with it
+        self._meta = MemoryColumns(recent_width)
+        self._transitions = TransitionTable(recent_width)  # of the memories in _meta, changed with it
         self._index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._nlist = 0  # 0: exact
         self._trained_for = 0
@@ -359,7 +147,7 @@ class MemoryIndex:
 
     def add(self, ids: np.ndarray, batch: MemoryBatch) -> int:
         """Add memories; ids already present are skipped (replay is idempotent). Returns the number added."""
-        ids = np.asarray(ids, np.int64)
+        ids, batch = np.asarray(ids, np.int64), batch.fitted(self.recent_width)
         with self.lock.write():
             fresh = ~self._meta.is_alive(ids) & (ids >= self._meta.base)
             if not fresh.all():
@@ -460,20 +248,16 @@ class MemoryIndex:
         self.capture().write(directory)
 
     @classmethod
-    def load(cls, directory: Path, params: IndexParams) -> MemoryIndex:
-        """Read a snapshot written by :meth:`save`; SnapshotError names a file that cannot be read."""
-        with snapshot_file(directory / "meta.json") as path:
-            info = json.loads(path.read_text())
-            self = cls(int(info["dim"]), params)
-        with snapshot_file(directory / "meta.npz") as path, np.load(path) as arrays:
-            state = {name: arrays[name] for name in arrays.files}
-        with snapshot_file(directory / "users.json") as path:
-            self._meta = _Metadata.from_state(state, json.loads(path.read_text()))
+    def load(cls, directory: Path, params: IndexParams, recent_width: int = 0) -> MemoryIndex:
+        """Read a snapshot written by :meth:`save` (memory_store.snapshot); SnapshotError names a file
+        that cannot be read. Its prefix items are fitted to ``recent_width``."""
+        files = read_index_files(directory, REQUIRED)
+        self = cls(files.info["dim"], params, recent_width)
+        self._meta = MemoryColumns.from_state(files.columns, files.users, recent_width)
         alive = self._meta.alive
         self._transitions.add(self._meta.item[alive], self._meta.recent[alive])
-        with snapshot_file(directory / "index.faiss") as path:
-            self._index = faiss.read_index(str(path))
-        self._nlist, self._trained_for = int(info["nlist"]), int(info["trained_for"])
+        self._index = files.index
+        self._nlist, self._trained_for = files.info["nlist"], files.info["trained_for"]
         if self._nlist:
             faiss.extract_index_ivf(self._index).nprobe = params.nprobe
         if self._index.ntotal != self._meta.count:
@@ -482,12 +266,6 @@ class MemoryIndex:
                 f"{self._meta.count} metadata rows"
             )
         return self
-
-
-def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` with named arrays (its stub types ``**kwds`` as bool)."""
-    savez: Any = np.savez
-    savez(path, **arrays)
 
 
 async def followers_now(index: MemoryIndex, items: Sequence[int]) -> list[Followers]:

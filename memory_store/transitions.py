@@ -1,5 +1,6 @@
 """Item transitions of the memories held: how often item b was a memory's next item with item a at lag k
-before it (lag 1 is the item just before b in the prefix, up to ``RECENT``).
+before it (lag 1 is the item just before b in the prefix, up to the width of the prefix items a memory
+keeps: the store config's ``recent_width``, which the model owns as its transition order).
 
 The table is a view of the memory bank, not state of its own: it lives beside the FAISS index and changes
 with it (adds, evictions, removals, log replay, snapshot loads), so it always describes exactly the
@@ -13,8 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RECENT = 5  # prefix items kept with each memory (its lags)
-
 
 @dataclass(frozen=True, slots=True)
 class Followers:
@@ -22,7 +21,7 @@ class Followers:
     at lag ``lags[j]`` (1 = just before) before ``items[j]``. Sorted by item, then lag."""
 
     items: np.ndarray  # (m,) int64
-    lags: np.ndarray  # (m,) int64, 1..RECENT
+    lags: np.ndarray  # (m,) int64, 1..width
     counts: np.ndarray  # (m,) int64, ≥ 1
 
     @classmethod
@@ -34,9 +33,12 @@ _EMPTY = Followers.empty()
 
 
 class TransitionTable:
-    """Per predecessor item: {next item · RECENT + lag − 1: count}. Not locked: its owner's lock guards it."""
+    """Per predecessor item: {next item · width + lag − 1: count}. Not locked: its owner's lock guards it."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int | None = None) -> None:
+        # Lags per memory: the columns of the ``recent`` rows counted (None: those of the first rows
+        # added). Fixed for the table's life, since it is part of every code.
+        self.width = width
         self._rows: dict[int, dict[int, int]] = {}
         # Every row also in the form reads want, rebuilt whenever it changes: the request path only
         # looks rows up. Built lazily on first read instead, the first requests after a start or a bulk
@@ -49,7 +51,7 @@ class TransitionTable:
         return sum(len(r) for r in self._rows.values())
 
     def add(self, items: np.ndarray, recent: np.ndarray) -> None:
-        """Count memories with next items ``items`` (n,) and prefixes ending in ``recent`` (n, RECENT)."""
+        """Count memories with next items ``items`` (n,) and prefixes ending in ``recent`` (n, width)."""
         self._update(items, recent, +1)
 
     def remove(self, items: np.ndarray, recent: np.ndarray) -> None:
@@ -57,22 +59,24 @@ class TransitionTable:
         self._update(items, recent, -1)
 
     def _update(self, items: np.ndarray, recent: np.ndarray, sign: int) -> None:
+        width = self._width_of(recent)
         n = items.shape[0]
         if not n:
             return
-        lag = np.broadcast_to(np.arange(RECENT, dtype=np.int64), (n, RECENT))
-        code = items.astype(np.int64)[:, None] * RECENT + lag  # (n, RECENT)
+        lag = np.broadcast_to(np.arange(width, dtype=np.int64), (n, width))
+        code = items.astype(np.int64)[:, None] * width + lag  # (n, width)
         present = recent > 0
         prev, code = recent[present].astype(np.int64), code[present]
         if not prev.size:
             return
         # One dictionary update per distinct (prev, code) pair: a bulk load repeats pairs a lot.
-        width = int(code.max()) + 1
-        pairs, counts = np.unique(prev * width + code, return_counts=True)  # ≤ 5·n² < 2^63 below 10^9 items
-        prevs = pairs // width
+        span = int(code.max()) + 1
+        # codes ≤ w·n² for n items: below 2^63 up to 10^9 items at w ≤ 9
+        pairs, counts = np.unique(prev * span + code, return_counts=True)
+        prevs = pairs // span
         touched = np.unique(prevs).tolist()
         try:
-            changes = zip(prevs.tolist(), (pairs % width).tolist(), (sign * counts).tolist(), strict=True)
+            changes = zip(prevs.tolist(), (pairs % span).tolist(), (sign * counts).tolist(), strict=True)
             for a, c, m in changes:
                 row = self._rows.setdefault(a, {})
                 left = row.get(c, 0) + m
@@ -89,6 +93,16 @@ class TransitionTable:
             for a in touched:
                 self._build(a)
 
+    def _width_of(self, recent: np.ndarray) -> int:
+        """The table's width, fixed by the first rows when not given; other widths raise ValueError."""
+        if self.width is None:
+            self.width = int(recent.shape[1])
+        elif recent.shape[1] != self.width:
+            raise ValueError(
+                f"recent must have {self.width} columns (the table's width), got {recent.shape[1]}"
+            )
+        return self.width
+
     def _build(self, item: int) -> None:
         row = self._rows.get(item)
         if not row:
@@ -99,7 +113,8 @@ class TransitionTable:
         counts = np.fromiter(row.values(), np.int64, len(row))
         order = np.argsort(codes)
         codes, counts = codes[order], counts[order]
-        self._built[item] = Followers(codes // RECENT, codes % RECENT + 1, counts)
+        width = self.width or 1  # a row exists only after an add fixed the width (≥ 1 lag counted)
+        self._built[item] = Followers(codes // width, codes % width + 1, counts)
 
     def clear(self) -> None:
         self._rows.clear()

@@ -3,6 +3,7 @@
 Layout::
 
     DIR/config.json         format version, model version, encoder and training configs, dataset, metrics
+    DIR/inference.json      how the model scores (model.predictor.InferenceConfig), frozen at training
     DIR/vocab.json          external user and item ids (item i is items[i-1]; 0 is padding)
     DIR/model.safetensors   encoder weights (tensors only: loading never executes code)
     DIR/fusion.safetensors  retrieval fusion weights (retrieval-augmented models only)
@@ -37,6 +38,7 @@ from model.sasrec import EncoderConfig, SASRec
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
+INFERENCE_FILE = "inference.json"
 VOCAB_FILE = "vocab.json"
 WEIGHTS_FILE = "model.safetensors"
 FUSION_FILE = "fusion.safetensors"
@@ -62,7 +64,10 @@ class Artifact:
     # (n_users,) each user's first item (0: none), the one history item no memory holds; with the bank
     # it rebuilds every known user's history (model.data.first_items). None in older model directories.
     first_items: np.ndarray | None = None
-    finetune_config: dict[str, Any] = field(default_factory=dict)
+    finetune_config: dict[str, Any] = field(default_factory=dict)  # how the fusion was trained
+    # how the model scores: model.predictor.InferenceConfig's JSON, which alone reads it; {} in model
+    # directories written before it had its own file (their finetune config holds it)
+    inference: dict[str, Any] = field(default_factory=dict)
 
     @property
     def retrieval(self) -> bool:
@@ -80,7 +85,7 @@ def save(artifact: Artifact, out_dir: str | os.PathLike[str]) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in artifact.encoder.state_dict().items()}
     save_file(state, out / WEIGHTS_FILE)
     digest = _weights_digest(out / WEIGHTS_FILE)
-    for stale in (FUSION_FILE, MEMORY_FILE):
+    for stale in (FUSION_FILE, MEMORY_FILE, INFERENCE_FILE):
         (out / stale).unlink(missing_ok=True)
     if artifact.fusion is not None and artifact.bank is not None:
         fusion_state = {k: v.detach().cpu().contiguous() for k, v in artifact.fusion.state_dict().items()}
@@ -98,6 +103,8 @@ def save(artifact: Artifact, out_dir: str | os.PathLike[str]) -> Path:
             arrays["first_items"] = artifact.first_items.astype(np.int64)
         save_numpy(arrays, out / MEMORY_FILE)
         digest = f"{digest}-{_weights_digest(out / FUSION_FILE)[:6]}"
+    if artifact.inference:
+        (out / INFERENCE_FILE).write_text(json.dumps(artifact.inference, indent=2), encoding="utf-8")
     artifact.model_version = f"{artifact.dataset}-{digest}"
     (out / VOCAB_FILE).write_text(json.dumps(artifact.vocab.to_json()), encoding="utf-8")
     config = {
@@ -206,4 +213,5 @@ def load(model_dir: str | os.PathLike[str], device: str = "cpu") -> Artifact:
         bank=bank,
         first_items=first_items,
         finetune_config=config.get("finetune", {}),
+        inference=_read_json(root / INFERENCE_FILE) if (root / INFERENCE_FILE).is_file() else {},
     )

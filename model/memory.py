@@ -6,15 +6,15 @@ L2-normalised keys in an exact FAISS index. The fusion attends over the same nor
 code used raw states; cosine-space keys let a live store that keeps only normalised vectors serve the
 very same model).
 
-The leakage rule: a query of user u with prefix length p may not see u's memories with prefix length ≥ p
-(its own event and its future). The bank fetches ``fetch_factor · K`` candidates, drops those, and
-keeps the best K; a row with fewer survivors is padded with -1 and masked, never an error.
+The bank answers a search as the live store does (:class:`BankHits`): the nearest memories, best first.
+The leakage rule (a query of user u with prefix length p may not see u's memories with prefix length
+≥ p: its own event and its future) is applied by the predictor's selection (model.predictor.select),
+over ``fetch_factor · K`` candidates; a row with fewer survivors is padded and masked, never an error.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -49,20 +49,6 @@ def encode_samples(
         lengths = torch.from_numpy(samples.lengths[idx]).to(device)
         out[idx] = encoder.encode(x, lengths).float().cpu().numpy()
     return out
-
-
-@dataclass
-class Retrieved:
-    """Top-K memories per query. ``ids`` is -1 where fewer than K memories survived the leakage rule."""
-
-    ids: IntArray  # (B, K) memory ids, -1 = empty slot
-    scores: FloatArray  # (B, K) cosine similarity, -inf at empty slots
-
-    @property
-    def mask(self) -> npt.NDArray[np.bool_]:
-        """(B, K) True where a slot holds a memory."""
-        valid: npt.NDArray[np.bool_] = self.ids >= 0
-        return valid
 
 
 class MemoryBank:
@@ -113,46 +99,49 @@ class MemoryBank:
             np.concatenate([self.recent, other.recent]) if both else None,
         )
 
-    def search(
-        self,
-        queries: FloatArray,
-        users: IntArray,
-        prefix_lens: IntArray,
-        k: int,
-        fetch_factor: int = 4,
-        own: bool = True,
-    ) -> Retrieved:
-        """Top-k memories by cosine similarity for each query, after the leakage rule.
+    def candidates(self, queries: FloatArray, fetch: int) -> tuple[IntArray, FloatArray]:
+        """The ``fetch`` most similar memories of each query (B, D) raw states, best first: ids (B, F),
+        -1 past the bank's size, and cosine similarities (B, F), -inf there. The rules that drop some
+        (the leakage rule, the cross-user rule) are the predictor's (model.predictor.select)."""
+        fetch = min(fetch, len(self))
+        scores, ids = self.index.search(l2_normalise(np.asarray(queries, dtype=np.float32)), fetch)
+        return ids.astype(np.int64), np.where(ids >= 0, scores, -np.inf).astype(np.float32)
 
-        queries: (B, D) raw encoder states; users, prefix_lens: (B,) of the querying samples. With
-        ``own=False`` a query sees other users' memories only.
-        """
-        fetch = min(max(k * fetch_factor, k), len(self))
-        scores, ids = self.index.search(l2_normalise(np.asarray(queries, dtype=np.float32)), fetch)  # (B, F)
-        safe = np.maximum(ids, 0)
-        same_user = self.users[safe] == users[:, None]
-        leak = same_user if not own else same_user & (self.prefix_lens[safe] >= prefix_lens[:, None])
-        keep = (ids >= 0) & ~leak
-        # Stable sort moves survivors to the front in similarity order; the first k columns are the answer.
-        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-        out_ids = np.take_along_axis(np.where(keep, ids, -1), order, axis=1)
-        out_scores = np.take_along_axis(np.where(keep, scores, -np.inf), order, axis=1).astype(np.float32)
-        if out_ids.shape[1] < k:  # a bank smaller than k
-            pad = k - out_ids.shape[1]
-            out_ids = np.pad(out_ids, ((0, 0), (0, pad)), constant_values=-1)
-            out_scores = np.pad(out_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-        return Retrieved(out_ids.astype(np.int64), out_scores)
+    def hits(self, ids: IntArray, scores: FloatArray) -> BankHits:
+        """Search results ``ids``, ``scores`` (B, S) as the predictor reads a store's."""
+        return BankHits(self, ids, scores)
 
-    def random(
-        self, queries: FloatArray, users: IntArray, prefix_lens: IntArray, k: int, rng: np.random.Generator
-    ) -> Retrieved:
-        """k memories drawn uniformly at random per query, leakage rule applied: the control that shows
-        whether similarity matters. Scores are the true cosine similarities of the drawn memories."""
-        draw = rng.integers(0, len(self), size=(len(users), 2 * k))  # (B, 2k): spare draws for leaks
-        leak = (self.users[draw] == users[:, None]) & (self.prefix_lens[draw] >= prefix_lens[:, None])
-        order = np.argsort(leak, axis=1, kind="stable")[:, :k]
-        ids = np.take_along_axis(np.where(leak, -1, draw), order, axis=1)
-        q = l2_normalise(np.asarray(queries, dtype=np.float32))
-        keys = self.unit_keys[np.maximum(ids, 0)]  # (B, k, D)
-        scores = np.where(ids >= 0, np.einsum("bd,bkd->bk", q, keys), -np.inf).astype(np.float32)
-        return Retrieved(ids.astype(np.int64), scores)
+
+class BankHits:
+    """Memories of the bank as a search answer (model.predictor.Candidates): the arrays a store returns
+    with a search, read from the bank for the rows' memory ids, and only when asked for."""
+
+    def __init__(self, bank: MemoryBank, ids: IntArray, scores: FloatArray) -> None:
+        self.bank = bank
+        self.ids = ids  # (B, S), -1 = no memory
+        self.scores = scores  # (B, S)
+
+    def _at(self, a: np.ndarray, empty: int) -> np.ndarray:
+        out: np.ndarray = np.where(self.ids >= 0, a[np.maximum(self.ids, 0)], empty)
+        return out
+
+    @property
+    def items(self) -> IntArray:
+        return self._at(self.bank.items, 0)
+
+    @property
+    def users(self) -> IntArray:
+        return self._at(self.bank.users, -1)
+
+    @property
+    def prefix_lens(self) -> IntArray:
+        return self._at(self.bank.prefix_lens, -1)
+
+    @property
+    def keys(self) -> FloatArray:
+        """(B, S, D) unit keys; an empty slot reads memory 0's (the fusion masks it)."""
+        out: FloatArray = self.bank.unit_keys[np.maximum(self.ids, 0)]
+        return out
+
+    def subset(self, idx: IntArray) -> BankHits:
+        return BankHits(self.bank, self.ids[idx], self.scores[idx])

@@ -41,7 +41,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
-        assert cfg.dim % cfg.n_heads == 0, "dim must be divisible by n_heads"
+        if cfg.dim % cfg.n_heads:  # an explicit check, not an assert: `python -O` drops asserts
+            raise ValueError(f"dim ({cfg.dim}) must be divisible by n_heads ({cfg.n_heads})")
         self.n_heads = cfg.n_heads
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
@@ -120,7 +121,10 @@ class SASRec(nn.Module):
     def embed(self, items: Tensor) -> Tensor:
         """items: (B, T) → the first block's input (B, T, D): item + position embeddings."""
         T = items.shape[1]
-        assert T <= self.cfg.max_len, f"sequence length {T} exceeds max_len {self.cfg.max_len}"
+        # A shape, not a value: under torch.jit.trace it is checked once on the example input and
+        # leaves nothing in the graph (callers of a traced encoder keep their inputs within max_len).
+        if T > self.cfg.max_len:
+            raise ValueError(f"sequence length {T} exceeds max_len {self.cfg.max_len}")
         pos = torch.arange(T, device=items.device)
         out: Tensor = self.dropout(self.norm(self.item_emb(items) + self.pos_emb(pos)))
         return out

@@ -18,15 +18,14 @@ memory bank changes the counts with every interaction: this channel is what make
 the ranking (the fusion module reads the memories only through one attention-refined state).
 
 The weights are integers (w(k) = lcm(1..order) / k) and so are the counts, so ``share`` is an exact
-integer in float64 whichever way it is summed: the offline evaluator (a sparse matrix product,
-:func:`follow_matrix`) and the service (per-item rows from the store, :func:`shares_from_rows`) give
-bit-identical scores.
+integer in float64 whichever way it is summed. Offline and online read the same per-item follower
+rows (:func:`follower_rows` over a bank in memory, the memory store's ``followers`` live) through the
+same :func:`shares_from_rows`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -71,30 +70,41 @@ def lag_weights(order: int) -> np.ndarray:
 
 
 def recent_items(inputs: IntArray, lengths: IntArray, width: int = MAX_ORDER) -> IntArray:
-    """Right-padded prefixes (N, T) with lengths (N,) → their last ``width`` items, most recent first
-    (N, width), 0 where a prefix is shorter."""
-    n = len(lengths)
-    out = np.zeros((n, width), np.int64)
-    for k in range(1, width + 1):
-        has = lengths >= k
-        out[has, k - 1] = inputs[np.flatnonzero(has), lengths[has] - k]
+    """Right-padded prefixes (N, T) with lengths (N,) → their last ``width`` items (:func:`last_items`)."""
+    return last_items([row[:n] for row, n in zip(inputs, lengths, strict=True)], width)
+
+
+def last_items(histories: Sequence[Sequence[int] | IntArray], width: int = MAX_ORDER) -> IntArray:
+    """Each history's last ``width`` items, most recent first (n, width), 0 where it is shorter: what a
+    memory keeps of its prefix, and what a query's transitions are read from."""
+    out = np.zeros((len(histories), width), np.int64)
+    for i, h in enumerate(histories):
+        tail = np.asarray(h[-width:], dtype=np.int64)[::-1]
+        out[i, : len(tail)] = tail
     return out
 
 
-def follow_matrix(items: IntArray, recent: IntArray, n_ids: int, order: int = MAX_ORDER) -> Tensor:
-    """(n_ids, n_ids) sparse float64: row a, column b = Σ_k w(k) · [memories whose next item is b with a
-    at lag k], over memories with next items ``items`` (N,) and prefixes ending in ``recent`` (N, ≥ order)."""
-    w = lag_weights(order)
-    rows, cols, vals = [], [], []
-    for k in range(order):
-        has = recent[:, k] > 0
-        rows.append(recent[has, k])
-        cols.append(items[has])
-        vals.append(np.full(int(has.sum()), w[k], np.float64))
-    idx = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(cols)]).astype(np.int64))
-    vals_t = torch.from_numpy(np.concatenate(vals))
-    m = torch.sparse_coo_tensor(idx, vals_t, (n_ids, n_ids), check_invariants=True)
-    return m.coalesce()
+Row = tuple[np.ndarray, np.ndarray, np.ndarray]  # next items, lags 1.., counts: one per (item, lag)
+
+
+def follower_rows(items: IntArray, recent: IntArray, order: int = MAX_ORDER) -> dict[int, Row]:
+    """Every item a's row: (next items, lags, counts) over memories with next items ``items`` (N,) and
+    prefixes ending in ``recent`` (N, ≥ order), one entry per (next item, lag), sorted: what the memory
+    store's ``followers`` returns, built here for a bank held in memory (offline)."""
+    a = np.concatenate([recent[:, k] for k in range(order)])
+    b = np.tile(items, order)
+    lag = np.repeat(np.arange(1, order + 1, dtype=np.int64), len(items))
+    has = a > 0
+    a, b, lag = a[has], b[has], lag[has]
+    if not a.size:
+        return {}
+    n_ids = int(max(a.max(), b.max())) + 1
+    code, counts = np.unique((a * n_ids + b) * (order + 1) + lag, return_counts=True)  # a, then b, then lag
+    lags, pair = code % (order + 1), code // (order + 1)
+    nxt, src = pair % n_ids, pair // n_ids
+    starts = np.flatnonzero(np.r_[True, src[1:] != src[:-1]])
+    ends = np.r_[starts[1:], src.size]
+    return {int(src[s]): (nxt[s:e], lags[s:e], counts[s:e]) for s, e in zip(starts, ends, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -122,31 +132,6 @@ def _pack(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int) -> 
     items, values = np.zeros((n_rows, width), np.int64), np.zeros((n_rows, width), np.float64)
     items[rows, slot], values[rows, slot] = cols, vals
     return Shares(torch.from_numpy(items), torch.from_numpy(values))
-
-
-def shares_from_matrix(query_recent: IntArray, follow: Tensor, order: int = MAX_ORDER) -> Shares:
-    """Queries' last items (B, ≥ order), most recent first → their shares, from the bank's follow matrix."""
-    w = lag_weights(order)
-    b_idx, cols, vals = [], [], []
-    for j in range(order):
-        has = query_recent[:, j] > 0
-        b_idx.append(np.flatnonzero(has))
-        cols.append(query_recent[has, j])
-        vals.append(np.full(int(has.sum()), w[j], np.float64))
-    shape = (len(query_recent), follow.shape[0])
-    idx = torch.from_numpy(np.stack([np.concatenate(b_idx), np.concatenate(cols)]).astype(np.int64))
-    queries = torch.sparse_coo_tensor(
-        idx, torch.from_numpy(np.concatenate(vals)), shape, check_invariants=True
-    )
-    with warnings.catch_warnings():  # torch's notice that its sparse product runs through beta CSR code
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        out = torch.sparse.mm(queries.coalesce(), follow).coalesce()  # sorted by row, then column
-    rows, cols_t = out.indices().numpy()
-    keep = out.values().numpy() != 0
-    return _pack(rows[keep], cols_t[keep], out.values().numpy()[keep], len(query_recent))
-
-
-Row = tuple[np.ndarray, np.ndarray, np.ndarray]  # next items, lags 1.., counts: one per (item, lag)
 
 
 def shares_from_rows(

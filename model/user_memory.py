@@ -20,6 +20,7 @@ training, validation and test samples (or any subset) look theirs up by key.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,14 +28,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from memory_store.user_memory import (
-    QualityFn,
-    UserMemories,
-    fewest_accesses_quality,
-    merge_observations,
-    recency_frequency,
-    record_access,
-)
 from model.data import IntArray, Samples, Split
 from model.memory import FloatArray, encode_samples, l2_normalise
 from model.sasrec import SASRec
@@ -42,6 +35,19 @@ from model.sasrec import SASRec
 log = logging.getLogger(__name__)
 
 QUALITIES = ("recency_frequency", "fewest_accesses")
+
+
+@dataclass(frozen=True)
+class MemoryRules:
+    """The memory store's per-user memory rules (its ``UserMemories`` entries, merge and eviction, the
+    record of accesses), handed in by the caller: the offline replay runs the store's very code, and
+    model/ does not import the store. ``service.memory_rules.store_rules()`` builds it."""
+
+    empty: Callable[[str, int], Any]  # (user id, dim) → entries with ``items`` and ``vectors``
+    # (entries, items, vectors, timestamps, capacity, quality) → (entries, evicted items)
+    merge: Callable[[Any, Sequence[int], np.ndarray, Sequence[float], int, Any], tuple[Any, Sequence[int]]]
+    access: Callable[[Any, Sequence[int], float], tuple[Any, int]]  # (entries, items, ts) → (entries, n)
+    quality: Callable[[str, float], Any]  # (quality name, half-life) → the eviction order
 
 
 @dataclass
@@ -56,11 +62,6 @@ class UserMemoryConfig:
             raise ValueError(f"quality must be one of {QUALITIES}, got {self.quality!r}")
         if self.capacity < 1 or self.access_top < 0 or self.half_life <= 0:
             raise ValueError("capacity ≥ 1, access_top ≥ 0 and half_life > 0 are required")
-
-    def quality_fn(self) -> QualityFn:
-        if self.quality == "fewest_accesses":
-            return fewest_accesses_quality
-        return recency_frequency(self.half_life)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,7 +112,7 @@ def split_samples(split: Split) -> Samples:
 
 
 def replay(
-    item_emb: FloatArray, samples: Samples, states: FloatArray, cfg: UserMemoryConfig
+    item_emb: FloatArray, samples: Samples, states: FloatArray, cfg: UserMemoryConfig, rules: MemoryRules
 ) -> UserMemoryTable:
     """Replay every user's sequence through the store's merge and eviction code.
 
@@ -119,7 +120,7 @@ def replay(
     split with its query state in ``states`` (len(samples), D). Each user's samples must cover prefix
     lengths 1 … n-1 (leave-one-out does).
     """
-    quality = cfg.quality_fn()
+    quality = rules.quality(cfg.quality, cfg.half_life)
     unit_states = l2_normalise(states)
     firsts = _first_items(samples)
     order = np.lexsort((samples.prefix_lens, samples.users))  # by user, then position
@@ -130,32 +131,34 @@ def replay(
     dim = item_emb.shape[1]
     for rows in tqdm(np.split(order, bounds), desc="user memories", leave=False, mininterval=2.0):
         user = int(samples.users[rows[0]])
-        mem = UserMemories.empty(str(user), dim)
+        mem = rules.empty(str(user), dim)
         first = firsts[user]
-        mem, _ = merge_observations(mem, [first], item_emb[[first]], [0.0], cfg.capacity, quality)
+        mem, _ = rules.merge(mem, [first], item_emb[[first]], [0.0], cfg.capacity, quality)
         for i in rows:
             p = float(samples.prefix_lens[i])
             if cfg.access_top and len(mem):
                 unit = l2_normalise(mem.vectors)
                 top = np.argsort(-(unit @ unit_states[i]), kind="stable")[: cfg.access_top]
-                mem, touched = record_access(mem, mem.items[top].tolist(), p)
+                mem, touched = rules.access(mem, mem.items[top].tolist(), p)
                 stats.accesses += touched
             out[i, : len(mem)] = mem.items
             target = int(samples.targets[i])
             before = len(mem)
-            mem, evicted = merge_observations(mem, [target], item_emb[[target]], [p], cfg.capacity, quality)
+            mem, evicted = rules.merge(mem, [target], item_emb[[target]], [p], cfg.capacity, quality)
             stats.evictions += len(evicted)
             stats.merges += int(len(mem) == before and not evicted)
     return UserMemoryTable(samples.users, samples.prefix_lens, out, stats)
 
 
-def build_table(encoder: SASRec, split: Split, cfg: UserMemoryConfig, device: str = "cpu") -> UserMemoryTable:
+def build_table(
+    encoder: SASRec, split: Split, cfg: UserMemoryConfig, rules: MemoryRules, device: str = "cpu"
+) -> UserMemoryTable:
     """Encode every sample of the split with the frozen encoder and replay the users' memories."""
     samples = split_samples(split)
     states = encode_samples(encoder, samples, device)
     with torch.no_grad():
         item_emb = encoder.item_emb.weight.detach().float().cpu().numpy()
-    table = replay(item_emb, samples, states, cfg)
+    table = replay(item_emb, samples, states, cfg, rules)
     log.info(
         "user memories (C=%d, %s): %d evictions, %d merges, %d accesses",
         cfg.capacity,

@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import faiss
 import torch
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
 from memory_store import IndexParams, MemoryStore, StoreConfig, open_store
 from model import artifact
+from model.transitions import MAX_ORDER
 from service.auth import require_api_key
 from service.bank import load_bank
 from service.errors import install_handlers, store_errors
@@ -24,8 +30,8 @@ from service.ingest import Ingestor
 from service.metrics import Metrics
 from service.middleware import ObserveRequests
 from service.pipeline import Pipeline
-from service.recommender import Recommender
-from service.routes import health, interactions, recommend
+from service.recommender import serving_predictor
+from service.routes import health, interactions, recommend, ui
 from service.routes import metrics as metrics_route
 from service.schemas import Problem
 from service.settings import Settings
@@ -34,6 +40,10 @@ from service.state import Runtime
 log = logging.getLogger(__name__)
 
 STORE_GAUGES_REFRESH_S = 5.0  # with several workers; a scrape refreshes the one it reaches anyway
+DOCS_ASSETS = "/docs/assets"  # Swagger UI's and ReDoc's files, from the fastapi-offline package
+# Pictures, fonts and requests of the docs pages from this server only: ReDoc's bundle shows a logo it
+# loads from its maker's CDN, which the browser skips under this policy.
+DOCS_CSP = "img-src 'self' data:; font-src 'self' data:; connect-src 'self'"
 
 
 def store_config(settings: Settings, dim: int, model_version: str) -> StoreConfig:
@@ -47,6 +57,7 @@ def store_config(settings: Settings, dim: int, model_version: str) -> StoreConfi
         capacity=settings.capacity,
         user_capacity=settings.user_capacity,
         history_len=max(200, settings.history_len),
+        recent_width=MAX_ORDER,  # prefix items a memory keeps: the transition channel's order (the model's)
         index=IndexParams(
             exact_threshold=settings.exact_threshold, nprobe=settings.nprobe, threads=settings.torch_threads
         ),
@@ -67,7 +78,7 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     except BaseException:
         await store.close()
         raise
-    rec = await asyncio.to_thread(Recommender, art, settings.frozen_graphs)
+    rec = await asyncio.to_thread(serving_predictor, art, settings.frozen_graphs)
     pipeline = Pipeline(
         rec,
         store,
@@ -172,8 +183,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Online retrieval-augmented sequential recommendation",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by install_docs from local files instead of a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
+    app.state.ui = ui.build_ui_context(settings)
     app.state.metrics = metrics
     app.state.runtime = None
     install_handlers(app, metrics)
@@ -187,4 +201,55 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(interactions.router, **keyed)
     app.include_router(health.router)
     app.include_router(metrics_route.router, **(keyed if settings.metrics_require_key else {}))
+    app.include_router(ui.api, **keyed)
+    app.include_router(ui.page)
+    app.mount("/ui/static", StaticFiles(directory=ui.STATIC_DIR), name="ui-static")
+    install_docs(app)
     return app
+
+
+def docs_assets_dir() -> Path:
+    """Swagger UI's and ReDoc's files as the fastapi-offline package ships them."""
+    package = importlib.util.find_spec("fastapi_offline")
+    if package is None or package.origin is None:
+        raise RuntimeError("the fastapi-offline package (the docs' assets) is not installed")
+    return Path(package.origin).parent / "static"
+
+
+def install_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc with their JavaScript, CSS and icon served by the app itself, so the
+    documentation works without reaching any other site (FastAPI's defaults load them from a CDN)."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=docs_assets_dir()), name="docs-assets")
+    oauth2_redirect = "/docs/oauth2-redirect"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        page = get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            oauth2_redirect_url=f"{root}{oauth2_redirect}",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from the public validator
+        )
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+    @app.get(oauth2_redirect, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        page = get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page

@@ -15,35 +15,25 @@ from collections.abc import Sequence
 import numpy as np
 
 from memory_store import Interaction, MemoryStore
-from memory_store.transitions import RECENT
+from model.predictor import Predictor
+from model.transitions import last_items
 from service.metrics import Metrics
-from service.recommender import Recommender
 
 log = logging.getLogger(__name__)
 
 INLINE_ENCODE_MAX = 64  # events per batch encoded in the event-loop thread (about 5 ms of CPU)
 
 
-def last_items(histories: Sequence[Sequence[int]], width: int = RECENT) -> np.ndarray:
-    """Each history's last ``width`` items, most recent first (n, width), 0 where it is shorter: what a
-    memory keeps of its prefix, and what a query's transitions are read from (model.transitions)."""
-    out = np.zeros((len(histories), width), np.int64)
-    for i, h in enumerate(histories):
-        tail = h[-width:][::-1]
-        out[i, : len(tail)] = tail
-    return out
-
-
 class Ingestor:
     def __init__(
         self,
-        recommender: Recommender,
+        predictor: Predictor,
         store: MemoryStore,
         metrics: Metrics,
         history_len: int = 50,
         frozen_memory: bool = False,
     ) -> None:
-        self.recommender = recommender
+        self.predictor = predictor
         self.store = store
         self.metrics = metrics
         self.history_len = history_len
@@ -85,8 +75,8 @@ class Ingestor:
         """Memory keys (n, D): a few events are encoded in the event-loop thread, as /recommend batches
         are; a large batch in a worker thread, so it does not hold up every other request meanwhile."""
         if len(prefixes) <= INLINE_ENCODE_MAX:
-            return self.recommender.encode(prefixes)
-        return await asyncio.to_thread(self.recommender.encode, prefixes)
+            return self.predictor.encode(prefixes)
+        return await asyncio.to_thread(self.predictor.encode, prefixes)
 
     def _count(self, accepted: int, duplicates: int) -> tuple[int, int]:
         self.metrics.events.labels("accepted").inc(accepted)

@@ -1,6 +1,9 @@
-"""The recommend pipeline of ARCHITECTURE.md, pure of HTTP: history → encode → retrieve → adaptive K →
-fuse → rank → mask → top-n. Concurrent requests are queued and served in micro-batches: one store read,
-one encoder pass, one search and one fusion pass per batch. The benchmark drives it without a server.
+"""The recommend pipeline, pure of HTTP: history → prepare → search and followers → finish → answer.
+
+The scoring itself is the predictor's (model.predictor), the very code the offline evaluator runs; this
+module reads the store around it. Concurrent requests are queued and served in micro-batches: one
+history read, one encoder pass, one search with the follower rows beside it, and one scoring pass per
+batch. The benchmark drives it without a server.
 
 The model work of a batch runs in the event-loop thread itself. A micro-batch costs a few milliseconds
 of CPU that holds the GIL for most of it anyway; handing it to worker threads added a thread hop per
@@ -15,21 +18,19 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from memory_store import MemoryStore, SearchResult
-from model.finetune import limit_depth
-from model.memory import Retrieved
-from model.transitions import Shares
+from model import transitions as tr
+from model.predictor import Plan, Predictor, Ranked
 from service.errors import store_errors
-from service.ingest import last_items
 from service.metrics import Metrics
-from service.recommender import IntArray, Recommender
 
 log = logging.getLogger(__name__)
+
+IntArray = np.ndarray
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,18 @@ class Memory:
 
 
 @dataclass(frozen=True, slots=True)
+class Why:
+    """One recommended item's sources (model.predictor.Why) with its memories named."""
+
+    encoder_rank: int
+    model: float
+    vote: float
+    transitions: float
+    memories: tuple[int, ...]  # memory ids among the answer's memories whose next item it is
+    follows: tuple[tuple[int, float], ...]  # (recent item, its share of the item's transition mass)
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     items: IntArray  # (≤ n,) internal item ids, best first
     scores: np.ndarray  # (≤ n,) float64
@@ -62,6 +75,7 @@ class Answer:
     strategy: str  # "retrieval", "encoder" or "popular"
     memories: tuple[Memory, ...] = field(default=())
     degraded: bool = False  # the stored history could not be read
+    why: tuple[Why, ...] = ()  # per item, with explain
 
 
 @dataclass
@@ -75,7 +89,7 @@ class Pipeline:
 
     def __init__(
         self,
-        recommender: Recommender,
+        predictor: Predictor,
         store: MemoryStore,
         metrics: Metrics,
         history_len: int = 50,
@@ -83,7 +97,7 @@ class Pipeline:
         max_batch: int = 64,
         max_wait_s: float = 0.001,
     ) -> None:
-        self.recommender = recommender
+        self.predictor = predictor
         self.store = store
         self.metrics = metrics
         self.history_len = history_len  # items the encoder reads
@@ -153,101 +167,56 @@ class Pipeline:
 
     async def run_batch(self, queries: list[Query]) -> list[Answer]:
         """Answer a batch of queries in one pass (also usable directly, without the worker)."""
-        degraded = False
-        with self._stage("history"):
-            try:
-                stored = await self.store.histories([q.user_id for q in queries], self.mask_len)
-            except store_errors() as exc:  # degrade: the request's own history and the local index
-                log.warning("store unreachable, answering %d requests degraded: %s", len(queries), exc)
-                self.metrics.degraded.inc(len(queries))
-                stored, degraded = [[] for _ in queries], True
+        stored, degraded = await self._histories(queries)
         seen = [[*s, *q.history] for s, q in zip(stored, queries, strict=True)]  # masked when asked
         histories = [h[-self.history_len :] for h in seen]  # encoded
         masks = [_mask(q, h) for q, h in zip(queries, seen, strict=True)]
-        warm = [i for i, h in enumerate(histories) if h]
-        answers: list[Answer | None] = [None] * len(queries)
-        for i, q in enumerate(queries):
-            if not histories[i]:
-                items, scores = self.recommender.cold_start(masks[i], q.n)
-                answers[i] = Answer(items, scores, 0, "popular")
-        if warm:
-            done = await self._warm(
-                [queries[i] for i in warm], [histories[i] for i in warm], [masks[i] for i in warm]
+        with self._stage("encode"):
+            plan = self.predictor.prepare(histories, [q.user_id for q in queries])
+        hits, rows = await self._fetch(plan)
+        with self._stage("score"):
+            ranked = self.predictor.finish(
+                plan, hits, rows, masks, [q.n for q in queries], [q.explain for q in queries]
             )
-            for i, a in zip(warm, done, strict=True):
-                answers[i] = a
-        out = [replace(a, degraded=True) if degraded else a for a in answers if a is not None]
+        row_of = {int(i): j for j, i in enumerate(plan.warm)}  # batch row → its row among the searched
+        out = [
+            _answer(q, r, hits, row_of.get(i), degraded)
+            for i, (q, r) in enumerate(zip(queries, ranked, strict=True))
+        ]
         for a in out:
             self.metrics.k_used.observe(a.k_used)
         return out
 
-    async def _warm(
-        self, queries: list[Query], histories: list[list[int]], masks: list[IntArray]
-    ) -> list[Answer]:
-        rec = self.recommender
-        with self._stage("encode"):
-            states, depths = rec.encode_with_depths(histories)  # (B, D), (B,)
-        hits: SearchResult | None = None
-        retrieved: Retrieved | None = None
-        memories = voters = None
-        if rec.retrieval and rec.k_max > 0:
-            with self._stage("retrieve"):
-                hits = await self.store.search(states, rec.fetch, with_keys=True)
-                if rec.cross_user:
-                    hits = others_only(hits, [q.user_id for q in queries], rec.depth)
-                assert hits.keys is not None
-                k = rec.k_max  # the fusion reads the nearest k (fewer with adaptive K); more may vote
-                retrieved = limit_depth(Retrieved(hits.ids[:, :k], hits.scores[:, :k]), depths)
-                memories = (
-                    hits.keys[:, :k],
-                    np.where(retrieved.ids >= 0, hits.items[:, :k], 0),
-                    retrieved.scores,
-                )
-                if rec.vote.on:
-                    v = rec.vote.depth
-                    voters = (np.where(hits.ids[:, :v] >= 0, hits.items[:, :v], 0), hits.scores[:, :v])
-        shares = None
-        if rec.transitions.on:
-            with self._stage("transitions"):
-                shares = await self._shares(histories)
-        with self._stage("fuse"):
-            h = rec.fuse(states, *memories) if memories is not None else torch.from_numpy(states)
-        with self._stage("rank"):
-            ranked = rec.rank(h, masks, [q.n for q in queries], voters, shares)
-        return [_answer(q, ranked[i], hits, retrieved, i, rec.retrieval) for i, q in enumerate(queries)]
+    async def _histories(self, queries: list[Query]) -> tuple[list[list[int]], bool]:
+        """The stored histories, or none (degraded) while the store is unreachable: the answers then
+        come from the requests' own histories and this replica's index."""
+        with self._stage("history"):
+            try:
+                return await self.store.histories([q.user_id for q in queries], self.mask_len), False
+            except store_errors() as exc:
+                log.warning("store unreachable, answering %d requests degraded: %s", len(queries), exc)
+                self.metrics.degraded.inc(len(queries))
+                return [[] for _ in queries], True
 
-    async def _shares(self, histories: list[list[int]]) -> Shares:
-        """The transition channel's shares of the encoded histories, from the store's follower rows."""
-        order = self.recommender.transitions.order
-        recent = last_items(histories, order)  # (B, order), 0 = none
-        wanted = np.unique(recent[recent > 0]).tolist()
-        found = await self.store.followers(wanted)
-        rows = {a: (f.items, f.lags, f.counts) for a, f in zip(wanted, found, strict=True)}
-        return self.recommender.shares(recent, rows)
+    async def _fetch(self, plan: Plan) -> tuple[SearchResult | None, dict[int, tr.Row] | None]:
+        """The plan's nearest memories and its follower rows, read from the store concurrently."""
+        predictor = self.predictor
+        search = predictor.retrieval and plan.fetch > 0 and len(plan.warm) > 0
+        wanted = plan.wanted if predictor.cfg.transitions.on and len(plan.warm) else None
+        with self._stage("retrieve"):
+            found = await asyncio.gather(
+                self.store.search(plan.states, plan.fetch, with_keys=True) if search else _none(),
+                self.store.followers(wanted) if wanted is not None else _none(),
+            )
+        hits: SearchResult | None = found[0]
+        rows = None
+        if found[1] is not None and wanted is not None:
+            rows = {a: (f.items, f.lags, f.counts) for a, f in zip(wanted, found[1], strict=True)}
+        return hits, rows
 
 
-def others_only(hits: SearchResult, users: list[str], k: int) -> SearchResult:
-    """Each row's memories of other users than its own, best first, cut to k (padded as the store pads):
-    what `MemoryBank.search(own=False)` keeps offline."""
-    keep = (hits.ids >= 0) & (hits.users != np.asarray(users, dtype=object)[:, None])  # (B, F)
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # survivors first, in similarity order
-    kept = np.take_along_axis(keep, order, axis=1)  # (B, k)
-
-    def take(a: np.ndarray, pad: object) -> np.ndarray:
-        return np.where(kept, np.take_along_axis(a, order, axis=1), np.asarray(pad, dtype=a.dtype))
-
-    keys = None
-    if hits.keys is not None:
-        keys = np.take_along_axis(hits.keys, order[:, :, None], axis=1) * kept[:, :, None]
-    return SearchResult(
-        ids=take(hits.ids, -1),
-        scores=take(hits.scores, -np.inf),
-        items=take(hits.items, 0),
-        users=take(hits.users, ""),
-        prefix_lens=take(hits.prefix_lens, -1),
-        timestamps=take(hits.timestamps, np.nan),
-        keys=keys,
-    )
+async def _none() -> None:
+    return None
 
 
 def _mask(q: Query, history: list[int]) -> IntArray:
@@ -255,28 +224,32 @@ def _mask(q: Query, history: list[int]) -> IntArray:
     return np.unique(np.asarray([*seen, *q.exclude_items], dtype=np.int64))
 
 
-def _answer(
-    q: Query,
-    ranked: tuple[IntArray, np.ndarray],
-    hits: SearchResult | None,
-    retrieved: Retrieved | None,
-    row: int,
-    retrieval: bool,
-) -> Answer:
-    if hits is None or retrieved is None:
-        return Answer(ranked[0], ranked[1], 0, "encoder")
-    used = np.flatnonzero(retrieved.ids[row] >= 0)
+def _memory(hits: SearchResult, row: int, col: int) -> Memory:
+    return Memory(
+        memory_id=int(hits.ids[row, col]),
+        item=int(hits.items[row, col]),
+        user_id=str(hits.users[row, col]),
+        similarity=float(hits.scores[row, col]),
+        prefix_len=int(hits.prefix_lens[row, col]),
+        timestamp=float(hits.timestamps[row, col]),
+    )
+
+
+def _answer(q: Query, r: Ranked, hits: SearchResult | None, row: int | None, degraded: bool) -> Answer:
+    """The predictor's answer with the memories it used named from the search (with explain)."""
     memories: tuple[Memory, ...] = ()
-    if q.explain:
-        memories = tuple(
-            Memory(
-                memory_id=int(hits.ids[row, j]),
-                item=int(hits.items[row, j]),
-                user_id=str(hits.users[row, j]),
-                similarity=float(hits.scores[row, j]),
-                prefix_len=int(hits.prefix_lens[row, j]),
-                timestamp=float(hits.timestamps[row, j]),
+    why: tuple[Why, ...] = ()
+    if q.explain and hits is not None and row is not None:
+        memories = tuple(_memory(hits, row, int(c)) for c in r.memory_cols)
+        why = tuple(
+            Why(
+                w.encoder_rank,
+                w.model,
+                w.vote,
+                w.transitions,
+                tuple(int(hits.ids[row, c]) for c in w.memory_cols),
+                w.follows,
             )
-            for j in used
+            for w in r.why
         )
-    return Answer(ranked[0], ranked[1], int(used.size), "retrieval" if retrieval else "encoder", memories)
+    return Answer(r.items, r.scores, r.k_used, r.strategy, memories, degraded, why)

@@ -22,9 +22,41 @@ class RecommendRequest(BaseModel):
     explain: bool = Field(default=False, description="also return the memories that were used")
 
 
+class FollowOut(BaseModel):
+    item_id: ItemId = Field(description="one of the user's recent items")
+    weight: float = Field(
+        description="that item's share of the transition mass this item received (the shares of one "
+        "item's follows add up to 1)"
+    )
+
+
+class ItemWhy(BaseModel):
+    """Where an item's score comes from (``explain``). When the memory vote or the transition channel
+    is on, the score is a log-probability and ``exp(score) == model + vote + transitions``; when both are
+    off, ``model`` is the item's softmax probability and the other two are 0."""
+
+    encoder_rank: int = Field(
+        ge=1, description="1-based rank of the item by the plain encoder, without any memory"
+    )
+    model: float = Field(description="probability mass the model (encoder + fused memories) gives the item")
+    vote: float = Field(description="probability mass the memory vote gives the item (0 when off)")
+    transitions: float = Field(
+        description="probability mass the transition channel gives the item (0 when off)"
+    )
+    memories: list[int] = Field(
+        description="memory_ids, among the response's memories, whose next item is this item"
+    )
+    follows: list[FollowOut] = Field(
+        description="which of the user's recent items this item followed in the transition counts"
+    )
+
+
 class ScoredItem(BaseModel):
     item_id: ItemId
     score: float
+    why: ItemWhy | None = Field(
+        default=None, description="where the score comes from; present only with explain: true"
+    )
 
 
 class MemoryOut(BaseModel):

@@ -25,6 +25,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
@@ -38,6 +39,8 @@ from service.metrics import MULTIPROC_ENV
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+STARTUP_FAILURE = 3  # uvicorn's exit status when the app did not start
 
 
 def _uvicorn_options(settings: Settings) -> dict[str, Any]:
@@ -58,9 +61,27 @@ def serve(overrides: dict[str, Any]) -> int:
         log.error("invalid settings: %s", exc)
         return 2
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), **_uvicorn_options(settings))
-        return 0
+        server = AnnouncingServer(uvicorn.Config(create_app(settings), **_uvicorn_options(settings)))
+        try:
+            server.run()
+        except KeyboardInterrupt:  # as uvicorn.run: a second Ctrl-C during the drain
+            pass
+        return 0 if server.started else STARTUP_FAILURE
     return Supervisor(overrides, settings).run()
+
+
+def page_address(host: str, port: int) -> str:
+    """Where a browser on this machine finds the page (a wildcard address means this machine too)."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    return f"http://{shown}:{port}/ui"
+
+
+class AnnouncingServer(uvicorn.Server):
+    """uvicorn's server, whose start-up log ends with the address of the page at /ui."""
+
+    def _log_started_message(self, listeners: Sequence[socket.SocketType]) -> None:
+        super()._log_started_message(listeners)
+        log.info("the page: %s (API docs at /docs)", page_address(self.config.host, self.config.port))
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -128,6 +149,7 @@ class Supervisor:
         try:
             self.procs = [self._start() for _ in range(s.workers)]
             log.info("serving on http://%s:%d with %d workers (SO_REUSEPORT)", s.host, s.port, s.workers)
+            log.info("the page: %s (API docs at /docs)", page_address(s.host, s.port))
             status = 0
             while not self.stopping.wait(0.5):
                 status = self._check()

@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     frozen_graphs: bool = Field(
         default=True, description="serve encoder and fusion as frozen TorchScript graphs (kept only if exact)"
     )
+    data_dir: Path | None = Field(
+        default=None,
+        description="datasets folder (as for `memrec train`); the page at /ui shows item titles from "
+        "<data_dir>/<dataset>/<dataset>.item (RecBole) or <data_dir>/<dataset>/u.item (MovieLens) if there",
+    )
+    item_titles: Path | None = Field(
+        default=None,
+        description="item titles file for /ui: a MovieLens u.item or a RecBole .item; wins over data_dir",
+    )
     device: str = "cpu"
     log_level: str = "info"
 

@@ -1,7 +1,18 @@
-"""Fixtures for the memory store tests (``tests/test_store_*.py``): a real Redis, database 9."""
+"""Shared fixtures: the test suite's own Redis, private redis-server processes, the memory store tests'
+stores (``tests/test_store_*.py``), and the rule that decides whether a missing tool or data set skips
+a test or fails it.
+
+Redis: unless ``MEMREC_TEST_REDIS_URL`` names a server, the suite starts its own ``redis-server`` (from
+the PATH) on a free loopback port the first time a test asks for Redis, and stops it at the end of the
+session; it never relies on whatever answers on 6379. Each purpose keeps its own database number on
+that server (store tests 9, service tests 11), flushed around every test that uses it. Tests of the
+embedded backend never ask for Redis.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -9,25 +20,79 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
 
-STORE_REDIS_URL = "redis://127.0.0.1:6379/9"
+log = logging.getLogger("memrec.tests")
+
+REDIS_URL_ENV = "MEMREC_TEST_REDIS_URL"
+STORE_REDIS_DB = 9
+DATA_DIR = Path(os.environ.get("MEMREC_DATA_DIR", "../shared/data"))
+_started_redis: list[str] = []  # what the session's own redis-server listens on, for the summary line
+
+
+# ----------------------------------------------------------------------------- required or skipped
+
+
+def under_ci() -> bool:
+    """CI sets CI=true: there a test whose tool or data is missing must fail, never skip."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def skip_or_fail(reason: str, required: bool) -> NoReturn:
+    """Skip a test whose tool or data is missing, unless it is required here: then fail, so that a CI
+    run cannot go green by skipping what it was meant to check."""
+    if required:
+        pytest.fail(f"{reason} (required here: CI=true or a MEMREC_REQUIRE_* variable is set)")
+    pytest.skip(reason)
+
+
+def data_required() -> bool:
+    """The shared data sets are mandatory under CI or with ``MEMREC_REQUIRE_DATA=1``."""
+    return under_ci() or os.environ.get("MEMREC_REQUIRE_DATA") == "1"
+
+
+def dataset_dir(name: str) -> Path:
+    """``DATA_DIR / name``, the folder of a shared data set; the calling test skips when it is absent
+    (fails where the data is required, see :func:`data_required`)."""
+    path = DATA_DIR / name
+    if not path.is_dir():
+        skip_or_fail(f"data set {name} not found in {DATA_DIR} (set MEMREC_DATA_DIR)", data_required())
+    return path
+
+
+# ------------------------------------------------------------------------------------------ Redis
+
+
+def redis_db_url(base: str, db: int) -> str:
+    """``base`` (a Redis URL, any database in it ignored) pointed at database ``db``."""
+    parts = urlsplit(base)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
 
 
 def flushed_redis(url: str, who: str) -> Iterator[str]:
-    """A Redis database of the local server, flushed before and after the test that uses it."""
+    """A Redis database, flushed before and after the test that uses it."""
     client = redis.Redis.from_url(url)
     try:
         client.ping()
-    except redis.ConnectionError:
-        pytest.fail(f"the {who} tests need redis-server on 127.0.0.1:6379")
+    except redis.ConnectionError as exc:
+        client.close()
+        pytest.fail(f"the {who} tests cannot reach Redis at {_safe(url)}: {exc}")
     client.flushdb()
     yield url
     client.flushdb()
     client.close()
+
+
+def _safe(url: str) -> str:
+    """``url`` without a password, for messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def free_port() -> int:
@@ -35,6 +100,12 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+REDIS_MISSING = (
+    "redis-server is not on the PATH: install it (Debian/Ubuntu: apt-get install redis-server; "
+    f"macOS: brew install redis), or set {REDIS_URL_ENV} to a Redis the tests may flush"
+)
 
 
 @dataclass
@@ -54,17 +125,20 @@ class RedisServer:
     def start(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
-            pytest.fail("these tests need redis-server on the PATH")
+            pytest.fail(REDIS_MISSING)
         cmd = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir)]
         cmd += ["--save", "", *(a.replace("{port}", str(self.port)) for a in self.args)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"redis-server on port {self.port} exited with {self.proc.returncode}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return
             except OSError:
                 time.sleep(0.05)
+        self.kill()
         pytest.fail(f"redis-server on port {self.port} did not start")
 
     def kill(self) -> None:
@@ -73,6 +147,40 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(timeout=10)
             self.proc = None
+
+
+@pytest.fixture(scope="session")
+def suite_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Redis server of this test session (database 0 of it; :func:`redis_db_url` picks another).
+
+    ``MEMREC_TEST_REDIS_URL`` names an external one; otherwise a private ``redis-server`` starts here,
+    on the first test that needs Redis, and is stopped when the session ends. A session-wide server
+    rather than one per test: start-up costs ~50 ms, and the tests already keep apart by database
+    number and flushing."""
+    external = os.environ.get(REDIS_URL_ENV, "").strip()
+    if external:
+        yield external
+        return
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"), ("--appendonly", "no"))
+    server.start()
+    _started_redis.append(f"127.0.0.1:{server.port}")
+    log.info("memrec tests: started redis-server on 127.0.0.1:%d", server.port)
+    try:
+        yield server.url
+    finally:
+        server.kill()  # nothing to keep: it saves nothing to disk
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    external = os.environ.get(REDIS_URL_ENV, "").strip()
+    if external:
+        return f"memrec tests: Redis at {_safe(external)} ({REDIS_URL_ENV})"
+    return "memrec tests: a private redis-server starts on a free loopback port when a test needs Redis"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for where in _started_redis:
+        terminalreporter.write_line(f"memrec tests: started redis-server on {where} (stopped at the end)")
 
 
 @pytest.fixture
@@ -95,23 +203,27 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
 
 
 @pytest.fixture
-def store_redis_url() -> Iterator[str]:
+def store_redis_url(suite_redis_url: str) -> Iterator[str]:
     """The store tests' Redis database (9), flushed before and after each test."""
-    yield from flushed_redis(STORE_REDIS_URL, "store")
+    yield from flushed_redis(redis_db_url(suite_redis_url, STORE_REDIS_DB), "store")
 
 
 @pytest.fixture
-def store_config(store_redis_url: str, tmp_path: Path) -> Callable[..., Any]:
-    """``store_config(backend, **overrides)`` -> StoreConfig for "redis" or "embedded" (dim 8 by default)."""
+def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Any]:
+    """``store_config(backend, **overrides)`` -> StoreConfig for "redis" or "embedded" (dim 8 by default).
+    Redis is asked for only when a "redis" config is made: the embedded tests run without one."""
     from memory_store import IndexParams, StoreConfig
+    from model.transitions import MAX_ORDER
 
     def make(backend: str, **overrides: Any) -> StoreConfig:
+        redis_url = str(request.getfixturevalue("store_redis_url")) if backend == "redis" else None
         base = StoreConfig(
             dim=8,
             namespace="test",
-            redis_url=store_redis_url if backend == "redis" else None,
+            redis_url=redis_url,
             data_dir=tmp_path / "store",
             index=IndexParams(exact_threshold=10_000, min_nlist=8),
+            recent_width=MAX_ORDER,  # the service's width: the model's transition order
         )
         return replace(base, **overrides)
 

@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
-from bench import accuracy, learned_retriever, retrieval
+from bench import accuracy, ann, common, controls, learned_retriever, retrieval, retrieval_cost
 from bench.ann import accuracy as ann_accuracy
 from bench.ann import compare
 from bench.common import GROUPS, METRICS, PROTOCOLS, aggregate, display_path, machine, write_result
+from memory_store import IndexParams
+from model import artifact
+from model.data import Vocab
+from model.fusion import FusionConfig, RetrievalFusion
+from model.inference import InferenceConfig
+from model.memory import MemoryBank
+from model.predictor import Predictor
+from model.sasrec import EncoderConfig, SASRec
+from service.recommender import serving_predictor
 
 
 def result(seed: int, ndcg10: float) -> dict[str, object]:
@@ -250,9 +261,7 @@ def test_the_chosen_transition_channel_of_each_seed_is_reported(tmp_path: Path) 
 
 
 def test_every_retrieval_variant_is_a_valid_finetune_command() -> None:
-    from model.cli import build_parser
-
-    parser = build_parser()
+    parser = controls.parser()  # memrec train's own flags, which the controls take too
     base = ["train", "--dataset", "d", "--out", "o", "--stage", "finetune", "--from", "m"]
     parsed = {v: parser.parse_args([*base, *retrieval.variant_flags(v)]) for v in retrieval.VARIANTS}
     assert not parsed["raserec_k20"].vote and parsed["vote"].vote  # only the vote variants tune it
@@ -267,6 +276,162 @@ def test_every_retrieval_variant_is_a_valid_finetune_command() -> None:
     assert wide.vote and wide.alpha == 1.0 and wide.ft_epochs == 1
     assert wide.vote_depths == [20, 50, 100, 200] and wide.vote_temperatures == [0.02, 0.05, 0.1, 0.2]
     assert wide.vote_weights == parsed["vote"].vote_weights
+    assert set(retrieval.CONTROLS) <= set(retrieval.VARIANTS)
+    assert "python -m bench.controls train" in retrieval.markdown({})
+
+
+def test_a_control_variant_is_recorded_as_the_command_that_trains_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"test": {}}')
+
+    monkeypatch.setattr(subprocess, "run", fake_run)  # the child process bench.common starts
+    out = common.RUNS / "retrieval" / "d" / "x"
+    args = ["--dataset", "d", "--out", str(out), "--no-vote"]
+    metrics, recorded = common.train_cli(
+        args, device="cpu", threads=1, data_dir=None, module="bench.controls"
+    )
+    assert metrics == {"test": {}}
+    assert calls[0][1:4] == ["-m", "bench.controls", "train"]
+    want = "python -m bench.controls train --dataset d --out runs/retrieval/d/x --no-vote --device cpu"
+    assert recorded == want + " --threads 1"
+    _, recorded = common.train_cli(args, device=None, threads=None, data_dir=None)
+    assert calls[1][1:4] == ["-m", "service.cli", "train"] and recorded.startswith("memrec train --dataset d")
+
+
+D = 4
+
+
+def tiny_predictor(k: int, cross_user: bool = False) -> Predictor:
+    torch.manual_seed(0)
+    encoder = SASRec(EncoderConfig(n_items=9, dim=D, n_heads=2, n_layers=1, max_len=6, dropout=0.0))
+    fusion = RetrievalFusion(FusionConfig(dim=D, n_heads=2, inner_dim=8, dropout=0.0))
+    return Predictor(encoder, fusion, InferenceConfig(k=k, cross_user=cross_user))
+
+
+def test_the_random_control_draws_as_memrec_train_retrieval_random_did() -> None:
+    # memories 0..3 of users 0, 0, 1, 1 with prefix lengths 1, 2, 1, 2; unit keys e0..e3
+    bank = MemoryBank(
+        2 * np.eye(D, dtype=np.float32),
+        np.array([5, 6, 7, 8]),
+        np.array([0, 0, 1, 1]),
+        np.array([1, 2, 1, 2]),
+    )
+    predictor = tiny_predictor(k=2)
+    states = np.array([[0, 0, 3, 4], [0, 1, 0, 0], [3, 4, 0, 0]], np.float32)
+    windows = [np.array([1, 2])] * 3
+    plan = predictor.plan(states, windows, np.array([1, 0, 1]), prefix_lens=np.array([2, 1, 1]))
+    # np.random.default_rng(0).integers(0, 4, size=(3, 4)): 2 · k draws per query
+    assert np.random.default_rng(0).integers(0, 4, size=(3, 4)).tolist() == [
+        [3, 2, 2, 1],
+        [1, 0, 0, 0],
+        [0, 3, 2, 3],
+    ]
+    # query 0 (user 1, position 2) may not see memory 3 → 2, 2; query 1 (user 0, position 1) sees
+    # none of 1, 0, 0, 0; query 2 (user 1, position 1) sees memory 0 only
+    hits = controls.RandomMemories(seed=0)(predictor, bank, plan, 2)
+    assert hits.ids.tolist() == [[2, 2], [-1, -1], [0, -1]]
+    inf = np.inf  # the true cosines of the drawn memories, -inf at empty slots
+    np.testing.assert_allclose(hits.scores, [[0.6, 0.6], [-inf, -inf], [0.6, -inf]], rtol=1e-6)
+    assert hits.items.tolist() == [[7, 7], [0, 0], [5, 0]]
+    again = controls.RandomMemories(seed=0)(predictor, bank, plan, 2)  # a fresh generator every call
+    assert np.array_equal(again.ids, hits.ids)
+    mem = predictor.memories(plan, hits)  # the predictor fuses them as drawn
+    assert mem.present.tolist() == [[True, True], [False, False], [True, False]]
+    assert mem.items.tolist() == [[7, 7], [0, 0], [5, 0]]
+
+
+def tiny_artifact(train_config: dict[str, Any]) -> artifact.Artifact:
+    predictor = tiny_predictor(k=2)
+    rng = np.random.default_rng(0)
+    bank = MemoryBank(
+        rng.normal(size=(12, D)).astype(np.float32),
+        rng.integers(1, 10, 12),
+        rng.integers(0, 3, 12),
+        rng.integers(1, 5, 12),
+    )
+    vocab = Vocab([f"u{i}" for i in range(3)], [f"i{i}" for i in range(1, 10)])
+    return artifact.Artifact(
+        predictor.encoder,
+        vocab,
+        "toy",
+        model_version="toy-1",
+        train_config=train_config,
+        fusion=predictor.fusion,
+        bank=bank,
+        inference=predictor.cfg.to_json(),
+    )
+
+
+def test_the_service_refuses_to_serve_a_control_model() -> None:
+    assert serving_predictor(tiny_artifact({}), frozen=False).retrieval  # a product model is served
+    with pytest.raises(artifact.ArtifactError, match="benchmark control.*random"):
+        serving_predictor(tiny_artifact({"retrieval": "random"}), frozen=False)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small sequence file with a learnable pattern."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for u in range(60):
+        start = int(rng.integers(0, 15))
+        lines.append(
+            f"user-{u} " + " ".join(f"sku-{(start + k) % 15}" for k in range(int(rng.integers(5, 10))))
+        )
+    path = tmp_path_factory.mktemp("data") / "toy.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_random_control_trains_as_memrec_train_and_is_marked_a_control(
+    toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "control"
+    args = [
+        "train",
+        "--dataset",
+        str(toy),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--ft-epochs",
+        "1",
+        "--k",
+        "4",
+    ]
+    assert controls.main([*args, "--device", "cpu", "--threads", "1", "--no-vote", "--no-transitions"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    art = artifact.load(out)
+    assert printed["model_version"] == art.model_version and "test" in printed and "cost" not in printed
+    assert art.train_config["retrieval"] == "random"
+    assert controls.retrieval_of(art) == controls.RandomMemories(seed=0)
+    with pytest.raises(artifact.ArtifactError, match="benchmark control"):
+        serving_predictor(art)
+    assert art.bank is not None
+    cost = retrieval_cost.measure_dir(out, str(toy), n_queries=20)
+    assert cost["bank_memories"] == len(art.bank) and cost["bank_mb"] > 0
+    assert all(cost[f"{step}_ms_per_1k"] > 0 for step in ("encode", "retrieve", "fuse"))
+
+
+def test_ann_answers_through_the_predictor_with_the_nearest_memories() -> None:
+    art = tiny_artifact({})
+    predictor = serving_predictor(art, frozen=False)
+    assert art.bank is not None
+    index = ann.build_index(art, IndexParams(threads=1))
+    histories = [[1, 2, 3], [4], [5, 6]]
+    plan = predictor.prepare(histories, ["u0", "u1", "u2"])
+    masks = [np.array(h) for h in histories]
+    tops, ids, search_s = ann.answer(predictor, index, plan, masks)
+    assert tops.shape == (3, 10) and ids.shape == (3, 2) and search_s >= 0
+    for row, h in enumerate(histories):
+        assert not set(tops[row].tolist()) & set(h)  # seen items masked
+    cos = (plan.states / np.linalg.norm(plan.states, axis=1, keepdims=True)) @ art.bank.unit_keys.T
+    nearest = np.argsort(-cos, axis=1, kind="stable")[:, :2] + 1  # the index's memory ids are 1..N
+    assert ids.tolist() == nearest.tolist()
 
 
 def test_learned_retriever_report_pairs_each_rule_with_none_seed_by_seed() -> None:

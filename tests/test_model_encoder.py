@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from model.sasrec import EncoderConfig, SASRec
+from model.sasrec import Block, EncoderConfig, SASRec
 
 
 @pytest.fixture
@@ -52,11 +54,41 @@ def test_scores_reuse_the_item_table_and_never_rank_padding(encoder: SASRec) -> 
 
 
 def test_init_follows_the_config(encoder: SASRec) -> None:
-    fc1 = encoder.blocks[0].ffn.fc1
+    block = encoder.blocks[0]
+    assert isinstance(block, Block)
+    fc1 = block.ffn.fc1
     assert float(fc1.weight.detach().std()) == pytest.approx(0.02, abs=0.003)  # N(0, 0.02), 512 draws
     assert float(fc1.bias.detach().abs().max()) == 0.0
 
 
 def test_too_long_input_is_refused(encoder: SASRec) -> None:
-    with pytest.raises(AssertionError, match="exceeds max_len"):
+    with pytest.raises(ValueError, match="sequence length 9 exceeds max_len 8"):
         encoder(torch.ones(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds max_len 8"):
+        encoder.encode(torch.ones(2, 12, dtype=torch.long), torch.tensor([12, 3]))
+    assert encoder(torch.ones(1, 8, dtype=torch.long)).shape == (1, 8, 16)  # max_len itself is fine
+
+
+def test_heads_must_divide_the_width() -> None:
+    with pytest.raises(ValueError, match=r"dim \(18\) must be divisible by n_heads \(4\)"):
+        SASRec(EncoderConfig(n_items=5, max_len=4, dim=18, n_heads=4))
+
+
+def test_input_checks_survive_python_optimise_mode() -> None:
+    # `python -O` strips assert statements; the encoder's checks must still refuse bad input there.
+    code = (
+        "import torch\n"
+        "from model.sasrec import EncoderConfig, SASRec\n"
+        "assert False, 'asserts are live: this is not -O'\n"
+    )
+    probe = (
+        "enc = SASRec(EncoderConfig(n_items=5, max_len=4, dim=8, n_heads=2))\n"
+        "try:\n"
+        "    enc(torch.ones(1, 5, dtype=torch.long))\n"
+        "except ValueError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-O", "-c", code + probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "refused: sequence length 5 exceeds max_len 4"

@@ -1,5 +1,5 @@
 """The transition channel (model.transitions) on tiny known cases: counts, shares, the mix, tuning,
-and the two ways of computing shares agreeing bit for bit."""
+and the follower rows built offline agreeing with the rows the store keeps, bit for bit."""
 
 from __future__ import annotations
 
@@ -22,11 +22,22 @@ def test_lag_weights_are_one_over_k_in_integers() -> None:
     assert tr.lag_weights(1).tolist() == [1]
 
 
-def test_follow_matrix_weighs_each_predecessor_by_its_lag() -> None:
+def weighted(rows: dict[int, tr.Row], n_ids: int, order: int = 5) -> torch.Tensor:
+    """The follower rows as a dense matrix: row a, column b = Σ over lags of w(lag) · count."""
+    w = tr.lag_weights(order)
+    out = np.zeros((n_ids, n_ids))
+    for a, (nxt, lags, counts) in rows.items():
+        np.add.at(out[a], nxt, w[lags - 1] * counts)
+    return torch.from_numpy(out)
+
+
+def test_follower_rows_weigh_each_predecessor_by_its_lag() -> None:
     # memories 1 → 2, (1 2) → 3, (3) → 2: row a, column b = Σ w(lag)
     items = np.array([2, 3, 2])
     recent = np.array([[1, 0, 0, 0, 0], [2, 1, 0, 0, 0], [3, 0, 0, 0, 0]])
-    f = tr.follow_matrix(items, recent, n_ids=5).to_dense()
+    rows = tr.follower_rows(items, recent)
+    assert rows[1][0].tolist() == [2, 3] and rows[1][1].tolist() == [1, 2] and rows[1][2].tolist() == [1, 1]
+    f = weighted(rows, n_ids=5)
     assert f[1, 2] == 60 and f[2, 3] == 60 and f[1, 3] == 30 and f[3, 2] == 60
     assert float(f.sum()) == 210
 
@@ -34,19 +45,21 @@ def test_follow_matrix_weighs_each_predecessor_by_its_lag() -> None:
 def test_shares_weigh_the_querys_recent_items() -> None:
     items = np.array([4, 2])
     recent = np.array([[3, 0, 0, 0, 0], [1, 0, 0, 0, 0]])  # 3 → 4 and 1 → 2, each at lag 1
-    follow = tr.follow_matrix(items, recent, n_ids=6)
+    table = tr.follower_rows(items, recent)
     query = np.array([[3, 1, 0, 0, 0], [5, 0, 0, 0, 0], [0, 0, 0, 0, 0]])  # last item 3, then 1
-    shares = tr.shares_from_matrix(query, follow).dense(6)
+    empty = (np.zeros(0, np.int64),) * 3
+    rows = {a: table.get(a, empty) for a in (1, 3, 5)}  # 5 has no row: the store answers an empty one
+    shares = tr.shares_from_rows(query, rows, 6).dense(6)
     assert shares[0, 4] == 60 * 60 and shares[0, 2] == 30 * 60  # item 1 is the second most recent
     assert float(shares[1:].abs().sum()) == 0.0  # 5 was never followed; an empty history reads nothing
 
 
-def test_shares_from_store_rows_equal_the_matrix_product_exactly() -> None:
+def test_offline_follower_rows_equal_the_store_rows_and_give_the_same_shares() -> None:
     rng = np.random.default_rng(0)
     n_ids, order = 30, 5
     items = rng.integers(1, n_ids, 400)
     recent = rng.integers(0, n_ids, (400, order))
-    follow = tr.follow_matrix(items, recent, n_ids, order)
+    table = tr.follower_rows(items, recent, order)
     query = rng.integers(0, n_ids, (7, order))
     # the rows the store would return: per item, its followers and their counts per lag
     counts = np.zeros((n_ids, n_ids, order), np.int64)
@@ -58,11 +71,13 @@ def test_shares_from_store_rows_equal_the_matrix_product_exactly() -> None:
     for a in np.unique(query[query > 0]).tolist():
         nxt, lag = np.nonzero(counts[a])
         rows[a] = (nxt, lag + 1, counts[a][nxt, lag])
+    for a, (nxt, lags, cnt) in rows.items():  # the same entries, in the same order
+        got = table[a]
+        assert got[0].tolist() == nxt.tolist() and got[1].tolist() == lags.tolist()
+        assert got[2].tolist() == cnt.tolist()
     from_rows = tr.shares_from_rows(query, rows, n_ids, order)
-    from_matrix = tr.shares_from_matrix(query, follow, order)
-    assert torch.equal(from_rows.items, from_matrix.items) and torch.equal(
-        from_rows.values, from_matrix.values
-    )
+    offline = tr.shares_from_rows(query, {a: table[a] for a in rows}, n_ids, order)
+    assert torch.equal(from_rows.items, offline.items) and torch.equal(from_rows.values, offline.values)
     assert float(from_rows.values.sum()) > 0
     # the same as counting here, densely
     dense = np.zeros((len(query), n_ids))
@@ -121,7 +136,7 @@ def test_tune_keeps_a_channel_that_wins_and_refuses_one_that_does_not() -> None:
     assert not lost.best.on
 
 
-def test_follow_matrix_of_the_split_counts_every_transition_but_the_evaluation_targets() -> None:
+def test_follower_rows_of_the_split_count_every_transition_but_the_evaluation_targets() -> None:
     seqs = [np.array([1, 2, 3, 4, 5]), np.array([2, 3, 6, 1]), np.array([4, 1, 2])]
     users = [f"u{i}" for i in range(len(seqs))]
     data = Interactions("toy", Vocab(users, [f"i{i}" for i in range(1, 7)]), seqs)
@@ -130,7 +145,7 @@ def test_follow_matrix_of_the_split_counts_every_transition_but_the_evaluation_t
     for pairs, drop in (([split.train], 2), ([split.train, split.valid], 1)):
         items = np.concatenate([p.targets for p in pairs])
         recent = np.concatenate([tr.recent_items(p.inputs, p.lengths) for p in pairs])
-        got = tr.follow_matrix(items, recent, n_ids).to_dense()
+        got = weighted(tr.follower_rows(items, recent), n_ids)
         want = torch.zeros(n_ids, n_ids, dtype=torch.float64)  # counted here from the sequences
         w = tr.lag_weights(5)
         for s in seqs:

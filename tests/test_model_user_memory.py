@@ -12,14 +12,16 @@ import torch
 
 from model import artifact
 from model.artifact import ArtifactError
-from model.cli import main
 from model.data import Interactions, Split, Vocab, leave_one_out
-from model.finetune import FinetuneConfig, RetrievalModel
+from model.finetune import FinetuneConfig, finetune
 from model.fusion import FusionConfig, RetrievalFusion
-from model.memory import MemoryBank, Retrieved
+from model.inference import InferenceConfig
+from model.predictor import Memories, Predictor
 from model.sasrec import EncoderConfig, SASRec
 from model.user_memory import UserMemoryConfig, replay, split_samples
-from service.recommender import Recommender
+from service.cli import main
+from service.memory_rules import store_rules
+from service.recommender import serving_predictor
 
 D = 8
 
@@ -44,7 +46,7 @@ def snapshots(split: Split, states_for: dict[int, int], cfg: UserMemoryConfig) -
     samples = split_samples(split)
     emb = one_hot_items(7)
     states = np.stack([emb[states_for.get(int(p), 1)] for p in samples.prefix_lens])
-    table = replay(emb, samples, states, cfg)
+    table = replay(emb, samples, states, cfg, store_rules())
     got = table.lookup(samples)
     return {
         (int(u), int(p)): set(row[row > 0].tolist())
@@ -77,7 +79,9 @@ def test_replay_counts_and_refuses_unknown_samples() -> None:
     split = split_of([1, 2, 3, 4, 5, 6, 7])
     samples = split_samples(split)
     emb = one_hot_items(7)
-    table = replay(emb, samples, emb[samples.targets], UserMemoryConfig(capacity=2, access_top=1))
+    table = replay(
+        emb, samples, emb[samples.targets], UserMemoryConfig(capacity=2, access_top=1), store_rules()
+    )
     assert table.stats.evictions == 5 and table.stats.merges == 0 and table.stats.accesses == 6
     assert table.capacity == 2
     with pytest.raises(KeyError, match="outside the split"):
@@ -109,31 +113,35 @@ def test_user_slots_reach_the_fusion_with_their_type_vector() -> None:
     assert not torch.allclose(only_user[0], h[0])  # a user memory alone refines h
 
 
-def test_retrieval_model_appends_user_memories_after_the_retrieved_ones() -> None:
+def test_the_predictor_appends_user_memories_after_the_retrieved_ones() -> None:
     torch.manual_seed(0)
     encoder = SASRec(EncoderConfig(n_items=7, max_len=6, dim=D, n_heads=2, inner_dim=16)).eval()
-    bank = MemoryBank(
-        np.eye(3, D, dtype=np.float32), np.array([1, 2, 3]), np.zeros(3, np.int64), np.ones(3, np.int64)
-    )
     fusion = RetrievalFusion(FusionConfig(dim=D, user_memories=True))
-    model = RetrievalModel(encoder, fusion, bank, FinetuneConfig(k=2, user_memories=True))
+    predictor = Predictor(encoder, fusion, InferenceConfig(k=2, user_memories=True))
     h = torch.randn(2, D)
-    retrieved = Retrieved(np.array([[0, 1], [2, -1]]), np.array([[0.9, 0.5], [0.4, -np.inf]], np.float32))
+    keys = np.zeros((2, 2, D), np.float32)
+    mem = Memories(
+        cols=np.array([[0, 1], [0, 1]]),
+        present=np.array([[True, True], [True, False]]),
+        items=np.array([[1, 2], [3, 0]]),
+        sims=np.array([[0.9, 0.5], [0.4, 0.0]], np.float32),
+        keys=keys,
+    )
     user_items = np.array([[4, 5, 0], [6, 0, 0]])
     with torch.no_grad():
-        keys, values, mask, sims, slots = model.memory_tensors(h, retrieved, user_items)
+        keys_t, values, mask, sims, slots = predictor.memory_inputs(h, mem, user_items)
         emb = encoder.item_emb.weight
-    assert keys.shape == values.shape == (2, 5, D) and mask.shape == sims.shape == (2, 5)
+    assert keys_t.shape == values.shape == (2, 5, D) and mask.shape == sims.shape == (2, 5)
     assert slots is not None and slots.tolist() == [[False, False, True, True, True]] * 2
     assert mask.tolist() == [[True, True, True, True, False], [True, False, True, False, False]]
     torch.testing.assert_close(values[0, 2:4], emb[[4, 5]])
     unit = emb[4] / emb[4].norm()
-    torch.testing.assert_close(keys[0, 2], unit)
+    torch.testing.assert_close(keys_t[0, 2], unit)
     torch.testing.assert_close(sims[0, 2], h[0] @ unit / h[0].norm())
     assert float(sims[0, 4]) == 0.0  # empty slot
-    split = split_of([1, 2, 3, 4, 5])
-    with pytest.raises(ValueError, match="user_table"):
-        model.queries(split.test)
+    with pytest.raises(ValueError, match="rules"):  # the replay needs the store's rules
+        finetune(encoder, split_of([1, 2, 3, 4, 5]), FusionConfig(dim=D), FinetuneConfig(epochs=1),
+                 InferenceConfig(k=2, user_memories=True))  # fmt: skip
 
 
 def test_cli_user_memory_model_reloads_and_reproduces_its_test_metrics(
@@ -145,10 +153,11 @@ def test_cli_user_memory_model_reloads_and_reproduces_its_test_metrics(
     data.write_text("".join(f"u{u} {r}\n" for u, r in enumerate(rows)))
     out = tmp_path / "m"
     args = ["train", "--dataset", str(data), "--out", str(out), "--epochs", "2", "--device", "cpu"]
-    flags = ["--k", "4", "--ft-epochs", "2", "--user-memories", "--user-capacity", "4"]
+    flags = ["--k", "4", "--ft-epochs", "2", "--user-memories", "--user-memory-slots", "4"]
     assert main([*args, "--stage", "all", *flags, "--memory-quality", "fewest_accesses"]) == 0
     saved = json.loads((out / "config.json").read_text())
-    assert saved["finetune"]["user_memories"] and saved["finetune"]["memory_quality"] == "fewest_accesses"
+    assert json.loads((out / "inference.json").read_text())["user_memories"]
+    assert saved["finetune"]["memory_quality"] == "fewest_accesses"
     capsys.readouterr()
     assert main(["evaluate", "--model", str(out), "--dataset", str(data), "--device", "cpu"]) == 0
     got = json.loads(capsys.readouterr().out)
@@ -156,7 +165,7 @@ def test_cli_user_memory_model_reloads_and_reproduces_its_test_metrics(
     assert got["masked"] == saved["metrics"]["test"]["masked"]
     # The service does not read user memories yet: it refuses the model rather than serve another one.
     with pytest.raises(ArtifactError, match="user-memories"):
-        Recommender(artifact.load(out))
+        serving_predictor(artifact.load(out))
 
 
 def test_bench_memory_measures_on_a_hand_made_case() -> None:
@@ -169,7 +178,9 @@ def test_bench_memory_measures_on_a_hand_made_case() -> None:
     assert repeats[order].tolist() == [False, True, False, True, False]
     assert distinct[order].tolist() == [1, 2, 2, 3, 3]
     emb = one_hot_items(7)
-    table = replay(emb, samples, emb[samples.targets], UserMemoryConfig(capacity=2, access_top=1))
+    table = replay(
+        emb, samples, emb[samples.targets], UserMemoryConfig(capacity=2, access_top=1), store_rules()
+    )
     snap = table.lookup(samples)[order]
     # repeats: item 1 at p=2 (held: {1, 2}); item 2 at p=4 (held: two of {1, 2, 3}); recall counts them
     assert snap.tolist() == [[1, 0], [1, 2], [1, 2], [1, 3], [1, 2]]  # targets 2, 1, 3, 2, 4

@@ -1,14 +1,18 @@
-"""The HTTP API in process (httpx over ASGI) against the embedded store: answers, errors, freshness."""
+"""The HTTP API in process (httpx over ASGI) against the embedded store: answers, errors, freshness;
+and, against a private Redis that is then killed, the degraded answers."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import math
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from test_service_support import model_dir, running_app, toy_root  # noqa: F401  (fixtures)
+from conftest import RedisServer
+from test_service_support import model_dir, running_app, toy_root, train_toy_model  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
@@ -70,6 +74,38 @@ async def test_request_history_and_exclusions(api: tuple[Any, httpx.AsyncClient]
     assert not got & {"i3", "i4", "i5", "i6", "i7"}
 
 
+async def assert_exclusion_removes_only_that_item(
+    client: httpx.AsyncClient, req: dict[str, Any], strategy: str, degraded: bool = False
+) -> None:
+    """Exclude an item that the same request without exclusions ranks third: it is gone, the items
+    before it keep their places, those after it move up one, and every score stays the same."""
+    n = 8
+    control = (await client.post("/recommend", json={**req, "n": n + 1})).json()
+    assert (control["strategy"], control["degraded"]) == (strategy, degraded)
+    ranked = [(it["item_id"], it["score"]) for it in control["items"]]
+    assert len(ranked) == n + 1
+    gone = ranked[2][0]
+    body = (await client.post("/recommend", json={**req, "n": n, "exclude_items": [gone]})).json()
+    assert (body["strategy"], body["degraded"]) == (strategy, degraded)
+    expected = ranked[:2] + ranked[3:]
+    assert [it["item_id"] for it in body["items"]] == [item for item, _ in expected]
+    assert [it["score"] for it in body["items"]] == pytest.approx([score for _, score in expected])
+
+
+@pytest.mark.parametrize(
+    ("req", "strategy"),
+    [
+        ({"user_id": "fresh", "history": ["i3", "i4", "i5"]}, "retrieval"),  # the request's history
+        ({"user_id": "u0"}, "retrieval"),  # the stored history
+        ({"user_id": "never-seen"}, "popular"),  # cold start
+    ],
+)
+async def test_exclude_items_removes_a_ranked_item(
+    api: tuple[Any, httpx.AsyncClient], req: dict[str, Any], strategy: str
+) -> None:
+    await assert_exclusion_removes_only_that_item(api[1], req, strategy)
+
+
 @pytest.mark.parametrize(
     ("payload", "needle"),
     [
@@ -91,11 +127,32 @@ async def test_recommend_rejects_bad_requests(
     assert needle in r.text
 
 
+def assert_explained_memories(memories: list[dict[str, Any]]) -> None:
+    """Explanation memories come nearest first, and each has a real time: finite, not in the future
+    (bank memories carry 0.0, the bank has no times; live ones the time of their event)."""
+    sims = [m["similarity"] for m in memories]
+    assert sims == sorted(sims, reverse=True), sims
+    for m in memories:
+        assert math.isfinite(m["timestamp"]) and 0.0 <= m["timestamp"] <= time.time(), m
+
+
+async def test_explanations_of_bank_memories(api: tuple[Any, httpx.AsyncClient]) -> None:
+    _, client = api
+    for user in ("u0", "u5", "u17"):
+        body = (await client.post("/recommend", json={"user_id": user, "n": 5, "explain": True})).json()
+        assert body["strategy"] == "retrieval" and len(body["memories"]) == body["k_used"] >= 2
+        assert all(m["user_id"] != user for m in body["memories"])  # other users' memories only
+        assert_explained_memories(body["memories"])
+        assert {m["timestamp"] for m in body["memories"]} == {0.0}  # all from the bank (service.bank)
+
+
 async def test_interaction_is_retrievable_by_the_next_request(api: tuple[Any, httpx.AsyncClient]) -> None:
     app, client = api
     before = (await app.state.runtime.store.stats()).memories
     events = [{"user_id": "writer", "item_id": i, "event_id": f"e{i}"} for i in ("i30", "i11", "i22")]
+    t0 = time.time()
     r = await client.post("/interactions", json={"events": events})
+    t1 = time.time()
     assert r.json() == {"accepted": 3, "duplicates": 0}
     # The first event starts the history (no memory); the next two each add one memory.
     assert (await app.state.runtime.store.stats()).memories == before + 2
@@ -110,7 +167,9 @@ async def test_interaction_is_retrievable_by_the_next_request(api: tuple[Any, ht
     top = body["memories"][0]
     assert top["user_id"] == "writer" and top["item_id"] == "i22" and top["prefix_len"] == 2
     assert top["similarity"] == pytest.approx(1.0, abs=1e-4)
-    assert len(body["memories"]) == body["k_used"]
+    assert t0 <= top["timestamp"] <= t1  # the events carried none: the time the API received them
+    assert len(body["memories"]) == body["k_used"] >= 2
+    assert_explained_memories(body["memories"])
     r = await client.post("/interactions", json={"events": events})
     assert r.json() == {"accepted": 0, "duplicates": 3}
 
@@ -191,8 +250,6 @@ async def test_restart_does_not_reload_the_bank(model_dir: Path, tmp_path: Path)
 
 
 async def test_encoder_only_model_serves_without_retrieval(toy_root: Path, tmp_path: Path) -> None:  # noqa: F811
-    from test_service_support import train_toy_model
-
     encoder_only = train_toy_model(toy_root, "encoder-only", "--stage", "pretrain")
     async with running_app(model_dir=encoder_only, store_dir=tmp_path / "s") as (app, client):
         assert (await app.state.runtime.store.stats()).memories == 0  # no bank to load
@@ -204,6 +261,30 @@ async def test_encoder_only_model_serves_without_retrieval(toy_root: Path, tmp_p
         assert (await client.post("/interactions", json={"events": events})).json()["accepted"] == 2
         cold = (await client.post("/recommend", json={"user_id": "nobody", "n": 3})).json()
         assert cold["strategy"] == "popular" and len(cold["items"]) == 3
+        await assert_exclusion_removes_only_that_item(
+            client, {"user_id": "y", "history": ["i3", "i4"]}, "encoder"
+        )
+        await assert_exclusion_removes_only_that_item(client, {"user_id": "x"}, "encoder")  # stored history
+
+
+async def test_degraded_answers_honour_exclude_items(
+    model_dir: Path,  # noqa: F811
+    redis_server: Callable[..., RedisServer],
+    tmp_path: Path,
+) -> None:
+    # A private Redis, killed: the store is unreachable, answers come from the request's own history
+    # and this replica's index (or the popular list), marked degraded, and still honour exclusions.
+    redis = redis_server()
+    settings = {"model_dir": model_dir, "store_dir": tmp_path / "s", "redis_url": redis.url}
+    async with running_app(**settings) as (app, client):
+        assert (await app.state.runtime.store.stats()).memories > 0
+        redis.kill()
+        req = {"user_id": "u0", "history": ["i3", "i4", "i5"]}
+        await assert_exclusion_removes_only_that_item(client, req, "retrieval", degraded=True)
+        await assert_exclusion_removes_only_that_item(client, {"user_id": "u0"}, "popular", degraded=True)
+        body = (await client.post("/recommend", json={**req, "n": 5, "explain": True})).json()
+        assert body["degraded"] is True and len(body["memories"]) == body["k_used"] >= 2
+        assert_explained_memories(body["memories"])
 
 
 async def test_loop_lag_probe_sees_a_blocked_event_loop(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811

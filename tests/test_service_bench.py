@@ -9,16 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.service import (
-    drift_section,
-    groups,
-    max_rate,
-    paired,
-    render_md,
-    summarise,
-    time_split,
-    transition_replay,
-)
+from bench.drift import drift_section, groups, paired, time_split, transition_replay
+from bench.loadgen import max_rate, summarise
+from bench.service_report import render_md
 
 
 def _step(rate: float, p99: float, errors: int = 0) -> dict[str, Any]:

@@ -83,32 +83,71 @@ def server(tmp_path: Path) -> Iterator[Callable[..., tuple[str, subprocess.Popen
 
 
 class Writer:
-    """A client streaming interactions, one batch after another, in a thread; records every outcome."""
+    """A client streaming interactions, one batch after another, in a thread; records every outcome.
+    An exception in the thread ends it and is kept: :meth:`wait_for` and :meth:`stop` raise it in
+    the test, instead of the test waiting on a writer that died."""
 
     def __init__(self, base: str) -> None:
         self.base = base
         self.acked: list[int] = []
         self.refused: list[int] = []
         self.statuses: list[int] = []
+        self.error: BaseException | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
+        self._thread = threading.Thread(target=self._run, daemon=True)  # never holds up the exit
         self._thread.start()
 
     def _run(self) -> None:
-        with httpx.Client(base_url=self.base, timeout=10) as c:
-            i = 0
-            while not self._stop.is_set():
-                r = c.post("/interactions", json=batch(i))
-                self.statuses.append(r.status_code)
-                if r.status_code == 200 and r.json() == {"accepted": 3, "duplicates": 0}:
-                    self.acked.append(i)
-                elif r.status_code == 503 and "memory store unavailable" in r.json()["detail"]:
-                    self.refused.append(i)
-                i += 1
+        try:
+            with httpx.Client(base_url=self.base, timeout=10) as c:
+                i = 0
+                while not self._stop.is_set():
+                    r = c.post("/interactions", json=batch(i))
+                    self.statuses.append(r.status_code)
+                    if r.status_code == 200 and r.json() == {"accepted": 3, "duplicates": 0}:
+                        self.acked.append(i)
+                    elif r.status_code == 503 and "memory store unavailable" in r.json()["detail"]:
+                        self.refused.append(i)
+                    i += 1
+        except BaseException as exc:  # handed to the test thread, where it fails the test
+            self.error = exc
 
-    def stop(self) -> None:
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise AssertionError(f"the writer thread failed: {self.error!r}") from self.error
+
+    def wait_for(self, done: Callable[[], bool], what: str, timeout_s: float) -> None:
+        """Poll ``done`` until it holds; fail after ``timeout_s`` or as soon as the writer has died."""
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            self._raise_error()
+            if not self._thread.is_alive():
+                raise AssertionError(f"the writer thread stopped before {what}")
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"no {what} within {timeout_s} s (statuses {sorted(set(self.statuses))})"
+                )
+            time.sleep(0.01)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop and join the thread (within ``timeout_s``: one request has a 10 s timeout); raise what
+        it raised."""
         self._stop.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout_s)
+        assert not self._thread.is_alive(), f"the writer thread did not stop within {timeout_s} s"
+        self._raise_error()
+
+
+def test_a_dead_writer_fails_the_wait_at_once() -> None:
+    # Nothing listens on the port: the writer's first request raises in its thread. The test must
+    # see that error within moments, not sit out the wait's deadline (or the pytest timeout).
+    w = Writer(f"http://127.0.0.1:{free_port()}")
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match="the writer thread failed: ConnectError"):
+        w.wait_for(lambda: len(w.acked) >= 1, "an acknowledged batch", timeout_s=60)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(AssertionError, match="the writer thread failed: ConnectError"):
+        w.stop()
 
 
 def test_redis_killed_under_writes_loses_nothing_acknowledged(
@@ -125,11 +164,9 @@ def test_redis_killed_under_writes_loses_nothing_acknowledged(
     w = Writer(base)
     acked, refused = w.acked, w.refused
     try:
-        while len(acked) < 30:
-            time.sleep(0.01)
+        w.wait_for(lambda: len(acked) >= 30, "30 acknowledged batches", timeout_s=60)
         redis.kill()  # SIGKILL mid-stream: no shutdown save, only the append-only file survives
-        while len(refused) < 10:
-            time.sleep(0.01)
+        w.wait_for(lambda: len(refused) >= 10, "10 refusals with Redis down", timeout_s=60)
         # While Redis is down: readiness is false, recommendations degrade instead of failing.
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["ready"] is False
@@ -149,10 +186,9 @@ def test_redis_killed_under_writes_loses_nothing_acknowledged(
             assert time.monotonic() < deadline, "not ready again after Redis came back"
             time.sleep(0.1)
         n_before = len(acked)
-        while len(acked) < n_before + 20:
-            time.sleep(0.01)
+        w.wait_for(lambda: len(acked) >= n_before + 20, "20 more acknowledged batches", timeout_s=60)
     finally:
-        w.stop()
+        w.stop()  # raises the writer's own error, if it had one
     assert set(w.statuses) <= {200, 503}, sorted(set(w.statuses))  # never a 500
     assert len(acked) + len(refused) == len(w.statuses)  # every answer was a clean accept or refusal
     # The client retries what was refused, with the same event ids: each batch lands once.
@@ -317,7 +353,7 @@ def test_corrupt_model_or_snapshot_stops_start_up_and_damages_nothing(
     serve = [
         sys.executable,
         "-m",
-        "model.cli",
+        "service.cli",
         "serve",
         "--model",
         str(broken),

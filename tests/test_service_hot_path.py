@@ -18,37 +18,54 @@ import torch
 from test_service_support import model_dir, running_app, service_redis, toy_root  # noqa: F401
 from torch import Tensor, nn
 
+from memory_store import SearchResult
 from model import artifact
+from model.frozen import freeze
+from model.predictor import ENCODE_CHUNK, Memories
 from service.ingest import INLINE_ENCODE_MAX
-from service.recommender import ENCODE_CHUNK, Recommender, freeze
+from service.recommender import serving_predictor
 
 
 def test_frozen_graphs_rank_exactly_as_the_eager_modules(model_dir: Path) -> None:  # noqa: F811
     art = artifact.load(model_dir)
-    frozen, eager = Recommender(art), Recommender(art, frozen=False)
+    frozen, eager = serving_predictor(art), serving_predictor(art, frozen=False)
     assert frozen.frozen and not eager.frozen
     rng = np.random.default_rng(1)
+    n_items, k = eager.n_ids - 1, eager.cfg.k
     for rows in (1, 7, ENCODE_CHUNK + 3):  # other batch sizes and lengths than the traced ones
         histories = [
-            rng.integers(1, eager.n_items + 1, size=int(rng.integers(1, 60))).tolist() for _ in range(rows)
+            rng.integers(1, n_items + 1, size=int(rng.integers(1, 60))).tolist() for _ in range(rows)
         ]
         states = eager.encode(histories)
         np.testing.assert_array_equal(frozen.encode(histories), states)
-        k = eager.k_max
         keys = rng.standard_normal((rows, k, states.shape[1])).astype(np.float32)
         keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
-        items = rng.integers(0, eager.n_items + 1, size=(rows, k))  # 0: empty slots
+        items = rng.integers(0, n_items + 1, size=(rows, k))  # 0: empty slots
         items[0] = 0  # a row without any memory keeps its state
-        sims = rng.random((rows, k)).astype(np.float32)
-        fused = eager.fuse(states, keys, items, sims)
-        assert torch.equal(frozen.fuse(states, keys, items, sims), fused)
+        sims = np.where(items > 0, rng.random((rows, k)), 0.0).astype(np.float32)
+        mem = Memories(np.tile(np.arange(k), (rows, 1)), items > 0, items, sims, keys)
+        with torch.inference_mode():
+            fused = eager.fused(torch.from_numpy(states), mem)
+            assert torch.equal(frozen.fused(torch.from_numpy(states), mem), fused)
         np.testing.assert_array_equal(fused[0].numpy(), states[0])
+        # the whole scoring path, search answer in, ranking out
+        hits = SearchResult(
+            ids=np.where(items > 0, np.arange(rows * k).reshape(rows, k), -1),
+            scores=np.where(items > 0, sims, -np.inf).astype(np.float32),
+            items=items,
+            users=np.full((rows, k), "someone", dtype=object),
+            prefix_lens=np.ones((rows, k), np.int32),
+            timestamps=np.zeros((rows, k)),
+            keys=keys,
+        )
         masks = [np.asarray(h, dtype=np.int64) for h in histories]
-        for (fi, fs), (ei, es) in zip(
-            frozen.rank(fused, masks, [10] * rows), eager.rank(fused, masks, [10] * rows), strict=True
-        ):
-            np.testing.assert_array_equal(fi, ei)
-            np.testing.assert_array_equal(fs, es)
+        ranked = [
+            p.finish(p.prepare(histories, ["me"] * rows), hits, None, masks, [10] * rows)
+            for p in (frozen, eager)
+        ]
+        for f, e in zip(*ranked, strict=True):
+            np.testing.assert_array_equal(f.items, e.items)
+            np.testing.assert_array_equal(f.scores, e.scores)
 
 
 class _ShapeBound(nn.Module):
@@ -66,10 +83,10 @@ def test_a_graph_that_does_not_reproduce_its_module_is_not_used() -> None:
 
 
 def test_chunked_encoding_equals_encoding_each_history_alone(model_dir: Path) -> None:  # noqa: F811
-    rec = Recommender(artifact.load(model_dir))
+    rec = serving_predictor(artifact.load(model_dir))
     rng = np.random.default_rng(0)
     n = 3 * ENCODE_CHUNK + 5  # several chunks, the last one partial
-    histories = [rng.integers(1, rec.n_items + 1, size=int(rng.integers(1, 70))).tolist() for _ in range(n)]
+    histories = [rng.integers(1, rec.n_ids, size=int(rng.integers(1, 70))).tolist() for _ in range(n)]
     together = rec.encode(histories)
     alone = np.concatenate([rec.encode([h]) for h in histories])
     assert together.shape == (n, rec.encoder.cfg.dim)
@@ -116,7 +133,7 @@ async def test_a_large_interactions_batch_is_encoded_off_the_event_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async with running_app(model_dir=model_dir, store_dir=tmp_path / "s") as (app, client):
-        encode = app.state.runtime.ingestor.recommender.encode
+        encode = app.state.runtime.ingestor.predictor.encode
         offloaded: list[int] = []
         real_to_thread = asyncio.to_thread
 

@@ -1,6 +1,8 @@
-"""Parity: the service's ranking equals the offline evaluator's (``RetrievalModel``) for the same history
-and memory bank, with an exact index, for a new user's request history and for a known user's stored
-history (their test sample); and a micro-batched answer equals the answer served alone."""
+"""Parity: the service's ranking equals the offline evaluator's for the same history and memory bank, with
+an exact index, for a new user's request history and for a known user's stored history (their test
+sample); and a micro-batched answer equals the answer served alone. Both sides score through the same
+function, ``Predictor.score`` (model.predictor): offline through ``model.offline.scores`` over the bank,
+online through the service's pipeline over the store."""
 
 from __future__ import annotations
 
@@ -21,14 +23,11 @@ from test_service_support import (  # noqa: F401
 )
 
 from memory_store import SearchResult
-from model import artifact
-from model.adaptive import adaptive_k
+from model import artifact, offline
 from model.artifact import ArtifactError
-from model.data import leave_one_out, load_dataset
-from model.finetune import FinetuneConfig, RetrievalModel, limit_depth
-from model.transitions import recent_items
-from service.pipeline import others_only
-from service.recommender import Recommender
+from model.data import Samples, leave_one_out, load_dataset
+from model.predictor import Predictor, from_artifact, select
+from service.recommender import serving_predictor
 
 HISTORIES = [
     ["i3", "i4", "i5"],
@@ -38,32 +37,34 @@ HISTORIES = [
 ]
 
 
+def offline_scores(predictor: Predictor, art: artifact.Artifact, samples: Samples) -> torch.Tensor:
+    """The offline evaluator's scores of ``samples`` (N, n_ids): the bank searched, the predictor scoring."""
+    assert art.bank is not None
+    queries = offline.prepare(predictor, art.bank, samples)
+    rows = offline.bank_rows(art.bank) if predictor.cfg.transitions.on else None
+    with torch.inference_mode():
+        scores = offline.scores(predictor, queries, rows, np.arange(len(samples)))
+    return scores.clone()  # outside inference mode: a tensor the caller may mask in place
+
+
 def offline_ranking(model_path: Path, history: list[str], n: int) -> tuple[list[str], np.ndarray, int]:
     art = artifact.load(model_path)
-    assert art.fusion is not None and art.bank is not None
-    cfg = FinetuneConfig(**art.finetune_config)
-    model = RetrievalModel(art.encoder, art.fusion, art.bank, cfg)
+    predictor = from_artifact(art)
     ids = np.array([art.vocab.item_id(i) for i in history], dtype=np.int64)
-    with torch.inference_mode():
-        state = art.encoder.encode(torch.from_numpy(ids[None, :]), torch.tensor([len(ids)]))
-        # A user the bank does not know: the leakage rule removes nothing.
-        retrieved = art.bank.search(
-            state.numpy(), np.array([-1]), np.array([len(ids)]), cfg.k, cfg.fetch_factor
-        )
-        adaptive = cfg.adaptive()
-        if adaptive is not None:
-            retrieved = limit_depth(retrieved, adaptive_k(art.encoder.item_emb.weight, [ids], adaptive))
-        voters = None
-        if cfg.vote().on:  # the nearest memories vote, more of them than the fusion reads
-            voters = art.bank.search(state.numpy(), np.array([-1]), np.array([len(ids)]), cfg.vote_depth)
-        recent = recent_items(
-            ids[None, -art.encoder.cfg.max_len :], np.array([min(len(ids), art.encoder.cfg.max_len)])
-        )
-        scores = model.scores(state, retrieved, None, voters, recent)[0].clone()
-        scores[torch.from_numpy(ids)] = -torch.inf  # exclude_seen
-        top = torch.topk(scores, min(n, scores.numel()))
+    window = ids[-art.encoder.cfg.max_len :]
+    inputs = np.zeros((1, art.encoder.cfg.max_len), dtype=np.int64)
+    inputs[0, : len(window)] = window
+    # A user the bank does not know (-1): the leakage rule removes nothing.
+    one = Samples(inputs, np.array([len(window)]), np.array([0]), np.array([-1]), np.array([len(ids)]))
+    scores = offline_scores(predictor, art, one)[0]
+    scores[torch.from_numpy(ids)] = -torch.inf  # exclude_seen
+    top = torch.topk(scores, min(n, scores.numel()))
     items = [art.vocab.external_item(int(i)) for i in top.indices]
-    return items, top.values.numpy(), int(retrieved.mask.sum())
+    assert art.bank is not None
+    queries = offline.prepare(predictor, art.bank, one)
+    assert queries.hits is not None
+    k_used = int(predictor.memories(queries.plan, queries.hits).present.sum())  # adaptive K applied
+    return items, top.values.numpy(), k_used
 
 
 def assert_same_ranking(
@@ -130,22 +131,16 @@ async def test_service_ranking_equals_offline(
 def offline_test_rankings(model_path: Path, data: Path, n: int) -> dict[str, tuple[list[str], np.ndarray]]:
     """Each user's test-sample top n as the offline evaluator ranks it, seen items masked."""
     art = artifact.load(model_path)
-    assert art.fusion is not None and art.bank is not None
     split = leave_one_out(load_dataset(str(data)).with_vocab(art.vocab), art.encoder.cfg.max_len)
-    model = RetrievalModel(art.encoder, art.fusion, art.bank, FinetuneConfig(**art.finetune_config))
-    queries = model.queries(split.test)
+    scores = offline_scores(from_artifact(art), art, split.test)
     indptr, seen = split.test_seen
     out = {}
-    with torch.inference_mode():
-        scores = model.scores(
-            torch.from_numpy(queries.states), queries.retrieved, None, queries.voters, queries.recent
-        )
-        for row, user in enumerate(split.test.users):
-            s = scores[row].clone()
-            s[torch.from_numpy(seen[indptr[row] : indptr[row + 1]])] = -torch.inf
-            top = torch.topk(s, min(n, s.numel()))
-            items = [art.vocab.external_item(int(i)) for i in top.indices]
-            out[art.vocab.users[int(user)]] = (items, top.values.numpy())
+    for row, user in enumerate(split.test.users):
+        s = scores[row].clone()
+        s[torch.from_numpy(seen[indptr[row] : indptr[row + 1]])] = -torch.inf
+        top = torch.topk(s, min(n, s.numel()))
+        items = [art.vocab.external_item(int(i)) for i in top.indices]
+        out[art.vocab.users[int(user)]] = (items, top.values.numpy())
     return out
 
 
@@ -183,7 +178,7 @@ async def test_known_users_are_ranked_as_their_offline_test_sample(
             assert (not own) if which == "cross-user" else body["k_used"] == 5
 
 
-def test_others_only_keeps_the_best_memories_of_other_users() -> None:
+def test_the_cross_user_rule_keeps_the_best_memories_of_other_users() -> None:
     ids = np.array([[7, 3, 9, -1], [4, 5, -1, -1]])
     users = np.array([["a", "b", "a", ""], ["x", "x", "", ""]], dtype=object)
     hits = SearchResult(
@@ -195,20 +190,33 @@ def test_others_only_keeps_the_best_memories_of_other_users() -> None:
         timestamps=np.zeros((2, 4)),
         keys=np.ones((2, 4, 3), dtype=np.float32),
     )
-    out = others_only(hits, ["a", "x"], 2)
-    assert out.ids.tolist() == [[3, -1], [-1, -1]]  # user a keeps b's memory; x has no other user's
-    assert out.items.tolist() == [[2, 0], [0, 0]] and out.users.tolist() == [["b", ""], ["", ""]]
-    assert out.scores[0, 0] == np.float32(0.8) and np.isinf(out.scores[0, 1])
-    assert np.isinf(out.scores[1]).all()
-    assert out.prefix_lens.tolist() == [[2, -1], [-1, -1]] and np.isnan(out.timestamps[0, 1])
-    assert out.keys is not None and out.keys[0, 0].tolist() == [1, 1, 1] and not out.keys[0, 1].any()
+    cols, kept = select(hits, 2, np.array(["a", "x"], dtype=object), cross_user=True)
+    assert kept.tolist() == [[True, False], [False, False]]  # user a keeps b's memory; x has no other's
+    assert ids[0, cols[0, 0]] == 3
+    cols, kept = select(hits, 2, np.array(["a", "x"], dtype=object))  # online, no rule: the nearest
+    assert kept.all() and ids[0, cols[0]].tolist() == [7, 3] and ids[1, cols[1]].tolist() == [4, 5]
+
+
+def test_the_leakage_rule_drops_a_users_memories_from_its_position_on() -> None:
+    hits = SearchResult(
+        ids=np.array([[1, 2, 3]]),
+        scores=np.array([[0.9, 0.8, 0.7]], dtype=np.float32),
+        items=np.array([[5, 6, 7]]),
+        users=np.array([[4, 4, 9]]),
+        prefix_lens=np.array([[3, 2, 8]]),
+        timestamps=np.zeros((1, 3)),
+    )
+    cols, kept = select(hits, 3, np.array([4]), prefix_lens=np.array([3]))
+    # user 4 at position 3 may see its own memory of prefix 2, not the one of prefix 3
+    assert hits.ids[0, cols[0][kept[0]]].tolist() == [2, 3]
 
 
 def test_a_random_retrieval_control_is_not_served(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     art = artifact.load(model_dir)
+    art.inference = {}  # a model directory from before inference.json: its fine-tune config says it
     art.finetune_config = {**art.finetune_config, "retrieval": "random"}
     with pytest.raises(ArtifactError, match="--retrieval random"):
-        Recommender(art, frozen=False)
+        serving_predictor(art, frozen=False)
 
 
 async def test_micro_batched_answers_equal_single_answers(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -17,9 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import flushed_redis
+from conftest import flushed_redis, redis_db_url
 
-SERVICE_REDIS_URL = "redis://127.0.0.1:6379/11"
+SERVICE_REDIS_DB = 11  # the service tests' database on the suite's Redis (conftest.suite_redis_url)
 N_ITEMS = 40
 
 
@@ -43,7 +43,7 @@ def train_toy_model(root: Path, name: str = "model", *extra: str) -> Path:
     if (out / "config.json").is_file():
         return out
     data = write_toy_dataset(root / "toy.txt")
-    cmd = [sys.executable, "-m", "model.cli", "train", "--dataset", str(data), "--out", str(out)]
+    cmd = [sys.executable, "-m", "service.cli", "train", "--dataset", str(data), "--out", str(out)]
     cmd += ["--stage", "all", "--epochs", "2", "--ft-epochs", "1", "--k", "5", "--device", "cpu"]
     # The vote is left off unless asked for: on the toy data's tied similarities a cut among its voters
     # would make the parity tests depend on how each index orders ties (see with_vote). The transition
@@ -63,7 +63,7 @@ def start_server(
         "MEMREC_BATCH_MAX_WAIT_MS": "2",
         **{f"MEMREC_{k.upper()}": v for k, v in env.items()},
     }
-    cmd = [sys.executable, "-m", "model.cli", "serve", "--model", str(model), "--port", str(port)]
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--port", str(port)]
     cmd += ["--store-dir", str(log.with_suffix(".store"))]
     if redis_url is not None:
         cmd += ["--redis-url", redis_url]
@@ -85,10 +85,15 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: f
     pytest.fail(f"server not ready in {timeout_s} s:\n{log.read_text()}")
 
 
+def service_redis_url(suite_redis_url: str) -> str:
+    """The service tests' database on the suite's Redis."""
+    return redis_db_url(suite_redis_url, SERVICE_REDIS_DB)
+
+
 @pytest.fixture
-def service_redis() -> Iterator[str]:
+def service_redis(suite_redis_url: str) -> Iterator[str]:
     """The service tests' Redis database, flushed before and after each test."""
-    yield from flushed_redis(SERVICE_REDIS_URL, "service")
+    yield from flushed_redis(service_redis_url(suite_redis_url), "service")
 
 
 def metric(text: str, name: str) -> float:
@@ -114,9 +119,9 @@ def with_vote(src: Path, dst: Path, depth: int) -> Path:
     the toy data validation may well keep it off."""
     if not dst.is_dir():
         shutil.copytree(src, dst)
-        config = json.loads((dst / "config.json").read_text())
-        config["finetune"].update(vote_weight=0.3, vote_temperature=0.1, vote_depth=depth)
-        (dst / "config.json").write_text(json.dumps(config))
+        inference = json.loads((dst / "inference.json").read_text())
+        inference["vote"] = {"weight": 0.3, "temperature": 0.1, "depth": depth}
+        (dst / "inference.json").write_text(json.dumps(inference))
     return dst
 
 
@@ -125,9 +130,9 @@ def with_transitions(src: Path, dst: Path, weight: float = 0.5) -> Path:
     :func:`with_vote`."""
     if not dst.is_dir():
         shutil.copytree(src, dst)
-        config = json.loads((dst / "config.json").read_text())
-        config["finetune"].update(transition_weight=weight)
-        (dst / "config.json").write_text(json.dumps(config))
+        inference = json.loads((dst / "inference.json").read_text())
+        inference["transitions"]["weight"] = weight
+        (dst / "inference.json").write_text(json.dumps(inference))
     return dst
 
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 
-from service.pipeline import Answer, Query
+from service.pipeline import Answer, Query, Why
 from service.routes.items import internal_items
-from service.schemas import MemoryOut, Problem, RecommendRequest, RecommendResponse, ScoredItem
+from service.schemas import (
+    FollowOut,
+    ItemWhy,
+    MemoryOut,
+    Problem,
+    RecommendRequest,
+    RecommendResponse,
+    ScoredItem,
+)
 from service.state import RuntimeDep
 
 router = APIRouter(tags=["recommend"])
@@ -54,15 +62,30 @@ def _response(body: RecommendRequest, answer: Answer, rt: RuntimeDep) -> Recomme
             )
             for m in answer.memories
         ]
+    whys: list[ItemWhy | None] = [None] * len(answer.items)
+    if body.explain and answer.why:
+        whys = [_why(w, rt) for w in answer.why]
     return RecommendResponse(
         user_id=body.user_id,
         items=[
-            ScoredItem(item_id=ext(int(i)), score=float(s))
-            for i, s in zip(answer.items, answer.scores, strict=True)
+            ScoredItem(item_id=ext(int(i)), score=float(s), why=w)
+            for i, s, w in zip(answer.items, answer.scores, whys, strict=True)
         ],
         k_used=answer.k_used,
         model_version=rt.model_version,
         strategy=answer.strategy,
         degraded=answer.degraded,
         memories=memories,
+    )
+
+
+def _why(w: Why, rt: RuntimeDep) -> ItemWhy:
+    ext = rt.vocab.external_item
+    return ItemWhy(
+        encoder_rank=w.encoder_rank,
+        model=w.model,
+        vote=w.vote,
+        transitions=w.transitions,
+        memories=list(w.memories),
+        follows=[FollowOut(item_id=ext(a), weight=share) for a, share in w.follows],
     )

@@ -13,27 +13,21 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import faiss
 import torch
 
-from model import artifact
+from model import artifact, offline
+from model import transitions as tr
 from model.data import DataError, Interactions, Split, first_items, leave_one_out, load_dataset
 from model.evaluate import head_items
-from model.finetune import (
-    FinetuneConfig,
-    RetrievalModel,
-    evaluate_on_test,
-    evaluate_retrieval,
-    finetune,
-    retrieval_cost,
-)
+from model.finetune import FinetuneConfig, TestRun, evaluate_on_test, finetune
 from model.fusion import FusionConfig
+from model.inference import InferenceConfig
+from model.predictor import from_artifact
 from model.sasrec import EncoderConfig, SASRec
+from model.threads import apply_threads, choose_threads
 from model.train import OBJECTIVES, SCHEMES, TrainConfig, evaluate_encoder, train
-from model.transitions import TuneResult as TransitionTune
-from model.transitions import recent_items
-from model.user_memory import QUALITIES, build_table
-from model.vote import VoteGrid
+from model.user_memory import QUALITIES, MemoryRules, build_table
+from model.vote import Vote, VoteGrid
 
 log = logging.getLogger("memrec")
 
@@ -48,7 +42,12 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
         "--dataset", required=required, help="ml-100k, beauty, sports, toys, yelp, lastfm or a file"
     )
     p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch and FAISS (default: the cores not busy, from the load average)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,15 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--user-memories", action="store_true", help="fuse each user's own memories (RAMRec) as extra slots"
     )
-    f.add_argument("--user-capacity", type=int, default=75, help="user memories kept per user (C)")
+    f.add_argument(
+        "--user-memory-slots", type=int, default=75, help="user memories (RAMRec's C) kept per user"
+    )
     f.add_argument(
         "--memory-quality",
         choices=QUALITIES,
         default="recency_frequency",
         help="eviction order of the user memories (fewest_accesses: RAMRec's original)",
-    )
-    f.add_argument(
-        "--retrieval", choices=("similarity", "random"), default="similarity", help="random: the control"
     )
     f.add_argument(
         "--vote",
@@ -242,9 +240,17 @@ def _pretrain(args: argparse.Namespace, data: Interactions, split: Split) -> tup
     return model.cpu(), metrics
 
 
+def _store_rules() -> MemoryRules:
+    from service.memory_rules import store_rules  # the store's code loads only for user memories
+
+    return store_rules()
+
+
 def _finetune(
-    args: argparse.Namespace, encoder: SASRec, split: Split
-) -> tuple[RetrievalModel, dict[str, Any], FinetuneConfig]:
+    args: argparse.Namespace, encoder: SASRec, split: Split, retrieve: offline.Retrieve = offline.nearest
+) -> tuple[TestRun, dict[str, Any], FinetuneConfig]:
+    """Fine-tune, tune and test: the test-time model, the metrics it reports, its training config.
+    ``retrieve``: how memories are retrieved (the benchmarks' controls substitute theirs)."""
     fusion_cfg = FusionConfig(
         dim=encoder.cfg.dim,
         n_heads=encoder.cfg.n_heads,
@@ -258,39 +264,40 @@ def _finetune(
         user_memories=args.user_memories,
     )
     cfg = FinetuneConfig(
-        k=args.k,
         epochs=args.ft_epochs,
         patience=args.ft_patience,
         lr=args.ft_lr,
         batch_size=args.ft_batch_size,
-        adaptive_k=args.adaptive_k,
-        cross_user=args.cross_user,
-        user_memories=args.user_memories,
-        user_capacity=args.user_capacity,
+        user_memory_slots=args.user_memory_slots,
         memory_quality=args.memory_quality,
-        retrieval=args.retrieval,
         tune_vote=args.vote,
         tune_transitions=args.transitions,
         seed=args.seed,
         device=args.device,
     )
+    inference = InferenceConfig(
+        k=args.k, adaptive_k=args.adaptive_k, cross_user=args.cross_user, user_memories=args.user_memories
+    )
     t0 = time.perf_counter()
     grid = VoteGrid(tuple(args.vote_weights), tuple(args.vote_temperatures), tuple(args.vote_depths))
-    model, result = finetune(encoder, split, fusion_cfg, cfg, grid, args.vote_min_z)
-    full, test_q, test = evaluate_on_test(model, split, cfg)
+    rules = _store_rules() if args.user_memories else None
+    model, result = finetune(
+        encoder, split, fusion_cfg, cfg, inference, grid, args.vote_min_z, rules, retrieve
+    )
+    run = evaluate_on_test(model, split, args.device, retrieve)
+    chosen = run.predictor.cfg
     metrics: dict[str, Any] = {
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "sec_per_epoch": float(sorted(e.seconds for e in result.history)[len(result.history) // 2]),
         "train_seconds": time.perf_counter() - t0,
-        "memories": len(full.bank),
-        "cost": retrieval_cost(model, split),
+        "memories": len(run.bank),
         "valid": result.best_valid,
-        "test": test,
+        "test": run.metrics,
     }
     if result.vote is not None and result.vote.table:
         tuned = result.vote
-        vote: dict[str, Any] = {"chosen": cfg.vote().to_json(), "valid": tuned.table}
+        vote: dict[str, Any] = {"chosen": chosen.vote.to_json(), "valid": tuned.table}
         if result.vote_grid is not None:
             vote["grid"] = asdict(result.vote_grid)
         z = tuned.z if math.isfinite(tuned.z) else None  # None: a gain without any spread
@@ -298,25 +305,17 @@ def _finetune(
         # the validation winner z belongs to: the chosen vote, or the one the rule refused (None: off won)
         vote["candidate"] = tuned.candidate.to_json() if tuned.candidate else None
         metrics["vote"] = vote
-        if cfg.vote().on:  # the same fusion without the vote, on the same test queries: the paired effect
-            off_cfg = replace(cfg, vote_weight=0.0)
-            off = RetrievalModel(full.encoder, full.fusion, full.bank, off_cfg, full.user_table)
-            vote["test_without_vote"] = evaluate_retrieval(
-                off, test_q, split.test, split.test_seen, cfg.device
-            )
+        if chosen.vote.on:  # the same fusion without the vote, on the same test queries: the paired effect
+            vote["test_without_vote"] = run.evaluate(replace(chosen, vote=Vote()), split, args.device)
     if result.transitions is not None:
         metrics["transitions"] = _transitions_report(result.transitions, args.vote_min_z)
-        if cfg.transitions().on:  # the same model without the channel, on the same test queries
-            off = RetrievalModel(
-                full.encoder, full.fusion, full.bank, replace(cfg, transition_weight=0.0), full.user_table
-            )
-            metrics["transitions"]["test_without_transitions"] = evaluate_retrieval(
-                off, test_q, split.test, split.test_seen, cfg.device
-            )
-    return full, metrics, cfg
+        if chosen.transitions.on:  # the same model without the channel, on the same test queries
+            off = replace(chosen, transitions=replace(chosen.transitions, weight=0.0))
+            metrics["transitions"]["test_without_transitions"] = run.evaluate(off, split, args.device)
+    return run, metrics, cfg
 
 
-def _transitions_report(tuned: TransitionTune, min_z: float) -> dict[str, Any]:
+def _transitions_report(tuned: tr.TuneResult, min_z: float) -> dict[str, Any]:
     return {
         "chosen": tuned.best.to_json(),
         "valid": tuned.table,
@@ -326,7 +325,7 @@ def _transitions_report(tuned: TransitionTune, min_z: float) -> dict[str, Any]:
     }
 
 
-def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+def cmd_train(args: argparse.Namespace, retrieve: offline.Retrieve = offline.nearest) -> dict[str, Any]:
     data = load_dataset(args.dataset, args.data_dir)
     if args.stage == "finetune":
         if args.from_dir is None:
@@ -344,8 +343,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if args.stage == "pretrain":
         art.metrics = {**enc_metrics, "encoder": dict(enc_metrics)}
     else:
-        model, ft_metrics, ft_cfg = _finetune(args, encoder.to(args.device), split)
-        art.fusion, art.bank, art.finetune_config = model.fusion.cpu(), model.bank, ft_cfg.to_json()
+        run, ft_metrics, ft_cfg = _finetune(args, encoder.to(args.device), split, retrieve)
+        assert run.predictor.fusion is not None
+        art.fusion, art.bank, art.finetune_config = run.predictor.fusion.cpu(), run.bank, ft_cfg.to_json()
+        art.inference = run.predictor.cfg.to_json()
         art.first_items = first_items(data)
         art.encoder = encoder.cpu()
         art.metrics = {**ft_metrics, "encoder": enc_metrics}
@@ -363,22 +364,29 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"model_version": art.model_version, "dataset": data.name, "split": args.split}
     head = head_items(split.train.targets, art.vocab.n_items)
     encoder_metrics = evaluate_encoder(art.encoder, samples, seen, TrainConfig(device=args.device), head)
-    if art.fusion is not None and art.bank is not None:
-        cfg = FinetuneConfig(**art.finetune_config)
-        cfg.device = args.device
-        um_cfg = cfg.user_memory()
-        table = None if um_cfg is None else build_table(art.encoder, split, um_cfg, args.device)
-        model = RetrievalModel(art.encoder, art.fusion, art.bank, cfg, table)
-        if args.split == "valid" and cfg.transitions().on:
-            # The bank holds the validation pairs too; counted, they would hand each validation query
-            # its own target. Validation counts the training pairs' transitions, as tuning did.
-            train = split.train
-            model.use_transitions_of(train.targets, recent_items(train.inputs, train.lengths))
-        queries = model.queries(samples)
-        out.update(evaluate_retrieval(model, queries, samples, seen, args.device, head))
-        out["encoder"] = encoder_metrics
-    else:
+    if art.fusion is None or art.bank is None:
         out.update(encoder_metrics)
+        return out
+    predictor = from_artifact(art)
+    cfg = predictor.cfg
+    user_items = None
+    if cfg.user_memories:
+        um_cfg = FinetuneConfig.from_json(art.finetune_config).user_memory()
+        user_items = build_table(art.encoder, split, um_cfg, _store_rules(), args.device).lookup(samples)
+    rows = None
+    if cfg.transitions.on:
+        # The bank holds the validation pairs too; counted, they would hand each validation query its
+        # own target. Validation counts the training pairs' transitions, as tuning did.
+        train = split.train
+        counted = (train.targets, tr.recent_items(train.inputs, train.lengths))
+        rows = (
+            tr.follower_rows(*counted, cfg.transitions.order)
+            if args.split == "valid"
+            else offline.bank_rows(art.bank, cfg.transitions.order)
+        )
+    queries = offline.prepare(predictor, art.bank, samples, args.device, user_items=user_items)
+    out.update(offline.evaluate_predictor(predictor, queries, samples, seen, rows, args.device, head))
+    out["encoder"] = encoder_metrics
     return out
 
 
@@ -392,9 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "reindex":
         return cmd_reindex(args)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-        faiss.omp_set_num_threads(args.threads)  # FAISS's OpenMP pool would otherwise take every core
+    apply_threads(choose_threads(args.threads))  # train and evaluate: the cores other processes leave free
     try:
         out = cmd_train(args) if args.command == "train" else cmd_evaluate(args)
     except (DataError, artifact.ArtifactError) as e:

@@ -10,9 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.data import Samples, leave_one_out, load_dataset
-from model.evaluate import head_items
-from model.retriever import (
+from bench.retriever import (
     Labelled,
     LongTermMemory,
     Retriever,
@@ -26,6 +24,8 @@ from model.retriever import (
     train_retriever,
     upper_with_memories,
 )
+from model.data import Samples, leave_one_out, load_dataset
+from model.evaluate import head_items
 from model.sasrec import EncoderConfig, SASRec
 from model.train import TrainConfig, evaluate_encoder
 

@@ -8,7 +8,7 @@ key (after the prefix)   type    content
 =======================  ======  ==================================================================
 ``hist:{user}``          LIST    recent item ids of the user, oldest first, trimmed to history_len
 ``mem:{id}``             HASH    one memory: v (dim float32 LE bytes), item, user, ts, len, rec
-                                 (the prefix's last items, RECENT int64 LE, most recent first)
+                                 (the prefix's last items, recent_width int64 LE, most recent first)
 ``mem:seq``              STRING  last memory id allocated (INCRBY inside the write script)
 ``mem:count``            STRING  memories currently held
 ``mem:low``              STRING  eviction cursor: no memory below this id is held
@@ -24,8 +24,9 @@ key (after the prefix)   type    content
 Log entries (all binary little-endian):
 
 * ``op=add id0 n vec item ts len rec user``: memories ``id0 .. id0+n-1``; ``vec`` (n, dim) float32,
-  ``item`` (n,) int64, ``ts`` (n,) float64, ``len`` (n,) int32, ``rec`` (n, RECENT) int64, ``user`` a
-  JSON list of n strings. Entries and hashes written before ``rec`` existed lack it (no items known).
+  ``item`` (n,) int64, ``ts`` (n,) float64, ``len`` (n,) int32, ``rec`` (n, w) int64, ``user`` a
+  JSON list of n strings. The width w is the writer's ``recent_width`` (``len(rec) / (8 n)``; a reader
+  fits it to its own). Entries and hashes written before ``rec`` existed lack it (no items known).
 * ``op=del ids``: comma-separated memory ids removed (explicitly or by eviction).
 
 One write script call is one atomic unit: dedup markers, history appends, memory hashes, the log entry

@@ -11,6 +11,9 @@ state to a vector whose dot products with the candidates, softmaxed, are trained
 
 At inference the top-k memories by each rule (similarity, random, learned) are fused together as k
 tokens; queries without long-term memory keep the plain encoder state.
+
+Research code of ``bench.learned_retriever``: the retriever did not beat similarity beyond noise, so
+neither `memrec train` nor the service uses it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,158 @@
+"""The metadata columns beside the FAISS index: per memory its item, user, timestamp, prefix length and
+the prefix's last items, in NumPy arrays indexed by ``id - base``.
+
+A search returns the metadata of a whole batch with fancy indexing, never a round trip per hit. ``base``
+moves up as the oldest memories leave, so the columns stay about as long as the ids held span. Not
+locked: the index's lock guards them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from memory_store.base import MemoryBatch, fit_recent
+
+# Every column grows and shifts together; their state (plus ``base``) is what a snapshot stores.
+COLUMNS = ("alive", "item", "user", "ts", "plen", "recent")
+# Columns a snapshot must hold: ``recent`` may be missing (written before memories kept their prefix's
+# last items: none known).
+REQUIRED = ("base", "alive", "item", "user", "ts", "plen")
+
+
+class MemoryColumns:
+    """Per-memory columns indexed by ``id - base``; ``recent`` is (size, recent_width)."""
+
+    def __init__(self, recent_width: int) -> None:
+        self.base = 1
+        size = 1024  # never empty: padding rows of a search gather row 0
+        self.alive = np.zeros(size, bool)
+        self.item = np.zeros(size, np.int64)
+        self.user = np.zeros(size, np.int32)  # code into user_names
+        self.ts = np.zeros(size, np.float64)
+        self.plen = np.zeros(size, np.int32)
+        self.recent = np.zeros((size, recent_width), np.int64)  # the prefix's last items (MemoryBatch.recent)
+        self.user_names: list[str] = []
+        self._user_code: dict[str, int] = {}
+        self._names_arr = np.array([""], dtype=object)  # user_names + [""] (padding), for fancy indexing
+        self.count = 0
+        self._low = 0  # no alive row below this one
+
+    def in_range(self, ids: np.ndarray) -> np.ndarray:
+        rows = ids - self.base
+        return (rows >= 0) & (rows < self.alive.shape[0])
+
+    def is_alive(self, ids: np.ndarray) -> np.ndarray:
+        ok = self.in_range(ids)
+        out = np.zeros(ids.shape, bool)
+        out[ok] = self.alive[ids[ok] - self.base]
+        return out
+
+    def _grow(self, max_id: int) -> None:
+        need = max_id - self.base + 1
+        size = self.alive.shape[0]
+        if need <= size:
+            return
+        new = max(need, 2 * size, 1024)
+        for name in COLUMNS:
+            old = getattr(self, name)
+            grown = np.zeros((new, *old.shape[1:]), old.dtype)
+            grown[:size] = old
+            setattr(self, name, grown)
+
+    def codes_for(self, users: tuple[str, ...]) -> np.ndarray:
+        codes = np.empty(len(users), np.int32)
+        for i, user in enumerate(users):
+            code = self._user_code.get(user)
+            if code is None:
+                code = self._user_code[user] = len(self.user_names)
+                self.user_names.append(user)
+            codes[i] = code
+        if len(self.user_names) + 1 != self._names_arr.shape[0]:
+            self._names_arr = np.array(self.user_names + [""], dtype=object)
+        return codes
+
+    def put(self, ids: np.ndarray, batch: MemoryBatch) -> None:
+        """Set the rows of ``ids``; ``batch.recent`` must have this table's width (MemoryBatch.fitted)."""
+        if ids.min() < self.base:
+            raise ValueError(f"memory id {int(ids.min())} is below the index base {self.base}")
+        self._grow(int(ids.max()))
+        rows = ids - self.base
+        self.alive[rows] = True
+        self.item[rows] = batch.items
+        self.user[rows] = self.codes_for(batch.users)
+        self.ts[rows] = batch.timestamps
+        self.plen[rows] = batch.prefix_lens
+        self.recent[rows] = batch.recent
+        self.count += int(ids.size)
+        self._low = min(self._low, int(rows.min()))
+
+    def drop(self, ids: np.ndarray) -> None:
+        self.alive[ids - self.base] = False
+        self.count -= int(ids.size)
+        self._compact_if_sparse()
+
+    def alive_ids(self) -> np.ndarray:
+        return (np.flatnonzero(self.alive) + self.base).astype(np.int64)
+
+    def oldest(self, n: int) -> np.ndarray:
+        """The ``n`` smallest alive ids (fewer if fewer exist)."""
+        while self._low < self.alive.shape[0] and not self.alive[self._low]:
+            self._low += 1
+        rows = np.flatnonzero(self.alive[self._low : self._low + max(4 * n, 1024)])[:n] + self._low
+        if rows.size < n:  # sparse region: fall back to a full scan
+            rows = np.flatnonzero(self.alive[self._low :])[:n] + self._low
+        return (rows + self.base).astype(np.int64)
+
+    def _compact_if_sparse(self) -> None:
+        """Shift the columns down once more than half of them sit below the oldest alive memory."""
+        size = self.alive.shape[0]
+        first = self.oldest(1)
+        shift = int(first[0] - self.base) if first.size else size
+        if size < 4096 or shift < size // 2:
+            return
+        for name in COLUMNS:
+            old = getattr(self, name)
+            moved = np.zeros_like(old)
+            moved[: size - shift] = old[shift:]
+            setattr(self, name, moved)
+        self.base += shift
+        self._low = 0
+
+    def gather(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(items, users, prefix_lens, timestamps) for an id array of any shape; -1 ids give padding."""
+        valid = ids >= 0
+        rows = np.where(valid, ids - self.base, 0)
+        items = np.where(valid, self.item[rows], 0)
+        pad_code = len(self.user_names)  # the trailing "" in _names_arr
+        users = self._names_arr[np.where(valid, self.user[rows], pad_code)]
+        plens = np.where(valid, self.plen[rows], -1).astype(np.int32)
+        ts = np.where(valid, self.ts[rows], np.nan)
+        return items, users, plens, ts
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {
+            "base": np.array([self.base], np.int64),
+            "alive": self.alive,
+            "item": self.item,
+            "user": self.user,
+            "ts": self.ts,
+            "plen": self.plen,
+            "recent": self.recent,
+        }
+
+    @classmethod
+    def from_state(
+        cls, arrays: dict[str, np.ndarray], user_names: list[str], recent_width: int
+    ) -> MemoryColumns:
+        """Columns from :meth:`state`; stored prefix items of another width are fitted to ``recent_width``."""
+        cols = cls(recent_width)
+        cols.base = int(arrays["base"][0])
+        cols.alive, cols.item, cols.user = arrays["alive"], arrays["item"], arrays["user"]
+        cols.ts, cols.plen = arrays["ts"], arrays["plen"]
+        stored = arrays.get("recent", np.zeros((cols.alive.shape[0], 0), np.int64))  # absent: none known
+        cols.recent = fit_recent(stored, recent_width)
+        cols.user_names = user_names
+        cols._user_code = {name: i for i, name in enumerate(user_names)}
+        cols._names_arr = np.array(user_names + [""], dtype=object)
+        cols.count = int(cols.alive.sum())
+        return cols

@@ -1,0 +1,227 @@
+"""``RedisMemoryStore``: the ``MemoryStore`` API on Redis, and its write path.
+
+Writes go through one Lua script per chunk (see ``layout``), so an interaction, its memory, the log
+entry, the dedup marker and any eviction commit atomically. Reads of the memories go to this replica's
+index (``replica``), which applies every write from the log; with ``read_your_writes`` a write returns
+once that index has applied it. Histories and per-user memories are read from Redis itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from memory_store import user_memory as um
+from memory_store.base import (
+    IngestResult,
+    Interaction,
+    MemoryBatch,
+    ReplicationStatus,
+    SearchResult,
+    SnapshotInfo,
+    StoreStats,
+    check_events,
+    check_ids,
+    check_k,
+    check_user_id,
+    memory_batch_for_events,
+    normalise_rows,
+    parse_position,
+)
+from memory_store.config import StoreConfig
+from memory_store.index import followers_now, search_now
+from memory_store.redis_store import codec, layout
+from memory_store.redis_store.connect import connect
+from memory_store.redis_store.replica import Replica
+from memory_store.redis_store.user_memories import UserMemoryHashes
+from memory_store.transitions import Followers
+
+WRITE_CHUNK = 1000  # rows per script call: bounds the time Redis is blocked by one call
+PIPELINE_DEPTH = 8  # script calls in flight per round trip for bulk writes
+
+
+def _latest(a: str, b: str) -> str:
+    if not a:
+        return b
+    if not b:
+        return a
+    return max(a, b, key=parse_position)
+
+
+class RedisMemoryStore:
+    """``MemoryStore`` on Redis. Open with :meth:`open`; ``close`` stops the tail task."""
+
+    def __init__(self, config: StoreConfig, client: aioredis.Redis, tail_client: aioredis.Redis) -> None:
+        self.config = config
+        self._r = client
+        self._tail_r = tail_client
+        self._p = layout.key_prefix(config.namespace)
+        self._replica = Replica(config, client, tail_client)
+        self._user_memories = UserMemoryHashes(config, client)
+        # Script objects re-load themselves after a NOSCRIPT (e.g. a Redis restart emptied the cache).
+        self._write_script = client.register_script(layout.WRITE_SCRIPT)
+        self._remove_script = client.register_script(layout.REMOVE_SCRIPT)
+
+    @classmethod
+    async def open(cls, config: StoreConfig) -> RedisMemoryStore:
+        assert config.redis_url is not None
+        client = await connect(config)
+        tail_client = await connect(config)
+        store = cls(config, client, tail_client)
+        await store.restore()
+        return store
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def applied(self) -> str:
+        """Log position this replica's index reflects."""
+        return self._replica.applied
+
+    # ------------------------------------------------------------------------------------ write path
+
+    async def _run_writes(
+        self, mode: str, events: Sequence[Interaction], batch: MemoryBatch | None
+    ) -> IngestResult:
+        """Chunked script calls (each atomic), pipelined ``PIPELINE_DEPTH`` at a time."""
+        n = len(batch) if batch is not None else len(events)
+        memory_ids = np.full(n, -1, np.int64)
+        accepted, position = 0, ""
+        starts = list(range(0, n, WRITE_CHUNK))
+        for group in range(0, len(starts), PIPELINE_DEPTH):
+            chunk_starts = starts[group : group + PIPELINE_DEPTH]
+            calls = [
+                codec.write_args(
+                    self._p,
+                    self.config,
+                    mode,
+                    events[s : s + WRITE_CHUNK],
+                    batch.take(np.arange(s, min(s + WRITE_CHUNK, n))) if batch is not None else None,
+                )
+                for s in chunk_starts
+            ]
+            if len(calls) == 1:  # one round trip, no pipeline
+                replies = [await self._write_script(args=calls[0])]
+            else:
+                pipe = self._r.pipeline(transaction=False)
+                for args in calls:
+                    await self._write_script(args=args, client=pipe)
+                replies = await pipe.execute()
+            for s, reply in zip(chunk_starts, replies, strict=True):
+                add_id, del_id, first, acc = reply
+                acc_rows = np.asarray(acc, np.int64) - 1 + s  # Lua indices are 1-based per chunk
+                accepted += int(acc_rows.size)
+                if "m" in mode and acc_rows.size:
+                    memory_ids[acc_rows] = int(first) + np.arange(acc_rows.size)
+                position = _latest(position, _latest(add_id.decode(), del_id.decode()))
+        if position and self.config.read_your_writes:
+            await self.wait_applied(position, self.config.visibility_timeout_s)
+        return IngestResult(accepted, n - accepted, memory_ids, position)
+
+    async def append_interactions(self, events: Sequence[Interaction]) -> IngestResult:
+        check_events(events)
+        return await self._run_writes("i", list(events), None)
+
+    async def ingest(
+        self,
+        events: Sequence[Interaction],
+        keys: np.ndarray,
+        prefix_lens: Sequence[int] | np.ndarray,
+        recent: np.ndarray | None = None,
+    ) -> IngestResult:
+        width = self.config.recent_width
+        batch = memory_batch_for_events(events, keys, prefix_lens, self.dim, width, recent)
+        return await self._run_writes("im", list(events), batch)
+
+    async def add_memories(self, batch: MemoryBatch) -> IngestResult:
+        return await self._run_writes("m", [], batch.validated(self.dim, self.config.recent_width))
+
+    async def remove_memories(self, ids: Sequence[int] | np.ndarray) -> int:
+        unique = np.unique(check_ids(ids))
+        if not unique.size:
+            return 0
+        args = [self._p, self.config.stream_maxlen, self.config.user_capacity or 0, *unique.tolist()]
+        reply = await self._remove_script(args=args)
+        status, value = reply[0].decode(), reply[1].decode()
+        if status == "missing":
+            raise ValueError(f"unknown memory id {value}; nothing was removed")
+        if self.config.read_your_writes:
+            await self.wait_applied(value, self.config.visibility_timeout_s)
+        return int(unique.size)
+
+    # ------------------------------------------------------------------------------------- read path
+
+    async def histories(self, user_ids: Sequence[str], max_len: int) -> list[list[int]]:
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        pipe = self._r.pipeline(transaction=False)
+        for user in user_ids:
+            check_user_id(user)
+            pipe.lrange(self._p + layout.HIST + user, -max_len, -1)
+        return [[int(x) for x in items] for items in await pipe.execute()]
+
+    async def search(self, queries: np.ndarray, k: int, with_keys: bool = False) -> SearchResult:
+        check_k(k)
+        unit = normalise_rows(queries, self.dim, "queries")
+        return await search_now(self._replica.index, unit, k, with_keys)
+
+    async def followers(self, items: Sequence[int]) -> list[Followers]:
+        return await followers_now(self._replica.index, items)
+
+    # --------------------------------------------------------------------------------- user memories
+
+    async def update_user_memories(
+        self,
+        user_id: str,
+        items: Sequence[int] | np.ndarray,
+        vectors: np.ndarray,
+        timestamps: Sequence[float] | np.ndarray,
+    ) -> list[int]:
+        return await self._user_memories.update(user_id, items, vectors, timestamps)
+
+    async def user_memories(self, user_ids: Sequence[str]) -> list[um.UserMemories]:
+        return await self._user_memories.read(user_ids)
+
+    async def record_user_memory_access(self, user_id: str, items: Sequence[int], ts: float) -> int:
+        return await self._user_memories.record_access(user_id, items, ts)
+
+    # ---------------------------------------------------------------------------- replica (the index)
+
+    async def wait_applied(self, position: str, timeout_s: float | None = None) -> bool:
+        return await self._replica.wait_applied(position, timeout_s)
+
+    async def replication(self) -> ReplicationStatus:
+        return await self._replica.replication()
+
+    async def stats(self) -> StoreStats:
+        count = await self._r.get(self._p + layout.MEM_COUNT)
+        index = self._replica.index
+        return StoreStats(
+            backend="redis",
+            namespace=self.config.namespace,
+            memories=int(count or 0),
+            index_size=len(index),
+            index_kind=index.kind,
+            capacity=self.config.capacity,
+            replication=await self.replication(),
+        )
+
+    async def snapshot(self, path: Path | None = None) -> SnapshotInfo:
+        return await self._replica.snapshot(path)
+
+    async def restore(self, path: Path | None = None) -> SnapshotInfo:
+        return await self._replica.restore(path)
+
+    async def _stop_tail(self) -> None:
+        """Stop applying the log (close does it; tests stop it to make a replica fall behind)."""
+        await self._replica.stop_tail()
+
+    async def close(self) -> None:
+        await self._replica.stop_tail()
+        await self._r.aclose()
+        await self._tail_r.aclose()
