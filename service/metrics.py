@@ -26,7 +26,7 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 K_BUCKETS = (0, 1, 2, 3, 5, 8, 10, 15, 20, 30, 50, 100)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-STAGES = ("history", "encode", "retrieve", "transitions", "fuse", "rank")
+STAGES = ("history", "encode", "retrieve", "score")  # service.pipeline: store, model, store, model
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
