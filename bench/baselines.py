@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -184,11 +185,11 @@ def run_dataset(dataset: str, data_dir: str | None) -> dict[str, Any]:
 # Reading the report: rows for the other benchmarks' tables
 
 
-def load() -> dict[str, Any]:
-    """reports/baselines.json's datasets ({} when it does not exist)."""
-    if not JSON.is_file():
+def load(path: Path = JSON) -> dict[str, Any]:
+    """reports/baselines.json's datasets, {dataset: record} ({} when the file does not exist)."""
+    if not path.is_file():
         return {}
-    datasets: dict[str, Any] = json.loads(JSON.read_text())["datasets"]
+    datasets: dict[str, Any] = json.loads(path.read_text())["datasets"]
     return datasets
 
 

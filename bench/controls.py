@@ -24,11 +24,9 @@ from typing import Any
 import numpy as np
 
 from model import artifact, offline
-from model.data import DataError
 from model.memory import BankHits, MemoryBank, l2_normalise
 from model.predictor import Plan, Predictor, select, take
-from model.threads import apply_threads, choose_threads
-from service.cli import build_parser, cmd_train
+from service.cli import build_parser, cmd_train, run_job
 
 log = logging.getLogger("bench.controls")
 
@@ -110,14 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    apply_threads(choose_threads(args.threads))
-    try:
-        out = train_random(args)
-    except (DataError, artifact.ArtifactError) as e:
-        log.error("%s", e)
-        return 2
-    sys.stdout.write(json.dumps(out, indent=2) + "\n")
-    return 0
+    return run_job(args, train_random)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import accuracy, learned_retriever, retrieval_cost
+from bench import accuracy, baselines, learned_retriever, retrieval_cost
 from bench.common import (
     CLI,
     GROUPS,
@@ -178,11 +178,13 @@ def markdown(report: dict[str, Any]) -> str:
         "whole test set: the queries without long-term memory score from the encoder alone. Nothing is",
         "fine-tuned, so it has no row in the training-cost table.",
         "",
+        *baselines.NOTE,
+        "",
     ]
     for dataset, by_name in report.items():
         variants = ordered(by_name)
         rows = [
-            (name, len(v["seeds"]), p, v["test"][p])
+            (v.get("label", name), len(v["seeds"]), p, v["test"][p])
             for name, v in variants.items()
             for p in ("unmasked", "masked")
         ]
@@ -293,7 +295,7 @@ def long_tail_table(variants: dict[str, Any]) -> list[str]:
     ]
     for name, v in rows:
         cells = [fmt(v["test"][g]["ndcg@10"]) for g in GROUPS]
-        lines.append(f"| {name} | {' | '.join(cells)} |")
+        lines.append(f"| {v.get('label', name)} | {' | '.join(cells)} |")
     return [*lines, ""]
 
 
@@ -335,7 +337,7 @@ def section(dataset: str, encoder: str) -> str:
 
 def heading(key: str, by_name: dict[str, Any]) -> str:
     """A section's title, which always names its encoder."""
-    encoder = next(iter(by_name.values()))["encoder"]
+    encoder = next(v["encoder"] for v in by_name.values() if "encoder" in v)
     return f"{key.split(',')[0]}, {encoder} encoder"
 
 
@@ -346,6 +348,12 @@ def write_report() -> dict[str, Any]:
         key = section(dataset, encoder)
         if key in report:
             report[key]["learned_retriever"] = entry
+    # the parameter-free baselines of each section's dataset (bench.baselines), after the models
+    measured = baselines.load(REPORTS / "baselines.json")
+    for key, by_name in report.items():
+        record = measured.get(key.split(",")[0])
+        if record is not None:
+            by_name.update(baselines.entries(record))
     (REPORTS / "retrieval.json").write_text(json.dumps(report, indent=2) + "\n")
     (REPORTS / "retrieval.md").write_text(markdown(report))
     long_tail_plot(report)

@@ -8,7 +8,9 @@ distribution over next items; the encoder's softmax is mixed with it, (1 − λ)
 p_transition, λ chosen on validation (best NDCG@10, λ = 0 among the candidates; no HR guard or z rule
 here, unlike ``memrec train``). Transitions come from the training pairs for validation and also from
 the validation pairs for test, as the memory bank holds them; never from a test target. One result file
-per (run, seed) in ``reports/transition_mix_runs/``; the report aggregates what exists.
+per (run, seed) in ``reports/transition_mix_runs/``; the report aggregates what exists
+(``--report-only``: nothing is computed), with the parameter-free baselines of each run's dataset
+(``bench.baselines``, reports/baselines.json) on the same test queries.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import baselines
 from bench.accuracy import ENCODERS
 from bench.common import REPORTS, fmt, grouped_results, machine, machine_label, stat, write_result
 from model import artifact
@@ -121,11 +124,57 @@ def render(report: dict[str, Any]) -> str:
             cells = [str(r["seeds"]), ", ".join(f"{w:g}" for w in r["weights"]), p]
             cells += [fmt(r[p][arm][m]) for m in ("ndcg@10", "hr@10") for arm in ("encoder", "mixed")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *baseline_table(report.get("baselines", {}))]) + "\n"
 
 
-def aggregate(command: str) -> dict[str, Any]:
+def baseline_table(by_dataset: dict[str, Any]) -> list[str]:
+    """The parameter-free baselines of the runs' datasets: ties against the target (as the encoder and
+    the mix are ranked), then the popularity tie-break."""
+    if not by_dataset:
+        return []
+    lines = ["", *baselines.NOTE, "", "| dataset | baseline | protocol | NDCG@10 | HR@10 |"]
+    lines.append("|---|---|---|---|---|")
+    for dataset, rows in by_dataset.items():
+        for row in rows.values():
+            for p in ("unmasked", "masked"):
+                cells = [dataset, row["label"], p, f"{row[p]['ndcg@10']:.4f}", f"{row[p]['hr@10']:.4f}"]
+                lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def baseline_rows(datasets: list[str]) -> dict[str, Any]:
+    """{dataset: {baseline: its label, tie rule and test NDCG@10 and HR@10 per protocol}} for the
+    datasets bench.baselines measured, ties against first."""
+    measured = baselines.load(REPORTS / "baselines.json")
+    out: dict[str, Any] = {}
+    for dataset in datasets:
+        if dataset not in measured:
+            continue
+        entries = baselines.entries(measured[dataset])
+        keys = sorted(entries, key=lambda k: entries[k]["tie_rule"] != "ties_against")  # stable
+        out[dataset] = {
+            k: {
+                "label": entries[k]["label"],
+                "tie_rule": entries[k]["tie_rule"],
+                **{
+                    p: {m: entries[k]["test"][p][m]["mean"] for m in ("ndcg@10", "hr@10")}
+                    for p in ("unmasked", "masked")
+                },
+            }
+            for k in keys
+        }
+    return out
+
+
+def aggregate(command: str | None = None) -> dict[str, Any]:
+    """The result files → the report; the machine(s) and the date are the runs' (the latest), the
+    command ``command`` or, when None, one that reproduces the files (they are skipped when present)."""
     runs = grouped_results(RESULTS, lambda r: str(r["run"]))
+    recs_all = [r for recs in runs.values() for r in recs]
+    if command is None:
+        seeds = sorted({int(r["seed"]) for r in recs_all})
+        args = ["--runs", *runs, "--seeds", *map(str, seeds)] if runs else []
+        command = shlex.join(["python", "-m", "bench.transition_mix", *args])
     out: dict[str, Any] = {}
     for name, recs in runs.items():
         out[name] = {"seeds": len(recs), "weights": [r["weight"] for r in recs]}
@@ -134,8 +183,16 @@ def aggregate(command: str) -> dict[str, Any]:
                 arm: {m: stat([r[arm][p][m] for r in recs]) for m in ("ndcg@10", "hr@10")}
                 for arm in ("encoder", "mixed")
             }
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return {"command": command, "date": when, "machine": machine_label(machine()), "runs": out}
+    dates = [datetime.fromisoformat(r["date"]) for r in recs_all if "date" in r]
+    when = (max(dates) if dates else datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
+    machines = sorted({machine_label(r["machine"]) for r in recs_all if "machine" in r})
+    return {
+        "command": command,
+        "date": when,
+        "machine": "; ".join(machines) or machine_label(machine()),
+        "runs": out,
+        "baselines": baseline_rows(sorted({name.split(".")[0] for name in runs})),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,10 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data-dir")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from the result files, run nothing"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    for name in args.runs:
+    for name in [] if args.report_only else args.runs:
         for seed in args.seeds:
             path = RESULTS / f"{name}.seed{seed}.json"
             if not path.is_file():
@@ -160,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(
         ["python", "-m", "bench.transition_mix", *(argv if argv is not None else sys.argv[1:])]
     )
-    report = aggregate(command)
+    report = aggregate(None if args.report_only else command)
     (REPORTS / "transition_mix.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (REPORTS / "transition_mix.md").write_text(render(report), encoding="utf-8")
     return 0

@@ -10,7 +10,7 @@ transitions (``memory_store.transitions``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -194,6 +194,20 @@ class StoreStats:
     index_kind: str  # "flat" or "ivf{nlist}"
     capacity: int | None
     replication: ReplicationStatus
+    unavailable_items: int = 0  # items marked unavailable (this replica's copy)
+    new_items: int = 0  # items registered after training (this replica's copy)
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """What ``erase_user`` removed; all 0 for a user the store holds nothing of (a repeated erasure).
+    ``position`` is the log position of the erasure ("" when nothing was removed)."""
+
+    history: int  # items of the user's history
+    memories: int  # collaborative memories built from the user's history (their ``user``)
+    user_memories: int  # per-user (RAMRec) memories
+    event_ids: int  # dedup markers of the user's events still held
+    position: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +254,11 @@ class MemoryStore(Protocol):
         """Per item: the items that followed it in the memories held, with counts per lag."""
         ...
 
+    async def predecessors(self, first: int) -> dict[int, Followers]:
+        """Every next item ≥ ``first`` (those registered after training) → the items before it in the
+        memories held, per lag, counted (a :class:`Followers` row of predecessors)."""
+        ...
+
     async def update_user_memories(
         self,
         user_id: str,
@@ -251,6 +270,40 @@ class MemoryStore(Protocol):
         ...
 
     async def user_memories(self, user_ids: Sequence[str]) -> list[UserMemories]: ...
+
+    async def set_available(self, items: Sequence[int] | np.ndarray, available: bool) -> int:
+        """Mark items (ids >= 1) unavailable (``available=False``) or available again, for every replica;
+        returns how many changed state. Once it returns, this replica's ``unavailable_items`` shows it."""
+        ...
+
+    async def unavailable_items(self) -> np.ndarray:
+        """(m,) int64 sorted ids of the unavailable items, from this replica's copy (no round trip);
+        read-only."""
+        ...
+
+    async def register_items(self, external_ids: Sequence[str]) -> list[int]:
+        """The internal id of each external item id, registering unknown ones atomically with the next
+        free ids from ``config.first_new_item`` on (one id per item, whichever replica asks first)."""
+        ...
+
+    async def new_items(self) -> Mapping[str, int]:
+        """External id → internal id of every registered item, from this replica's copy; read-only, the
+        same object until the next registration."""
+        ...
+
+    async def erase_user(self, user_id: str) -> Erasure:
+        """Remove everything stored about a user: history, memories (from every replica's index, their
+        transition counts with them), per-user memories, dedup markers. Idempotent."""
+        ...
+
+    async def bank_loaded(self) -> bool:
+        """Whether the start-up bulk load of the memory bank was completed in this namespace."""
+        ...
+
+    async def mark_bank_loaded(self) -> None:
+        """Record that the bulk load is complete: later starts skip it, so memories removed since (an
+        erased user's) are never loaded again."""
+        ...
 
     async def record_user_memory_access(self, user_id: str, items: Sequence[int], ts: float) -> int: ...
 
@@ -313,6 +366,26 @@ def check_ids(ids: Sequence[int] | np.ndarray) -> np.ndarray:
     if (a < 1).any():
         raise ValueError("memory ids are >= 1")
     return a
+
+
+def check_items(items: Sequence[int] | np.ndarray) -> np.ndarray:
+    """(n,) int64 item ids, each >= 1; ValueError otherwise."""
+    a = np.asarray(items)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"items must be a 1-d sequence of ints, got {a.dtype} of shape {a.shape}")
+    a = a.astype(np.int64)
+    if (a < 1).any():
+        raise ValueError("item ids are >= 1")
+    return a
+
+
+def check_external_items(names: Sequence[str]) -> list[str]:
+    """External item ids: non-empty strings of at most 256 characters."""
+    out = list(names)
+    for name in out:
+        if not isinstance(name, str) or not name or len(name) > 256:
+            raise ValueError(f"external item id must be a non-empty string of at most 256 characters, got {name!r}")
+    return out
 
 
 def check_k(k: int) -> None:

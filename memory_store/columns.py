@@ -87,9 +87,26 @@ class MemoryColumns:
         self._low = min(self._low, int(rows.min()))
 
     def drop(self, ids: np.ndarray) -> None:
-        self.alive[ids - self.base] = False
+        """Mark ``ids`` dead and clear their values: a snapshot taken afterwards holds nothing of them."""
+        rows = ids - self.base
+        self.alive[rows] = False
+        self.item[rows], self.user[rows], self.ts[rows], self.plen[rows], self.recent[rows] = 0, 0, 0, 0, 0
         self.count -= int(ids.size)
         self._compact_if_sparse()
+
+    def ids_of_user(self, user: str) -> np.ndarray:
+        """(m,) int64 ascending: the alive ids whose memory is ``user``'s."""
+        code = self._user_code.get(user)
+        if code is None:
+            return np.zeros(0, np.int64)
+        return (np.flatnonzero(self.alive & (self.user == code)) + self.base).astype(np.int64)
+
+    def names_held(self) -> list[str]:
+        """``user_names`` with "" for every user no alive memory belongs to (an erased user's name never
+        reaches a snapshot); the codes stay where they are."""
+        held = np.zeros(len(self.user_names), bool)
+        held[np.unique(self.user[self.alive])] = True
+        return [name if keep else "" for name, keep in zip(self.user_names, held.tolist(), strict=True)]
 
     def alive_ids(self) -> np.ndarray:
         return (np.flatnonzero(self.alive) + self.base).astype(np.int64)

@@ -13,7 +13,13 @@ from memory_store.user_memory import QualityFn, recency_frequency_quality
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 # StoreConfig's integer fields and their least valid values
-_MINIMA = (("user_memory_capacity", 1), ("history_len", 1), ("recent_width", 0), ("connect_attempts", 1))
+_MINIMA = (
+    ("user_memory_capacity", 1),
+    ("history_len", 1),
+    ("recent_width", 0),
+    ("connect_attempts", 1),
+    ("first_new_item", 1),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +73,10 @@ class StoreConfig:
     service sets it from the model, and the store has no opinion of its own, so the default 0 keeps none
     and counts no transitions (a write that brings prefix items is then refused). Stored data of another
     width stays readable: the items are padded with 0 or cut to the most recent ``recent_width``.
+
+    ``first_new_item``: the internal id the first item registered after training gets
+    (``register_items``), the model's vocabulary size + 1; the service sets it from the model, as the
+    width. Ids below it are the model's own.
     """
 
     dim: int = 64
@@ -82,6 +92,7 @@ class StoreConfig:
     user_memory_capacity: int = 32
     history_len: int = 200
     recent_width: int = 0
+    first_new_item: int = 1
     dedup_ttl_s: int = 7 * 24 * 3600
     index: IndexParams = field(default_factory=IndexParams)
     quality: QualityFn = recency_frequency_quality

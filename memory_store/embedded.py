@@ -11,6 +11,11 @@ Directory layout::
     {data_dir}/{namespace}/log/          AppendLog segments (memory_store.wal)
     {data_dir}/{namespace}/snapshot/     index.faiss, meta.npz, users.json, meta.json, state.json, umem.npz
 
+Log records: ``write`` (events and memories), ``remove`` (memories), ``umem`` (a user's per-user
+memories), ``avail`` (items made (un)available), ``items`` (new items registered), ``erase`` (a user
+erased), ``bank`` (the bank's bulk load completed). ``state.json`` holds histories, dedup markers and
+their users, the catalogue (``memory_store.catalogue``) and the bank flag.
+
 Internally synchronous under one lock; the async methods run it in a worker thread. Searches only take
 the index's read lock, so they proceed while a write waits for its turn.
 """
@@ -25,7 +30,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ import numpy as np
 
 from memory_store import user_memory as um
 from memory_store.base import (
+    Erasure,
     IngestResult,
     Interaction,
     MemoryBatch,
@@ -41,13 +47,16 @@ from memory_store.base import (
     SnapshotInfo,
     StoreStats,
     check_events,
+    check_external_items,
     check_ids,
+    check_items,
     check_k,
     check_observations,
     check_user_id,
     memory_batch_for_events,
     normalise_rows,
 )
+from memory_store.catalogue import Catalogue
 from memory_store.config import StoreConfig
 from memory_store.index import MemoryIndex, followers_now, search_now
 from memory_store.snapshot import savez, snapshot_file
@@ -83,8 +92,11 @@ class EmbeddedMemoryStore:
         self._index = MemoryIndex(self.config.dim, self.config.index, self.config.recent_width)
         self._hist: dict[str, deque[int]] = {}
         self._seen: dict[str, float] = {}  # event id -> expiry (unix seconds)
+        self._user_events: dict[str, set[str]] = {}  # user -> their event ids in _seen (for erasure)
         self._umem: dict[str, um.UserMemories] = {}
         self._by_user: dict[str, deque[int]] = {}  # kept only with a per-user capacity
+        self._catalogue = Catalogue()
+        self._bank_loaded = False
         self._next_id = 1
         self._applied = 0
         self._writes_since_prune = 0
@@ -112,6 +124,14 @@ class EmbeddedMemoryStore:
             self._drop_memories(record.arrays["ids"])
         elif record.op == "umem":
             self._apply_umem(record.meta, record.arrays)
+        elif record.op == "avail":
+            self._catalogue.set_available(record.arrays["items"].tolist(), bool(record.meta["available"]))
+        elif record.op == "items":
+            self._catalogue.register(dict(zip(record.meta["names"], record.meta["ids"], strict=True)))
+        elif record.op == "erase":
+            self._apply_erase(record.meta["user"], record.arrays["ids"])
+        elif record.op == "bank":
+            self._bank_loaded = True
         else:
             raise ValueError(f"unknown log record op {record.op!r} at lsn {record.lsn}")
         self._applied = record.lsn
@@ -120,6 +140,9 @@ class EmbeddedMemoryStore:
         expiry = float(meta["seen_expiry"])
         for event_id in meta["event_ids"]:
             self._seen[event_id] = expiry
+        # whose each event id is (absent from logs written before erasure existed: none known)
+        for event_id, user in zip(meta["event_ids"], meta.get("event_users", ()), strict=False):
+            self._user_events.setdefault(user, set()).add(event_id)
         for user, item in zip(meta["hist_users"], arrays["hist_items"].tolist(), strict=True):
             self._hist.setdefault(user, deque(maxlen=self.config.history_len)).append(int(item))
         ids = arrays["mem_ids"]
@@ -151,6 +174,16 @@ class EmbeddedMemoryStore:
                     held.remove(mem_id)
         self._index.remove(ids)
 
+    def _apply_erase(self, user: str, ids: np.ndarray) -> None:
+        """Everything of ``user`` goes: history, the memories ``ids`` (with their transition counts),
+        per-user memories and dedup markers."""
+        self._hist.pop(user, None)
+        self._drop_memories(ids)
+        self._by_user.pop(user, None)
+        self._umem.pop(user, None)
+        for event_id in self._user_events.pop(user, ()):
+            self._seen.pop(event_id, None)
+
     def _apply_umem(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self._umem[meta["user"]] = um.UserMemories(
             user_id=meta["user"],
@@ -175,6 +208,9 @@ class EmbeddedMemoryStore:
         self._writes_since_prune += len(events)
         if self._writes_since_prune >= _SEEN_PRUNE_EVERY:
             self._seen = {e: t for e, t in self._seen.items() if t > now}
+            self._user_events = {
+                u: held for u, evs in self._user_events.items() if (held := evs & self._seen.keys())
+            }
             self._writes_since_prune = 0
         accepted = np.ones(len(events), bool)
         batch_ids: set[str] = set()
@@ -219,6 +255,7 @@ class EmbeddedMemoryStore:
         accepted_events = [events[int(i)] for i in rows] if events else []
         meta = {
             "event_ids": [ev.event_id for ev in accepted_events if ev.event_id is not None],
+            "event_users": [ev.user_id for ev in accepted_events if ev.event_id is not None],
             "seen_expiry": time.time() + self.config.dedup_ttl_s,
             "hist_users": [ev.user_id for ev in accepted_events],
             "mem_users": list(mem.users) if mem is not None else [],
@@ -247,6 +284,41 @@ class EmbeddedMemoryStore:
         if ids.size:
             self._commit("remove", {}, {"ids": ids})
         return int(ids.size)
+
+    def _set_available(self, items: np.ndarray, available: bool) -> int:
+        unique = dict.fromkeys(items.tolist())
+        changed = [i for i in unique if self._catalogue.is_unavailable(i) == available]
+        if changed:
+            self._commit("avail", {"available": available}, {"items": np.asarray(changed, np.int64)})
+        return len(changed)
+
+    def _register(self, names: list[str]) -> list[int]:
+        known = self._catalogue.new_items()
+        fresh: dict[str, int] = {}
+        next_id = self._catalogue.next_new_item(self.config.first_new_item)
+        for name in names:
+            if name not in known and name not in fresh:
+                fresh[name] = next_id
+                next_id += 1
+        if fresh:
+            self._commit("items", {"names": list(fresh), "ids": list(fresh.values())}, {})
+        known = self._catalogue.new_items()
+        return [known[name] for name in names]
+
+    def _erase(self, user: str) -> Erasure:
+        ids = self._index.ids_of_user(user)
+        history = len(self._hist.get(user, ()))
+        umem = self._umem.get(user)
+        events = len(self._user_events.get(user, ()))
+        n_umem = len(umem) if umem is not None else 0
+        if not (ids.size or history or umem is not None or events):
+            return Erasure(0, 0, 0, 0)
+        lsn = self._commit("erase", {"user": user}, {"ids": ids})
+        return Erasure(history, int(ids.size), n_umem, events, _position(lsn))
+
+    def _mark_bank_loaded(self) -> None:
+        if not self._bank_loaded:
+            self._commit("bank", {}, {})
 
     def _user_memory_commit(self, entries: um.UserMemories) -> None:
         arrays = {
@@ -331,6 +403,9 @@ class EmbeddedMemoryStore:
     async def followers(self, items: Sequence[int]) -> list[Followers]:
         return await followers_now(self._index, items)
 
+    async def predecessors(self, first: int) -> dict[int, Followers]:
+        return self._index.predecessors(first)
+
     async def update_user_memories(
         self,
         user_id: str,
@@ -356,6 +431,35 @@ class EmbeddedMemoryStore:
         hits: int = await self._locked(self._record_access, user_id, list(items), float(ts))
         return hits
 
+    async def set_available(self, items: Sequence[int] | np.ndarray, available: bool) -> int:
+        changed: int = await self._locked(self._set_available, check_items(items), bool(available))
+        return changed
+
+    async def unavailable_items(self) -> np.ndarray:
+        return self._catalogue.unavailable()
+
+    async def register_items(self, external_ids: Sequence[str]) -> list[int]:
+        names = check_external_items(external_ids)
+        known = self._catalogue.new_items()
+        if all(name in known for name in names):  # the common case: no lock, no thread hop
+            return [known[name] for name in names]
+        ids: list[int] = await self._locked(self._register, names)
+        return ids
+
+    async def new_items(self) -> Mapping[str, int]:
+        return self._catalogue.new_items()
+
+    async def erase_user(self, user_id: str) -> Erasure:
+        check_user_id(user_id)
+        erased: Erasure = await self._locked(self._erase, user_id)
+        return erased
+
+    async def bank_loaded(self) -> bool:
+        return self._bank_loaded
+
+    async def mark_bank_loaded(self) -> None:
+        await self._locked(self._mark_bank_loaded)
+
     async def wait_applied(self, position: str, timeout_s: float | None = None) -> bool:
         return True  # writes are applied before they return
 
@@ -371,6 +475,8 @@ class EmbeddedMemoryStore:
             index_kind=self._index.kind,
             capacity=self.config.capacity,
             replication=await self.replication(),
+            unavailable_items=int(self._catalogue.unavailable().size),
+            new_items=len(self._catalogue.new_items()),
         )
 
     # --------------------------------------------------------------------------------- persistence
@@ -395,6 +501,9 @@ class EmbeddedMemoryStore:
             "histories": {u: list(h) for u, h in self._hist.items()},
             "seen": self._seen,
             "by_user": {u: list(ids) for u, ids in self._by_user.items()},
+            "user_events": {u: sorted(evs) for u, evs in self._user_events.items()},
+            "bank_loaded": self._bank_loaded,
+            **self._catalogue.state(),
         }
         (tmp / "state.json").write_text(json.dumps(state))
         _save_user_memories(tmp / "umem.npz", self._umem, self.dim)
@@ -418,6 +527,10 @@ class EmbeddedMemoryStore:
             self._hist = {u: deque(h, maxlen=self.config.history_len) for u, h in state["histories"].items()}
             self._seen = {str(e): float(t) for e, t in state["seen"].items()}
             self._by_user = {u: deque(ids) for u, ids in state["by_user"].items()}
+            # absent from snapshots written before erasure and the catalogue existed
+            self._user_events = {u: set(evs) for u, evs in state.get("user_events", {}).items()}
+            self._bank_loaded = bool(state.get("bank_loaded", False))
+            self._catalogue = Catalogue.from_state(state.get("unavailable", ()), state.get("new_items", {}))
             self._next_id, self._applied = int(state["next_id"]), int(state["lsn"])
             with snapshot_file(source / "umem.npz") as umem_path:
                 self._umem = _load_user_memories(umem_path, self.dim)

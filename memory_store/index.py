@@ -88,6 +88,11 @@ class MemoryIndex:
         with self.lock.read():
             return self._meta.oldest(n)
 
+    def ids_of_user(self, user: str) -> np.ndarray:
+        """(m,) int64: the ids of ``user``'s memories held (a scan of the user column)."""
+        with self.lock.read():
+            return self._meta.ids_of_user(user)
+
     def users_of(self, ids: np.ndarray) -> list[str]:
         with self.lock.read():
             _, users, _, _ = self._meta.gather(np.asarray(ids, np.int64))
@@ -133,6 +138,15 @@ class MemoryIndex:
         """:meth:`followers` if no writer holds or awaits the lock, else None at once (never blocks)."""
         with self.lock.try_read() as acquired:
             return self._followers(items) if acquired else None
+
+    def predecessors(self, first: int) -> dict[int, Followers]:
+        """Every next item ≥ ``first`` (the items registered after training) → the items before it in
+        the memories held, as a :class:`Followers` row of predecessors: ``items`` the items at ``lags``
+        before it, ``counts`` how many memories. One vectorised pass over the metadata."""
+        with self.lock.read():
+            meta = self._meta
+            rows = np.flatnonzero(meta.alive & (meta.item >= first))
+            return predecessor_rows(meta.item[rows], meta.recent[rows])
 
     def _followers(self, items: Sequence[int]) -> list[Followers]:
         """The rows themselves; the caller holds the read lock."""
@@ -240,7 +254,7 @@ class MemoryIndex:
             return IndexImage(
                 index=faiss.serialize_index(self._index),  # (bytes,) uint8
                 columns={name: col.copy() for name, col in self._meta.state().items()},
-                users=list(self._meta.user_names),
+                users=self._meta.names_held(),
                 info={"dim": self.dim, "nlist": self._nlist, "trained_for": self._trained_for},
             )
 
@@ -266,6 +280,29 @@ class MemoryIndex:
                 f"{self._meta.count} metadata rows"
             )
         return self
+
+
+def predecessor_rows(items: np.ndarray, recent: np.ndarray) -> dict[int, Followers]:
+    """Memories' next items (n,) and prefix items (n, width) → per next item, the items before it by
+    lag, counted; sorted by predecessor, then lag."""
+    n, width = recent.shape
+    if not n or not width:
+        return {}
+    lag = np.broadcast_to(np.arange(1, width + 1, dtype=np.int64), (n, width))
+    nxt = np.broadcast_to(items.astype(np.int64)[:, None], (n, width))
+    present = recent > 0
+    b, a, k = nxt[present], recent[present].astype(np.int64), lag[present]
+    if not b.size:
+        return {}
+    span = int(a.max()) + 1
+    codes, counts = np.unique((b * span + a) * (width + 1) + k, return_counts=True)  # by b, a, lag
+    pair, lags = codes // (width + 1), codes % (width + 1)
+    of, before = pair // span, pair % span
+    starts = np.flatnonzero(np.r_[True, of[1:] != of[:-1]])
+    ends = np.r_[starts[1:], of.size]
+    return {
+        int(of[s]): Followers(before[s:e], lags[s:e], counts[s:e]) for s, e in zip(starts, ends, strict=True)
+    }
 
 
 async def followers_now(index: MemoryIndex, items: Sequence[int]) -> list[Followers]:

@@ -19,6 +19,7 @@ values (model.tuning), it never changes a config in place.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -228,12 +229,24 @@ class Predictor:
     # --- step 1: prepare ---------------------------------------------------------------------------
 
     def prepare(self, histories: Sequence[Sequence[int]], users: Sequence[object] | None = None) -> Plan:
-        """Histories (item ids ≥ 1, oldest first; empty: a cold user) → the encoded plan of the batch."""
-        warm = np.asarray([i for i, h in enumerate(histories) if len(h)], dtype=np.int64)
-        windows = [np.asarray(histories[i][-self.max_len :], dtype=np.int64) for i in warm]
+        """Histories (item ids ≥ 1, oldest first; empty: a cold user) → the encoded plan of the batch.
+
+        Items the model was not trained on (ids past its vocabulary, registered by the store since) are
+        read by the transition channel but not by the encoder; a history without any item the encoder
+        knows is answered as a cold user's."""
+        known = [self.known(h) for h in histories]
+        warm = np.asarray([i for i, h in enumerate(known) if len(h)], dtype=np.int64)
+        windows = [known[i][-self.max_len :] for i in warm]
         states = self.encode(windows) if len(windows) else np.zeros((0, self.encoder.cfg.dim), np.float32)
         who = None if users is None else np.asarray([users[i] for i in warm], dtype=object)
-        return self.plan(states, windows, who, len(histories), warm)
+        recent = tr.last_items([histories[i] for i in warm])  # new items included
+        return self.plan(states, windows, who, len(histories), warm, recent=recent)
+
+    def known(self, history: Sequence[int] | IntArray) -> IntArray:
+        """The items of ``history`` the encoder was trained on, in order."""
+        h = np.asarray(history, dtype=np.int64)
+        out: IntArray = h[h < self.n_ids]
+        return out
 
     def plan(
         self,
@@ -243,16 +256,18 @@ class Predictor:
         rows: int | None = None,
         warm: IntArray | None = None,
         prefix_lens: IntArray | None = None,
+        recent: IntArray | None = None,
     ) -> Plan:
         """The plan of already encoded queries: ``states`` (W, D) of the non-empty ``windows`` (their
-        last ≤ max_len items); offline, ``prefix_lens`` turns the leakage rule on."""
+        last ≤ max_len items); offline, ``prefix_lens`` turns the leakage rule on. ``recent``: the
+        histories' last items when they hold items the windows do not (default: the windows')."""
         n = len(windows)
         return Plan(
             rows=n if rows is None else rows,
             warm=np.arange(n, dtype=np.int64) if warm is None else warm,
             states=states,
             depths=self.depths(windows),  # over the whole set at once offline: one batching
-            recent=tr.last_items(windows),
+            recent=tr.last_items(windows) if recent is None else recent,
             users=users,
             prefix_lens=prefix_lens,
             fetch=self.fetch,
@@ -265,8 +280,10 @@ class Predictor:
         Encoded in length-sorted chunks of at most ``ENCODE_CHUNK`` rows: one padded (B, T) pass costs
         as if every row were the longest, and attention grows with T². On Beauty histories a batch of 42
         took 9.0 ms in one pass and 3.9 ms in chunks of 16."""
-        rows = [np.asarray(h[-self.max_len :], dtype=np.int64) for h in windows]
+        rows = [self.known(h)[-self.max_len :] for h in windows]
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        if not lengths.all():
+            raise ValueError("a history to encode holds no item the encoder knows (see Predictor.known)")
         order = np.argsort(lengths, kind="stable")
         out = np.empty((len(rows), self.encoder.cfg.dim), dtype=np.float32)
         for start in range(0, len(rows), ENCODE_CHUNK):
@@ -295,6 +312,7 @@ class Predictor:
         k = self.cfg.k
         cols, kept = select(hits, k, plan.users, plan.prefix_lens, self.cfg.cross_user)
         present = kept & (np.arange(k)[None, :] < plan.depths[:, None])  # adaptive K
+        present &= take(hits.items, cols) < self.n_ids  # its value embedded: an item the model knows
         items = np.where(present, take(hits.items, cols), 0).astype(np.int64)
         sims = np.where(present, take(hits.scores, cols), 0.0).astype(np.float32)
         return Memories(cols, present, items, sims, take(hits.keys, cols))
@@ -353,28 +371,40 @@ class Predictor:
         rows: Mapping[int, tr.Row] | None,
         voters: Candidates | None = None,
         user_items: IntArray | None = None,
+        new_items: Tensor | None = None,
     ) -> Scored:
         """Scores over the catalogue of the plan's warm rows: fused logits, mixed with the memory
         vote (``voters``, default ``hits``) and the transition channel (``rows``: the store's follower
-        rows of ``plan.wanted``) where the model has them on."""
+        rows of ``plan.wanted``) where the model has them on. ``new_items`` (m, D): embeddings of the
+        items registered since training (ids n_items + 1 …, model.catalogue), NaN where nothing is
+        known of one yet; they widen the catalogue to n_items + 1 + m columns."""
         dev = self.encoder.item_emb.weight.device
         states = torch.from_numpy(plan.states).to(dev)
         mem = self.memories(plan, hits) if hits is not None and self.retrieval else None
-        logits = self.encoder.scores(self.fused(states, mem, user_items))
-        scores, vote_in, shares = logits, None, None
+        fused = self.fused(states, mem, user_items)
         voting = voters if voters is not None else hits
-        if self.cfg.vote.on and voting is not None and self.retrieval:
-            vote_in = tuple(t.to(dev) for t in self.voters(plan, voting))
+        vote_in = (
+            self.voters(plan, voting) if self.cfg.vote.on and voting is not None and self.retrieval else None
+        )
+        logits = self.encoder.scores(fused)
+        if new_items is not None:  # the catalogue has grown since training: as wide as any id read
+            extra = _widened(new_items, self.n_ids, vote_in, rows if self.cfg.transitions.on else None)
+            logits = torch.cat([logits, (fused @ extra.to(dev).T).nan_to_num(nan=-math.inf)], dim=1)
+        scores, shares = logits, None
+        if vote_in is not None:
+            items, sims = vote_in
+            vote_in = (items.where(items < logits.shape[1], 0).to(dev), sims.to(dev))  # a newer item: no vote
             scores = vt.mix(scores, vote_in[0], vote_in[1], self.cfg.vote)
         if self.cfg.transitions.on and rows is not None:
-            shares = self.shares(plan.recent, rows).to(dev)
+            shares = self.shares(plan.recent, rows, logits.shape[1]).to(dev)
             scores = tr.mix(scores, shares, self.cfg.transitions)
-        return Scored(scores, logits, mem, (vote_in[0], vote_in[1]) if vote_in else None, shares)
+        return Scored(scores, logits, mem, vote_in, shares)
 
-    def shares(self, recent: IntArray, rows: Mapping[int, tr.Row]) -> tr.Shares:
-        """The transition shares of queries whose last items are ``recent`` (B, MAX_ORDER)."""
+    def shares(self, recent: IntArray, rows: Mapping[int, tr.Row], width: int | None = None) -> tr.Shares:
+        """The transition shares of queries whose last items are ``recent`` (B, MAX_ORDER), over the
+        first ``width`` ids (default: the model's vocabulary)."""
         order = self.cfg.transitions.order
-        return tr.shares_from_rows(recent, rows, self.n_ids, order)
+        return tr.shares_from_rows(recent, rows, width or self.n_ids, order)
 
     @torch.inference_mode()
     def finish(
@@ -385,16 +415,20 @@ class Predictor:
         masks: Sequence[IntArray],
         n: Sequence[int],
         explain: Sequence[bool] = (),
+        new_items: Tensor | None = None,
     ) -> list[Ranked]:
-        """Each query's top ``n[i]`` items, ``masks[i]`` removed; cold rows get the popular items."""
+        """Each query's top ``n[i]`` items, ``masks[i]`` removed; cold rows get the popular items.
+        ``new_items``: the embeddings of the items registered since training (:meth:`score`)."""
         is_warm = np.zeros(plan.rows, dtype=bool)
         is_warm[plan.warm] = True
         out = [self.cold_start(masks[i], n[i]) if not is_warm[i] else _UNSET for i in range(plan.rows)]
         if not len(plan.warm):
             return out
-        scored = self.score(plan, hits, rows)
+        scored = self.score(plan, hits, rows, new_items=new_items)
         warm = plan.warm.tolist()
-        top = self.top(scored.scores, [masks[i] for i in warm], [n[i] for i in warm])
+        explained = any(explain[i] for i in warm if i < len(explain))
+        ranked = scored.scores.clone() if explained and scored.scores is scored.logits else scored.scores
+        top = self.top(ranked, [masks[i] for i in warm], [n[i] for i in warm])  # masks in place
         strategy = "retrieval" if scored.memories is not None else "encoder"
         for j, i in enumerate(warm):
             items, scores = top[j]
@@ -409,10 +443,12 @@ class Predictor:
         self, scores: Tensor, masks: Sequence[IntArray], n: Sequence[int]
     ) -> list[tuple[IntArray, npt.NDArray[np.float64]]]:
         """Masked items removed, the top n[i] of row i: (item ids, scores); -inf scores never come."""
+        width = scores.shape[1]
+        masks = [m[m < width] for m in masks]  # an item newer than the catalogue scored is not in it
         if any(m.size for m in masks):  # one indexed write for the batch, not one per row
             rows = torch.from_numpy(np.repeat(np.arange(len(masks)), [m.size for m in masks]))
             scores[rows, torch.from_numpy(np.concatenate(masks).astype(np.int64))] = -torch.inf
-        top_s, top_i = torch.topk(scores, k=min(max(n), self.n_ids - 1), dim=1)
+        top_s, top_i = torch.topk(scores, k=min(max(n), width - 1), dim=1)
         out = []
         for i, want in enumerate(n):
             s, ids = top_s[i, :want].cpu().numpy(), top_i[i, :want].cpu().numpy()
@@ -434,23 +470,26 @@ class Predictor:
         vote or the channel is on (the scores are then log-probabilities); with both off, ``model`` is
         the softmax probability of the fused logits."""
         vote, mix = self.cfg.vote, self.cfg.transitions
+        width = scored.logits.shape[1]
         ids = torch.from_numpy(items).to(scored.logits.device)
         p_model = torch.softmax(scored.logits[row].double(), dim=-1)
         w = vote.weight if scored.voters is not None else 0.0
         m_model, m_vote = (1 - w) * p_model, torch.zeros_like(p_model)  # exp of the vote's scores
         if scored.voters is not None:
             v_items, v_sims = (t[row : row + 1] for t in scored.voters)
-            m_vote = w * vt.distribution(v_items, v_sims.float(), vote.temperature, self.n_ids)[0].double()
+            m_vote = w * vt.distribution(v_items, v_sims.float(), vote.temperature, width)[0].double()
         m_trans = torch.zeros_like(p_model)
         if scored.shares is not None:  # the channel renormalises the vote's scores: a row without
             # voters sums to 1 − w there
             lam = mix.weight
             scale = (1 - lam) / float((m_model + m_vote).sum())
             m_model, m_vote = m_model * scale, m_vote * scale
-            dense = scored.shares.dense(self.n_ids)[row]
+            dense = scored.shares.dense(width)[row]
             m_trans = lam * dense / dense.sum().clamp_min(1.0)
         plain = self.encoder.scores(torch.from_numpy(plan.states[row : row + 1]))[0]
-        enc_rank = (plain[None, :] > plain[ids][:, None]).sum(1) + 1
+        known = ids < len(plain)  # a new item has no rank of the plain encoder's: after all the others
+        mine = torch.where(known, plain[ids.clamp(max=len(plain) - 1)], -math.inf)
+        enc_rank = torch.where(known, (plain[None, :] > mine[:, None]).sum(1) + 1, len(plain))
         follows = self._follows(plan.recent[row], items, rows) if scored.shares is not None else {}
         out = []
         for j, item in enumerate(items.tolist()):
@@ -490,6 +529,22 @@ class Predictor:
                     parts = out.setdefault(b, {})
                     parts[a] = parts.get(a, 0.0) + float(w[j] * w[lag - 1] * c)
         return out
+
+
+def _widened(
+    new_items: Tensor, n_ids: int, voters: tuple[Tensor, Tensor] | None, rows: Mapping[int, tr.Row] | None
+) -> Tensor:
+    """``new_items`` (m, D) padded with NaN rows (no embedding yet) up to the largest item id the voters
+    or the follower rows name: an item registered after the embeddings were derived still gets its
+    vote and its transitions."""
+    width = n_ids + len(new_items)
+    if voters is not None and voters[0].numel():
+        width = max(width, int(voters[0].max()) + 1)
+    for nxt, _, _ in (rows or {}).values():
+        if nxt.size:
+            width = max(width, int(nxt.max()) + 1)
+    pad = torch.full((width - n_ids - len(new_items), new_items.shape[1]), float("nan"))
+    return torch.cat([new_items.float(), pad])
 
 
 def popularity(targets: IntArray, n_items: int) -> IntArray:

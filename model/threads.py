@@ -15,10 +15,12 @@ log = logging.getLogger(__name__)
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the platform has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+    """The cores this process may run on (its CPU affinity where the platform has one), at most torch's
+    own default (the physical cores, or OMP_NUM_THREADS when set) as long as nothing has changed it."""
+    import torch  # here, not at import: the tests of the arithmetic below need no torch
+
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(logical, torch.get_num_threads()))
 
 
 def load_average() -> float:

@@ -149,8 +149,9 @@ def shares_from_rows(
         none = np.zeros(0, np.int64)
         return _pack(none, none, np.zeros(0, np.float64), len(query_recent))
     nxt, lags, counts = (np.concatenate([rows[a][f] for a in keys]) for f in range(3))
-    lag_ok = lags <= order
-    weighted = np.where(lag_ok, w[np.minimum(lags, order) - 1] * counts, 0)  # (E,) w(lag) · count
+    ok = (lags <= order) & (nxt < n_ids)  # an item newer than the catalogue scored gets no share
+    nxt = np.where(nxt < n_ids, nxt, 0)  # its weight is 0 at column 0, dropped with the zero totals
+    weighted = np.where(ok, w[np.minimum(lags, order) - 1] * counts, 0)  # (E,) w(lag) · count
     starts = np.cumsum(lengths) - lengths
     index = {a: k for k, a in enumerate(keys)}
     k = np.asarray([index[int(a)] for a in query_recent[q_row, q_slot]], np.int64)  # (S,) row of each slot

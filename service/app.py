@@ -31,8 +31,9 @@ from service.metrics import Metrics
 from service.middleware import ObserveRequests
 from service.pipeline import Pipeline
 from service.recommender import serving_predictor
-from service.routes import health, interactions, recommend, ui
+from service.routes import catalogue, health, interactions, recommend, ui, users
 from service.routes import metrics as metrics_route
+from service.routes.items import ItemIds
 from service.schemas import Problem
 from service.settings import Settings
 from service.state import Runtime
@@ -46,7 +47,8 @@ DOCS_ASSETS = "/docs/assets"  # Swagger UI's and ReDoc's files, from the fastapi
 DOCS_CSP = "img-src 'self' data:; font-src 'self' data:; connect-src 'self'"
 
 
-def store_config(settings: Settings, dim: int, model_version: str) -> StoreConfig:
+def store_config(settings: Settings, dim: int, model_version: str, n_items: int) -> StoreConfig:
+    """The store of a model: ``dim`` its state size, ``n_items`` its vocabulary (new items come after)."""
     return StoreConfig(
         dim=dim,
         namespace=settings.store_namespace(model_version),
@@ -58,6 +60,7 @@ def store_config(settings: Settings, dim: int, model_version: str) -> StoreConfi
         user_capacity=settings.user_capacity,
         history_len=max(200, settings.history_len),
         recent_width=MAX_ORDER,  # prefix items a memory keeps: the transition channel's order (the model's)
+        first_new_item=n_items + 1,  # items registered after training come after the model's
         index=IndexParams(
             exact_threshold=settings.exact_threshold, nprobe=settings.nprobe, threads=settings.torch_threads
         ),
@@ -69,7 +72,7 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     torch.set_num_threads(settings.torch_threads)
     faiss.omp_set_num_threads(settings.torch_threads)
     art = await asyncio.to_thread(artifact.load, settings.model_dir, settings.device)
-    config = store_config(settings, art.encoder.cfg.dim, art.model_version)
+    config = store_config(settings, art.encoder.cfg.dim, art.model_version, art.vocab.n_items)
     store: MemoryStore = await open_store(config)
     try:
         if settings.load_bank and art.bank is not None:
@@ -97,7 +100,8 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         "frozen" if rec.frozen else "eager",
         config.namespace,
     )
-    return Runtime(settings, art.model_version, art.vocab, store, pipeline, ingestor)
+    items = ItemIds(art.vocab, store, accept_new=settings.new_items == "accept")
+    return Runtime(settings, art.model_version, art.vocab, store, pipeline, ingestor, items)
 
 
 async def snapshot_now(store: MemoryStore) -> bool:
@@ -199,6 +203,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keyed = {"dependencies": [Depends(require_api_key)], "responses": {401: {"model": Problem}}}
     app.include_router(recommend.router, **keyed)
     app.include_router(interactions.router, **keyed)
+    app.include_router(catalogue.router, **keyed)
+    app.include_router(users.router, **keyed)
     app.include_router(health.router)
     app.include_router(metrics_route.router, **(keyed if settings.metrics_require_key else {}))
     app.include_router(ui.api, **keyed)

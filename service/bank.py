@@ -3,8 +3,11 @@
 Each bank row is ingested as an interaction of its user with an event id derived from its row
 (``bank:{row}``), so the store's atomic dedup accepts every row once per namespace: a restart, or two
 replicas loading at the same time against one Redis, never double-load (rows already written come back
-as duplicates), and a load interrupted half-way resumes where it stopped. A store that already holds at
-least as many memories as the bank is taken as loaded and skipped without a write. Rows go in user
+as duplicates), and a load interrupted half-way resumes where it stopped. A completed load is recorded
+in the store (``mark_bank_loaded``) and never runs again in that namespace: the dedup markers expire,
+and an erased user's markers go with them, so only the record keeps a restart from loading the rows
+of a user erased since (or every row, once the markers expired). A store that already holds at least
+as many memories as the bank (loaded before the record existed) is taken as loaded too. Rows go in user
 order, by prefix length, each user's first item (no memory's value, kept beside the bank) appended to
 the history just before the user's first row, so each known user's stored history is their training
 + validation sequence, the input of their offline test sample, with timestamps 0.0. A model directory
@@ -57,9 +60,13 @@ async def load_bank(
 ) -> int:
     """Write the bank's rows not in the store yet; returns how many were written by this call.
     ``first_items`` (n_users,): each user's first item, 0 for none (``Artifact.first_items``)."""
+    if await store.bank_loaded():
+        log.info("memory bank already loaded (recorded in the store)")
+        return 0
     held = (await store.stats()).memories
     if held >= len(bank):
         log.info("memory bank already loaded (%d memories held, bank has %d)", held, len(bank))
+        await store.mark_bank_loaded()
         return 0
     t0 = time.perf_counter()
     order = np.lexsort((bank.prefix_lens, bank.users))  # by user, then prefix length
@@ -79,6 +86,7 @@ async def load_bank(
         recent = bank.recent[rows] if bank.recent is not None else None  # None: older model directories
         res = await store.ingest(events, bank.keys[rows], bank.prefix_lens[rows], recent)
         written += res.accepted
+    await store.mark_bank_loaded()
     log.info(
         "loaded %d of %d bank memories in %.1f s (%d were already there)",
         written,

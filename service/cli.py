@@ -9,6 +9,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -400,9 +401,15 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "reindex":
         return cmd_reindex(args)
-    apply_threads(choose_threads(args.threads))  # train and evaluate: the cores other processes leave free
+    return run_job(args, cmd_train if args.command == "train" else cmd_evaluate)
+
+
+def run_job(args: argparse.Namespace, job: Callable[[argparse.Namespace], dict[str, Any]]) -> int:
+    """Run a training or evaluation ``job`` on the cores other processes leave free and print its
+    JSON; exit status 2, with the message logged, for bad data or a bad model directory."""
+    apply_threads(choose_threads(args.threads))
     try:
-        out = cmd_train(args) if args.command == "train" else cmd_evaluate(args)
+        out = job(args)
     except (DataError, artifact.ArtifactError) as e:
         log.error("%s", e)
         return 2

@@ -3,7 +3,10 @@
 Every event's memory key is the encoding of the user's history *before* the item, where the history
 includes the earlier events of the same batch; the memory also keeps that history's last items, from
 which the store counts item transitions. A user's first ever event has no history, so it only
-starts the history (no memory). In frozen-memory mode no memory is written at all.
+starts the history (no memory); so do the events whose history holds no item the encoder knows yet
+(only items registered after training: there is nothing to encode a key from). Items registered after
+training are stored like any other: as a memory's next item and among its prefix items. In
+frozen-memory mode no memory is written at all.
 """
 
 from __future__ import annotations
@@ -57,10 +60,13 @@ class Ingestor:
             res = await self.store.append_interactions(events)
             return self._count(res.accepted, res.duplicates)
         prefixes = await self.prefixes(events)
-        with_memory = [i for i, p in enumerate(prefixes) if p]
-        first = [events[i] for i, p in enumerate(prefixes) if not p]
+        keyed = [len(self.predictor.known(p)) > 0 for p in prefixes]  # a key can be encoded
+        with_memory = [i for i, k in enumerate(keyed) if k]
+        first = [events[i] for i, k in enumerate(keyed) if not k]
         accepted = duplicates = 0
-        if first:  # a user's first events go first, so every history keeps the batch order
+        # A user's unkeyed events come before their keyed ones (a prefix only grows): they go first, so
+        # every history keeps the batch order.
+        if first:
             res = await self.store.append_interactions(first)
             accepted, duplicates = res.accepted, res.duplicates
         if with_memory:

@@ -69,6 +69,21 @@ class Metrics:
             "memrec_degraded_total", "Recommendations answered without the store (unreachable)", registry=r
         )
         self.errors = Counter("memrec_errors_total", "Failed requests by kind", ["kind"], registry=r)
+        self.erasures = Counter(
+            "memrec_user_erasures_total", "Users erased (DELETE /users/{id}), repeats included", registry=r
+        )
+        self.unavailable_items = Gauge(  # the shared store's set: every worker reads the same
+            "memrec_unavailable_items",
+            "Items marked unavailable (never recommended)",
+            multiprocess_mode="livemostrecent",
+            registry=r,
+        )
+        self.new_items = Gauge(
+            "memrec_new_items",
+            "Items registered after training (ids beyond the model's vocabulary)",
+            multiprocess_mode="livemostrecent",
+            registry=r,
+        )
         self.bank_size = Gauge(  # the shared store's count: every worker reads the same
             "memrec_memory_bank_size",
             "Collaborative memories in the store",
@@ -107,6 +122,8 @@ class Metrics:
         self.index_size.set(stats.index_size)
         self.ingest_lag.set(stats.replication.lag_s)
         self.ingest_pending.set(stats.replication.pending)
+        self.unavailable_items.set(stats.unavailable_items)
+        self.new_items.set(stats.new_items)
 
     def render(self) -> bytes:
         """The text exposition: this app's registry, or with a shared directory every worker's values."""

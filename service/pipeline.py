@@ -15,20 +15,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from memory_store import MemoryStore, SearchResult
+from memory_store.transitions import Followers
 from model import transitions as tr
+from model.catalogue import derived_embeddings
 from model.predictor import Plan, Predictor, Ranked
 from service.errors import store_errors
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+NEW_ITEM_REFRESH_S = 1.0  # how stale the derived embeddings of new items may be
 
 IntArray = np.ndarray
 
@@ -106,6 +112,7 @@ class Pipeline:
         self.max_wait_s = max_wait_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
+        self.new_items = NewItemEmbeddings(predictor, store)
 
     def start(self) -> None:
         if self._worker is None:
@@ -170,13 +177,15 @@ class Pipeline:
         stored, degraded = await self._histories(queries)
         seen = [[*s, *q.history] for s, q in zip(stored, queries, strict=True)]  # masked when asked
         histories = [h[-self.history_len :] for h in seen]  # encoded
-        masks = [_mask(q, h) for q, h in zip(queries, seen, strict=True)]
+        unavailable = await self.store.unavailable_items()  # this replica's copy: no round trip
+        masks = [_mask(q, h, unavailable) for q, h in zip(queries, seen, strict=True)]
         with self._stage("encode"):
             plan = self.predictor.prepare(histories, [q.user_id for q in queries])
         hits, rows = await self._fetch(plan)
+        new_items = await self.new_items.current()
         with self._stage("score"):
             ranked = self.predictor.finish(
-                plan, hits, rows, masks, [q.n for q in queries], [q.explain for q in queries]
+                plan, hits, rows, masks, [q.n for q in queries], [q.explain for q in queries], new_items
             )
         row_of = {int(i): j for j, i in enumerate(plan.warm)}  # batch row → its row among the searched
         out = [
@@ -215,13 +224,49 @@ class Pipeline:
         return hits, rows
 
 
+class NewItemEmbeddings:
+    """The derived embeddings of the items registered after training (model.catalogue), from the
+    memories this replica holds; re-derived at most every ``refresh_s``, so that the encoder's side
+    follows the counts as they grow. The vote and the transition channel read a new item at once."""
+
+    def __init__(
+        self, predictor: Predictor, store: MemoryStore, refresh_s: float = NEW_ITEM_REFRESH_S
+    ) -> None:
+        self.predictor = predictor
+        self.store = store
+        self.refresh_s = refresh_s
+        self._at = -math.inf
+        self._value: torch.Tensor | None = None
+
+    async def current(self) -> torch.Tensor | None:
+        """(m, D) for ids n_items + 1 … n_items + m, NaN rows where nothing is known yet; None while no
+        memory names a new item."""
+        now = time.monotonic()
+        if now - self._at >= self.refresh_s:
+            self._at = now
+            self._value = self._derive(await self.store.predecessors(self.predictor.n_ids))
+        return self._value
+
+    def _derive(self, rows: Mapping[int, Followers]) -> torch.Tensor | None:
+        if not rows:
+            return None
+        first = self.predictor.n_ids
+        empty = Followers.empty()
+        per_item = [rows.get(b, empty) for b in range(first, max(rows) + 1)]
+        table = self.predictor.encoder.item_emb.weight.detach()
+        order = self.predictor.cfg.transitions.order
+        return derived_embeddings(table, [(f.items, f.lags, f.counts) for f in per_item], order)
+
+
 async def _none() -> None:
     return None
 
 
-def _mask(q: Query, history: list[int]) -> IntArray:
+def _mask(q: Query, history: list[int], unavailable: IntArray) -> IntArray:
+    """The items never to recommend to ``q``: its history (when asked), its exclusions and the items
+    marked unavailable (cold-start answers included)."""
     seen = history if q.exclude_seen else []
-    return np.unique(np.asarray([*seen, *q.exclude_items], dtype=np.int64))
+    return np.union1d(np.asarray([*seen, *q.exclude_items], dtype=np.int64), unavailable)
 
 
 def _memory(hits: SearchResult, row: int, col: int) -> Memory:

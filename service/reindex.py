@@ -25,7 +25,7 @@ async def reindex(settings: Settings) -> dict[str, Any]:
     """Load ``settings.model_dir``'s bank into its store namespace and snapshot the index."""
     t0 = time.perf_counter()
     art = artifact.load(settings.model_dir, "cpu")
-    config = store_config(settings, art.encoder.cfg.dim, art.model_version)
+    config = store_config(settings, art.encoder.cfg.dim, art.model_version, art.vocab.n_items)
     out: dict[str, Any] = {"model_version": art.model_version, "namespace": config.namespace}
     store = await open_store(config)
     try:

@@ -66,6 +66,9 @@ class MemoryOut(BaseModel):
     similarity: float
     prefix_len: int
     timestamp: float
+    available: bool = Field(
+        default=True, description="false when item_id is marked unavailable (it is never recommended)"
+    )
 
 
 class RecommendResponse(BaseModel):
@@ -102,6 +105,31 @@ class InteractionsRequest(BaseModel):
 class InteractionsResponse(BaseModel):
     accepted: int
     duplicates: int
+
+
+class AvailabilityRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ItemId] = Field(min_length=1, description="item ids, all known to the service")
+    available: bool = Field(description="false: never recommend them; true: they may be recommended again")
+
+
+class AvailabilityResponse(BaseModel):
+    items: int = Field(description="distinct items in the request")
+    changed: int = Field(description="items whose availability this request changed")
+    unavailable: int = Field(description="items unavailable now, in all")
+
+
+class UnavailableItems(BaseModel):
+    items: list[ItemId] = Field(description="every item marked unavailable")
+
+
+class ErasureResponse(BaseModel):
+    user_id: UserId
+    history_items: int = Field(description="items of the user's history removed")
+    memories: int = Field(description="memories built from the user's history removed from the bank")
+    user_memories: int = Field(description="per-user memories removed")
+    event_ids: int = Field(description="idempotency keys (event_id) of the user's events forgotten")
 
 
 class Problem(BaseModel):

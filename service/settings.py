@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,11 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(default=64, ge=1, description="requests fused into one forward pass")
     batch_max_wait_ms: float = Field(default=1.0, ge=0.0, description="wait for more requests to batch")
     frozen_memory: bool = Field(default=False, description="interactions update histories, never memories")
+    new_items: Literal["accept", "reject"] = Field(
+        default="accept",
+        description="item ids the model was not trained on: 'accept' registers them from /interactions, "
+        "'reject' answers 422",
+    )
     load_bank: bool = Field(default=True, description="bulk-load the artifact's memories at start-up")
     snapshot_interval_s: float = Field(
         default=300.0, ge=0.0, description="seconds between index snapshots (also one at shutdown); 0: off"

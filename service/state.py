@@ -15,6 +15,7 @@ from model.data import Vocab
 from service.ingest import Ingestor
 from service.metrics import Metrics
 from service.pipeline import Pipeline
+from service.routes.items import ItemIds
 from service.settings import Settings
 
 
@@ -26,6 +27,7 @@ class Runtime:
     store: MemoryStore
     pipeline: Pipeline
     ingestor: Ingestor
+    items: ItemIds  # external ↔ internal item ids, the store's new items included
 
 
 async def get_settings(request: Request) -> Settings:

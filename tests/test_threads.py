@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import faiss
 import pytest
+import torch
 
-from model.threads import choose_threads, free_cores, usable_cores
+from model.threads import apply_threads, choose_threads, free_cores, usable_cores
 
 
 @pytest.mark.parametrize(
@@ -41,3 +43,13 @@ def test_threads_flag_overrides_the_load(caplog: pytest.LogCaptureFixture) -> No
         assert choose_threads(3, cores=2, load=5.0) == 3
     assert "using 3 CPU threads (--threads)" in caplog.text
     assert choose_threads(0, cores=4, load=1.0) == 3  # 0: the default, as before
+
+
+def test_apply_threads_sizes_torch_and_faiss() -> None:
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        apply_threads(1)
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])

@@ -1,5 +1,6 @@
 """Memories as bytes, both ways: the write script's arguments (see ``layout.WRITE_SCRIPT``), and the
-``op=add`` log entries and ``mem:{id}`` hashes read back into (ids, MemoryBatch).
+``op=add`` log entries and ``mem:{id}`` hashes read back into (ids, MemoryBatch); and the catalogue's
+``op=avail`` and ``op=items`` entries.
 
 All binary little-endian. The prefix items (``rec``) are read at the writer's width (the bytes say it:
 ``len(rec) / (8 n)``) and fitted to the reader's ``recent_width`` (base.fit_recent), so entries and
@@ -111,3 +112,14 @@ def concat(parts: list[Rows]) -> Rows:
         recent=np.concatenate([p[1].recent for p in parts]),
     )
     return ids, batch
+
+
+def decode_availability(fields: dict[bytes, bytes]) -> tuple[list[int], bool]:
+    """(item ids, available) of an ``op=avail`` log entry."""
+    return [int(i) for i in fields[b"items"].split(b",")], fields[b"on"] == b"1"
+
+
+def decode_registered(fields: dict[bytes, bytes]) -> dict[str, int]:
+    """External id → internal id of an ``op=items`` log entry."""
+    names: list[str] = json.loads(fields[b"names"])
+    return dict(zip(names, (int(i) for i in fields[b"ids"].split(b",")), strict=True))

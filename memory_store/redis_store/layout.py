@@ -12,9 +12,17 @@ key (after the prefix)   type    content
 ``mem:seq``              STRING  last memory id allocated (INCRBY inside the write script)
 ``mem:count``            STRING  memories currently held
 ``mem:low``              STRING  eviction cursor: no memory below this id is held
-``byuser:{user}``        LIST    memory ids of the user, oldest first (only with a per-user capacity)
+``byuser:{user}``        LIST    memory ids of the user, oldest first (the per-user capacity's order,
+                                 and what an erasure removes; memories written before it was kept
+                                 for every capacity are found by the replica's index instead)
 ``seen:{event_id}``      STRING  dedup marker, SET NX with the dedup TTL
+``events:{user}``        SET     the user's event ids with a dedup marker (for erasure), expiring
+                                 with the latest of them
 ``umem:{user}``          HASH    per-user memories: item id -> packed record (user_memory.record_dtype)
+``unavailable``          SET     item ids marked unavailable
+``items:new``            HASH    external id -> internal id of the items registered after training
+``items:seq``            STRING  last internal id given to a new item (starts at first_new_item - 1)
+``bank:loaded``          STRING  set once the start-up bulk load of the memory bank completed
 ``log``                  STREAM  replication log, one entry per write (see below)
 ``epoch``                STRING  random token set once (SET NX) when a replica first opens the
                                  namespace; a snapshot records it, so one taken before the namespace
@@ -27,7 +35,15 @@ Log entries (all binary little-endian):
   ``item`` (n,) int64, ``ts`` (n,) float64, ``len`` (n,) int32, ``rec`` (n, w) int64, ``user`` a
   JSON list of n strings. The width w is the writer's ``recent_width`` (``len(rec) / (8 n)``; a reader
   fits it to its own). Entries and hashes written before ``rec`` existed lack it (no items known).
-* ``op=del ids``: comma-separated memory ids removed (explicitly or by eviction).
+* ``op=del ids``: comma-separated memory ids removed (explicitly, by eviction or by a user's erasure).
+* ``op=avail on items``: comma-separated item ids whose availability changed to ``on`` ("1"
+  available again, "0" unavailable).
+* ``op=items names ids``: new items registered, ``names`` a JSON list of external ids and ``ids``
+  their comma-separated internal ids.
+
+Replicas read the whole catalogue (``unavailable``, ``items:new``) when they restore or rebuild, then
+apply the ``avail`` and ``items`` entries after that position as they apply memories. Each entry sets
+a state (never toggles one), so replaying an entry the read already reflected changes nothing.
 
 One write script call is one atomic unit: dedup markers, history appends, memory hashes, the log entry
 and the evictions it causes commit together or not at all.
@@ -48,6 +64,11 @@ MEM_LOW = "mem:low"
 BY_USER = "byuser:"
 SEEN = "seen:"
 USER_MEM = "umem:"
+USER_EVENTS = "events:"
+UNAVAILABLE = "unavailable"
+NEW_ITEMS = "items:new"
+NEW_ITEMS_SEQ = "items:seq"
+BANK_LOADED = "bank:loaded"
 LOG = "log"
 EPOCH = "epoch"
 
@@ -69,12 +90,18 @@ local rstride = string.len(recs) / n
 local with_hist = string.find(mode, 'i', 1, true) ~= nil
 local with_mem = string.find(mode, 'm', 1, true) ~= nil
 
--- 1. dedup: an event id is accepted once per TTL (also within this batch)
+-- 1. dedup: an event id is accepted once per TTL (also within this batch); the user's set of event
+-- ids names the markers an erasure removes
 local acc = {}
 for i = 1, n do
   local ev = ARGV[H + (i - 1) * W + 1]
-  if ev == '' or redis.call('SET', p .. 'seen:' .. ev, '1', 'NX', 'EX', ttl) then
+  if ev == '' then
     acc[#acc + 1] = i
+  elseif redis.call('SET', p .. 'seen:' .. ev, '1', 'NX', 'EX', ttl) then
+    acc[#acc + 1] = i
+    local ek = p .. 'events:' .. ARGV[H + (i - 1) * W + 2]
+    redis.call('SADD', ek, ev)
+    redis.call('EXPIRE', ek, ttl)
   end
 end
 local m = #acc
@@ -103,7 +130,7 @@ for j, i in ipairs(acc) do
   redis.call('HSET', p .. 'mem:' .. id, 'v', vec, 'item', ARGV[b + 3], 'user', ARGV[b + 2],
              'ts', ARGV[b + 4], 'len', ARGV[b + 5], 'rec', rec)
   users[j] = ARGV[b + 2]
-  if ucap > 0 then redis.call('RPUSH', p .. 'byuser:' .. users[j], id) end
+  redis.call('RPUSH', p .. 'byuser:' .. users[j], id)
   if m < n then
     v[j] = vec
     it[j] = string.sub(items, (i - 1) * 8 + 1, i * 8)
@@ -128,7 +155,7 @@ local function evict(id)
   local user = redis.call('HGET', hk, 'user')
   if not user then return false end
   redis.call('DEL', hk)
-  if ucap > 0 then redis.call('LREM', p .. 'byuser:' .. user, 1, id) end
+  redis.call('LREM', p .. 'byuser:' .. user, 1, id)
   evicted[#evicted + 1] = id
   return true
 end
@@ -160,20 +187,95 @@ end
 return {add_id, del_id, first, acc}
 """
 
+# ARGV: prefix, stream maxlen, memory ids. Returns {'ok', log id} or {'missing', the first unknown id}.
 REMOVE_SCRIPT = """
-local p, maxlen, ucap = ARGV[1], ARGV[2], tonumber(ARGV[3])
-for i = 4, #ARGV do
+local p, maxlen = ARGV[1], ARGV[2]
+for i = 3, #ARGV do
   if redis.call('EXISTS', p .. 'mem:' .. ARGV[i]) == 0 then return {'missing', ARGV[i]} end
 end
-for i = 4, #ARGV do
+for i = 3, #ARGV do
   local hk = p .. 'mem:' .. ARGV[i]
   local user = redis.call('HGET', hk, 'user')
   redis.call('DEL', hk)
-  if ucap > 0 then redis.call('LREM', p .. 'byuser:' .. user, 1, ARGV[i]) end
+  redis.call('LREM', p .. 'byuser:' .. user, 1, ARGV[i])
 end
-redis.call('DECRBY', p .. 'mem:count', #ARGV - 3)
+redis.call('DECRBY', p .. 'mem:count', #ARGV - 2)
 local ids = {}
-for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
+for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
 return {'ok', redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'del',
                          'ids', table.concat(ids, ','))}
+"""
+
+# ARGV: prefix, stream maxlen, '1' (available again) or '0' (unavailable), item ids. Only the items
+# whose state changes go into the log entry. Returns {changed count, log id or ''}.
+AVAILABILITY_SCRIPT = """
+local p, maxlen, on = ARGV[1], ARGV[2], ARGV[3]
+local key = p .. 'unavailable'
+local changed = {}
+for i = 4, #ARGV do
+  local n
+  if on == '1' then n = redis.call('SREM', key, ARGV[i]) else n = redis.call('SADD', key, ARGV[i]) end
+  if n == 1 then changed[#changed + 1] = ARGV[i] end
+end
+if #changed == 0 then return {0, ''} end
+return {#changed, redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'avail', 'on', on,
+                             'items', table.concat(changed, ','))}
+"""
+
+# ARGV: prefix, stream maxlen, first_new_item, external ids. Unknown ids get the next internal ids
+# (never below first_new_item), all in one atomic call, so replicas registering at once agree.
+# Returns {log id or '', internal id per external id}.
+REGISTER_SCRIPT = """
+local p, maxlen, first = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local hk, sk = p .. 'items:new', p .. 'items:seq'
+local ids, names, fresh = {}, {}, {}
+for i = 4, #ARGV do
+  local id = redis.call('HGET', hk, ARGV[i])
+  if not id then
+    if tonumber(redis.call('GET', sk) or '0') < first - 1 then redis.call('SET', sk, first - 1) end
+    id = redis.call('INCR', sk)
+    redis.call('HSET', hk, ARGV[i], id)
+    names[#names + 1] = ARGV[i]
+    fresh[#fresh + 1] = id
+  end
+  ids[#ids + 1] = tonumber(id)
+end
+if #names == 0 then return {'', ids} end
+return {redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'items',
+                   'names', cjson.encode(names), 'ids', table.concat(fresh, ',')), ids}
+"""
+
+# ARGV: prefix, stream maxlen, user id, then memory ids the replica's index holds for the user (those
+# written before ``byuser`` was kept for every capacity). Removes the history, every memory whose
+# ``user`` is theirs (one ``del`` log entry, so every replica drops them and their transition counts),
+# the per-user memories, the dedup markers and the lists that name them.
+# Returns {history items, memories, per-user memories, dedup markers, log id or ''}.
+ERASE_SCRIPT = """
+local p, maxlen, user = ARGV[1], ARGV[2], ARGV[3]
+local history = redis.call('LLEN', p .. 'hist:' .. user)
+redis.call('DEL', p .. 'hist:' .. user)
+local ids, looked = {}, {}
+local function erase(id)
+  if looked[id] then return end
+  looked[id] = true
+  local hk = p .. 'mem:' .. id
+  if redis.call('HGET', hk, 'user') == user then
+    redis.call('DEL', hk)
+    ids[#ids + 1] = id
+  end
+end
+for _, id in ipairs(redis.call('LRANGE', p .. 'byuser:' .. user, 0, -1)) do erase(id) end
+for i = 4, #ARGV do erase(ARGV[i]) end
+redis.call('DEL', p .. 'byuser:' .. user)
+local markers = 0
+for _, ev in ipairs(redis.call('SMEMBERS', p .. 'events:' .. user)) do
+  markers = markers + redis.call('DEL', p .. 'seen:' .. ev)
+end
+redis.call('DEL', p .. 'events:' .. user)
+local umem = redis.call('HLEN', p .. 'umem:' .. user)
+redis.call('DEL', p .. 'umem:' .. user)
+if #ids == 0 then return {history, 0, umem, markers, ''} end
+redis.call('DECRBY', p .. 'mem:count', #ids)
+return {history, #ids, umem, markers, redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*',
+                                                 'op', 'del', 'ids', table.concat(ids, ','))}
 """

@@ -9,6 +9,10 @@ exists, was taken of this very dataset (its epoch token matches the namespace's:
 in an emptied namespace, and a stale snapshot would shadow the new memories under the same ids) and the
 stream still holds every entry after it; otherwise rebuild from the ``mem:{id}`` hashes. Then replay the
 stream to its end and start tailing.
+
+The replica's catalogue (unavailable items, registered new items: ``memory_store.catalogue``) follows
+the same log: read whole from Redis at a restore or rebuild (after the position the replay starts
+from), then changed by the ``avail`` and ``items`` entries.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memory_store.base import ReplicationStatus, SnapshotError, SnapshotInfo, parse_position
+from memory_store.catalogue import Catalogue
 from memory_store.config import StoreConfig
 from memory_store.index import MemoryIndex
 from memory_store.redis_store import codec, layout
@@ -63,6 +68,7 @@ class Replica:
         self._p = layout.key_prefix(config.namespace)
         self._log_key = self._p + layout.LOG
         self.index = self._new_index()
+        self.catalogue = Catalogue()  # replaced by a restore or a rebuild, as the index
         self.applied = ZERO  # the log position the index reflects
         self._epoch = ""  # the namespace's epoch token the index was built against (set by restore)
         self._applied_cond = asyncio.Condition()
@@ -79,14 +85,22 @@ class Replica:
         """Apply log entries in order (in a worker thread); consecutive adds go to FAISS as one batch."""
         dim, width = self.config.dim, self.config.recent_width
         adds: list[codec.Rows] = []
-        for _, fields in entries:
-            if fields[b"op"] == b"add":
+        for stream_id, fields in entries:
+            op = fields[b"op"]
+            if op == b"add":
                 adds.append(codec.decode_add(fields, dim, width))
                 continue
             if adds:
                 self.index.add(*codec.concat(adds))
                 adds = []
-            self.index.remove(np.asarray(fields[b"ids"].split(b","), dtype=np.int64))
+            if op == b"del":
+                self.index.remove(np.asarray(fields[b"ids"].split(b","), dtype=np.int64))
+            elif op == b"avail":
+                self.catalogue.set_available(*codec.decode_availability(fields))
+            elif op == b"items":
+                self.catalogue.register(codec.decode_registered(fields))
+            else:  # written by a newer version: stay on it (the tail retries) rather than skip it
+                raise ValueError(f"unknown log entry op {op!r} at {stream_id!r}")
         if adds:
             self.index.add(*codec.concat(adds))
 
@@ -156,7 +170,7 @@ class Replica:
 
     # ---------------------------------------------------------------------------------- log position
 
-    async def _last_log_id(self) -> str:
+    async def last_log_id(self) -> str:
         last: Any = await self._r.xrevrange(self._log_key, count=1)
         return str(last[0][0].decode()) if last else ZERO
 
@@ -175,7 +189,7 @@ class Replica:
         return parse_position(first) > parse_position(self.applied)
 
     async def replication(self) -> ReplicationStatus:
-        last = await self._last_log_id()
+        last = await self.last_log_id()
         if parse_position(self.applied) >= parse_position(last):
             return ReplicationStatus(self.applied, last, 0, 0.0)
         pending: Any = await self._r.xrange(self._log_key, min="(" + self.applied, count=1000)
@@ -221,7 +235,9 @@ class Replica:
         self._epoch = await self._namespace_epoch()
         source = path or (self._default_snapshot_dir() if self.config.data_dir is not None else None)
         loaded = source is not None and await self._load_snapshot(source)
-        if not loaded:
+        if loaded:
+            await self._load_catalogue()
+        else:
             await self._rebuild_from_hashes()
         replayed = await self._catch_up()
         log.info(
@@ -278,7 +294,7 @@ class Replica:
     async def _rebuild_from_hashes(self) -> None:
         """Read every ``mem:{id}`` hash between the eviction cursor and the id sequence; the log position
         is taken first so the replay afterwards covers every write that raced with the scan."""
-        position = await self._last_log_id()
+        position = await self.last_log_id()
         low = int(await self._r.get(self._p + layout.MEM_LOW) or 1)
         seq = int(await self._r.get(self._p + layout.MEM_SEQ) or 0)
         index = self._new_index()
@@ -297,6 +313,20 @@ class Replica:
             self.index = index
             await self._set_applied(position)
         log.info("rebuilt %d memories from Redis hashes (ids %d..%d)", len(index), low, seq)
+        await self._load_catalogue()
+
+    async def _load_catalogue(self) -> None:
+        """Read the whole catalogue from Redis; called once ``applied`` is set, so the log replay after
+        it re-applies (idempotently) whatever changed since that position."""
+        pipe = self._r.pipeline(transaction=False)
+        pipe.smembers(self._p + layout.UNAVAILABLE)
+        pipe.hgetall(self._p + layout.NEW_ITEMS)
+        unavailable, registered = await pipe.execute()
+        catalogue = Catalogue.from_state(
+            (int(i) for i in unavailable), {k.decode(): int(v) for k, v in registered.items()}
+        )
+        async with self._apply_lock:
+            self.catalogue = catalogue
 
     async def stop_tail(self) -> None:
         task, self._tail_task = self._tail_task, None

@@ -3,12 +3,14 @@
 Writes go through one Lua script per chunk (see ``layout``), so an interaction, its memory, the log
 entry, the dedup marker and any eviction commit atomically. Reads of the memories go to this replica's
 index (``replica``), which applies every write from the log; with ``read_your_writes`` a write returns
-once that index has applied it. Histories and per-user memories are read from Redis itself.
+once that index has applied it. Histories and per-user memories are read from Redis itself; the
+catalogue (unavailable items, registered new items) from the replica's copy, which the log keeps current.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import redis.asyncio as aioredis
 
 from memory_store import user_memory as um
 from memory_store.base import (
+    Erasure,
     IngestResult,
     Interaction,
     MemoryBatch,
@@ -24,7 +27,9 @@ from memory_store.base import (
     SnapshotInfo,
     StoreStats,
     check_events,
+    check_external_items,
     check_ids,
+    check_items,
     check_k,
     check_user_id,
     memory_batch_for_events,
@@ -40,6 +45,7 @@ from memory_store.redis_store.user_memories import UserMemoryHashes
 from memory_store.transitions import Followers
 
 WRITE_CHUNK = 1000  # rows per script call: bounds the time Redis is blocked by one call
+CATALOGUE_CHUNK = 5000  # item ids per availability or registration script call, for the same reason
 PIPELINE_DEPTH = 8  # script calls in flight per round trip for bulk writes
 
 
@@ -64,6 +70,9 @@ class RedisMemoryStore:
         # Script objects re-load themselves after a NOSCRIPT (e.g. a Redis restart emptied the cache).
         self._write_script = client.register_script(layout.WRITE_SCRIPT)
         self._remove_script = client.register_script(layout.REMOVE_SCRIPT)
+        self._availability_script = client.register_script(layout.AVAILABILITY_SCRIPT)
+        self._register_script = client.register_script(layout.REGISTER_SCRIPT)
+        self._erase_script = client.register_script(layout.ERASE_SCRIPT)
 
     @classmethod
     async def open(cls, config: StoreConfig) -> RedisMemoryStore:
@@ -145,14 +154,70 @@ class RedisMemoryStore:
         unique = np.unique(check_ids(ids))
         if not unique.size:
             return 0
-        args = [self._p, self.config.stream_maxlen, self.config.user_capacity or 0, *unique.tolist()]
+        args = [self._p, self.config.stream_maxlen, *unique.tolist()]
         reply = await self._remove_script(args=args)
         status, value = reply[0].decode(), reply[1].decode()
         if status == "missing":
             raise ValueError(f"unknown memory id {value}; nothing was removed")
-        if self.config.read_your_writes:
-            await self.wait_applied(value, self.config.visibility_timeout_s)
+        await self._see(value)
         return int(unique.size)
+
+    async def _see(self, position: str) -> None:
+        """With ``read_your_writes``, wait until this replica has applied the log up to ``position``."""
+        if position and self.config.read_your_writes:
+            await self.wait_applied(position, self.config.visibility_timeout_s)
+
+    # ------------------------------------------------------------------------------------- catalogue
+
+    async def set_available(self, items: Sequence[int] | np.ndarray, available: bool) -> int:
+        unique = np.unique(check_items(items)).tolist()
+        changed, position = 0, ""
+        for s in range(0, len(unique), CATALOGUE_CHUNK):
+            args = [self._p, self.config.stream_maxlen, "1" if available else "0"]
+            count, entry = await self._availability_script(args=args + unique[s : s + CATALOGUE_CHUNK])
+            changed += int(count)
+            position = _latest(position, entry.decode())
+        await self._see(position)
+        return changed
+
+    async def unavailable_items(self) -> np.ndarray:
+        return self._replica.catalogue.unavailable()
+
+    async def register_items(self, external_ids: Sequence[str]) -> list[int]:
+        names = check_external_items(external_ids)
+        known = self._replica.catalogue.new_items()
+        if all(name in known for name in names):  # the common case: no round trip
+            return [known[name] for name in names]
+        ids: list[int] = []
+        position = ""
+        for s in range(0, len(names), CATALOGUE_CHUNK):
+            args = [self._p, self.config.stream_maxlen, self.config.first_new_item]
+            entry, chunk_ids = await self._register_script(args=args + names[s : s + CATALOGUE_CHUNK])
+            ids += [int(i) for i in chunk_ids]
+            position = _latest(position, entry.decode())
+        await self._see(position)
+        return ids
+
+    async def new_items(self) -> Mapping[str, int]:
+        return self._replica.catalogue.new_items()
+
+    async def erase_user(self, user_id: str) -> Erasure:
+        check_user_id(user_id)
+        # Memories written before ``byuser`` was kept for every capacity are found in this replica's
+        # index, once it has applied the log as it stands now (the script checks each one's user).
+        await self._replica.wait_applied(await self._replica.last_log_id(), self.config.visibility_timeout_s)
+        legacy = await asyncio.to_thread(self._replica.index.ids_of_user, user_id)
+        args = [self._p, self.config.stream_maxlen, user_id, *legacy.tolist()]
+        history, memories, umem, markers, entry = await self._erase_script(args=args)
+        position = entry.decode()
+        await self._see(position)
+        return Erasure(int(history), int(memories), int(umem), int(markers), position)
+
+    async def bank_loaded(self) -> bool:
+        return bool(await self._r.exists(self._p + layout.BANK_LOADED))
+
+    async def mark_bank_loaded(self) -> None:
+        await self._r.set(self._p + layout.BANK_LOADED, b"1")
 
     # ------------------------------------------------------------------------------------- read path
 
@@ -172,6 +237,9 @@ class RedisMemoryStore:
 
     async def followers(self, items: Sequence[int]) -> list[Followers]:
         return await followers_now(self._replica.index, items)
+
+    async def predecessors(self, first: int) -> dict[int, Followers]:
+        return self._replica.index.predecessors(first)
 
     # --------------------------------------------------------------------------------- user memories
 
@@ -209,6 +277,8 @@ class RedisMemoryStore:
             index_kind=index.kind,
             capacity=self.config.capacity,
             replication=await self.replication(),
+            unavailable_items=int(self._replica.catalogue.unavailable().size),
+            new_items=len(self._replica.catalogue.new_items()),
         )
 
     async def snapshot(self, path: Path | None = None) -> SnapshotInfo:

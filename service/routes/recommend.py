@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 from fastapi import APIRouter, HTTPException
 
 from service.pipeline import Answer, Query, Why
-from service.routes.items import internal_items
+from service.routes.items import ItemNames
 from service.schemas import (
     FollowOut,
     ItemWhy,
@@ -30,7 +31,9 @@ async def recommend(body: RecommendRequest, rt: RuntimeDep) -> RecommendResponse
     """Top-n items for a user: stored history (+ ``history``) → encode → retrieve → fuse → rank.
     A user without any history gets the most popular items of the training data (``strategy`` popular).
     While the store is unreachable the answer is ``degraded``: the request's own ``history`` (or the
-    popular items) with this replica's index, instead of an error."""
+    popular items) with this replica's index, instead of an error. Items marked unavailable are never
+    returned. Item ids unknown to the service are skipped in ``history`` and ``exclude_items``
+    (``MEMREC_NEW_ITEMS=accept``) or a 422 (``reject``)."""
     cap = rt.settings.max_request_items
     for name, values in (("history", body.history), ("exclude_items", body.exclude_items)):
         if values is not None and len(values) > cap:
@@ -38,19 +41,20 @@ async def recommend(body: RecommendRequest, rt: RuntimeDep) -> RecommendResponse
     query = Query(
         user_id=body.user_id,
         n=body.n,
-        history=tuple(internal_items(rt.vocab, body.history or [], "history")),
+        history=tuple(await rt.items.read(body.history or [], "history")),
         exclude_seen=body.exclude_seen,
-        exclude_items=tuple(internal_items(rt.vocab, body.exclude_items or [], "exclude_items")),
+        exclude_items=tuple(await rt.items.read(body.exclude_items or [], "exclude_items")),
         explain=body.explain,
     )
     answer = await rt.pipeline.recommend(query)
-    return _response(body, answer, rt)
+    return _response(body, answer, rt, await rt.items.names())
 
 
-def _response(body: RecommendRequest, answer: Answer, rt: RuntimeDep) -> RecommendResponse:
-    ext = rt.vocab.external_item
+def _response(body: RecommendRequest, answer: Answer, rt: RuntimeDep, names: ItemNames) -> RecommendResponse:
+    ext = names.external
     memories = None
     if body.explain:
+        unavailable = np.isin([m.item for m in answer.memories], rt.pipeline_unavailable())
         memories = [
             MemoryOut(
                 memory_id=m.memory_id,
@@ -59,12 +63,13 @@ def _response(body: RecommendRequest, answer: Answer, rt: RuntimeDep) -> Recomme
                 similarity=m.similarity,
                 prefix_len=m.prefix_len,
                 timestamp=m.timestamp,
+                available=not off,
             )
-            for m in answer.memories
+            for m, off in zip(answer.memories, unavailable.tolist(), strict=True)
         ]
     whys: list[ItemWhy | None] = [None] * len(answer.items)
     if body.explain and answer.why:
-        whys = [_why(w, rt) for w in answer.why]
+        whys = [_why(w, names) for w in answer.why]
     return RecommendResponse(
         user_id=body.user_id,
         items=[
@@ -79,8 +84,8 @@ def _response(body: RecommendRequest, answer: Answer, rt: RuntimeDep) -> Recomme
     )
 
 
-def _why(w: Why, rt: RuntimeDep) -> ItemWhy:
-    ext = rt.vocab.external_item
+def _why(w: Why, names: ItemNames) -> ItemWhy:
+    ext = names.external
     return ItemWhy(
         encoder_rank=w.encoder_rank,
         model=w.model,

@@ -1,0 +1,43 @@
+"""Items the model was not trained on: registered by the memory store after training (ids past the
+model's vocabulary, n_items + 1, …), recommendable at once.
+
+The transition channel and the memory vote read item ids, not embeddings: a new item comes through
+them from its first interactions (it follows other items; memories name it as their next item). The
+encoder and the fusion read embeddings, so a new item gets one derived from what is known of it: the
+embeddings of the known items that came just before it in the memories, each weighted as the transition
+channel weighs a predecessor (count · 1/lag)::
+
+    e_b = Σ_a w(lag) · count(a → b at lag) · e_a  /  Σ_a w(lag) · count(a → b at lag)
+
+so that a state which scores b's usual predecessors high scores b too, and the derivation follows
+the counts as they grow. SASRec ties its input and output tables, so the same vector would serve as
+an input; the encoder still reads only the items it was trained on (model.predictor.Predictor.known).
+A new item that no known item precedes yet has no embedding (NaN): only the vote and the channel
+bring it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model import transitions as tr
+
+
+def derived_embeddings(item_emb: Tensor, predecessors: Sequence[tr.Row], order: int = tr.MAX_ORDER) -> Tensor:
+    """The item table (n_items + 1, D) and each new item's predecessor rows (items before it, lags,
+    counts) → (m, D) float32 embeddings, NaN rows for the items without a known predecessor."""
+    n_ids, dim = item_emb.shape
+    out = torch.full((len(predecessors), dim), float("nan"), dtype=torch.float32)
+    w = tr.lag_weights(order)
+    for j, (before, lags, counts) in enumerate(predecessors):
+        known = (before < n_ids) & (before > 0) & (lags <= order)
+        if not known.any():
+            continue
+        weights = torch.from_numpy((w[lags[known] - 1] * counts[known]).astype(np.float64))
+        rows = item_emb[torch.from_numpy(before[known].astype(np.int64))].double()  # (p, D)
+        out[j] = (weights @ rows / weights.sum()).float()
+    return out
