@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.common import METRICS, PROTOCOLS, REPORTS, machine, machine_label, stat
+from bench.common import GROUPS, METRICS, PROTOCOLS, REPORTS, machine, machine_label, stat
 from model import transitions as tr
 from model.data import IntArray, Samples, Split, leave_one_out, load_dataset
 from model.evaluate import Metrics, evaluate, head_items
@@ -54,7 +54,6 @@ LABELS = {
     "transitions_alone": "transitions alone (no encoder)",
 }
 TIE_LABELS = {"ties_against": "ties against", "popularity_tiebreak": "popularity tie-break"}
-GROUPS = ("unmasked_head", "unmasked_tail", "masked_head", "masked_tail")
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,10 @@ def ordinal_scores(primary: np.ndarray, secondary: np.ndarray | None) -> Tensor:
     pairs equal: each item's dense rank in its row (exact in float32), the padding column −inf. The
     evaluator ranks in float32, where large integer shares plus a tie-break fraction would round."""
     n_rows, n_ids = primary.shape
-    keys = (np.zeros_like(primary) if secondary is None else secondary, primary)
+    keys = (
+        np.zeros_like(primary) if secondary is None else np.broadcast_to(secondary, primary.shape),
+        primary,
+    )
     order = np.lexsort(keys, axis=-1)  # ascending by primary, then secondary
     p = np.take_along_axis(primary, order, axis=1)
     s = np.take_along_axis(keys[0], order, axis=1)
@@ -128,8 +130,7 @@ def score_fn(
 
     def fn(_x: Tensor, _lengths: Tensor, idx: IntArray) -> Tensor:
         primary = primary_scores(baseline, recent[idx], counts, n_ids)
-        secondary = np.broadcast_to(tiebreak, primary.shape) if tie_rule == "popularity_tiebreak" else None
-        return ordinal_scores(primary, secondary)
+        return ordinal_scores(primary, tiebreak if tie_rule == "popularity_tiebreak" else None)
 
     return fn
 

@@ -36,8 +36,19 @@ MIX_WEIGHTS = (0.1, 0.2, 0.3, 0.5)
 REFERENCE_ORDER = 5  # the model-free reference reads the user's last 5 items
 
 
-def time_split(inter: Path, quantile: float, out_dir: Path) -> tuple[Path, list[tuple[str, str, float]]]:
-    """Sequences of the interactions before the cut (a training file), and the later events in order."""
+Event = tuple[str, str, float]  # user, item, timestamp
+
+
+def time_split(inter: Path, quantile: float, out_dir: Path) -> tuple[Path, list[Event]]:
+    """Sequences of the interactions before the cut (a training file), and the later events in order
+    whose items the earlier part holds (:func:`split_by_time` keeps the others too)."""
+    early, later, known = split_by_time(inter, quantile, out_dir)
+    return early, [r for r in later if r[1] in known]
+
+
+def split_by_time(inter: Path, quantile: float, out_dir: Path) -> tuple[Path, list[Event], set[str]]:
+    """The training file of the interactions before the cut, every later event in order, and the items
+    the earlier part holds (the model's vocabulary)."""
     rows: list[tuple[str, str, float]] = []
     with inter.open(encoding="utf-8") as f:
         next(f)
@@ -50,11 +61,11 @@ def time_split(inter: Path, quantile: float, out_dir: Path) -> tuple[Path, list[
     for u, i, t in rows:
         if t < cut:
             seqs.setdefault(u, []).append(i)
-    known_items = {i for s in seqs.values() for i in s}
-    later = [r for r in rows if r[2] >= cut and r[1] in known_items]
+    kept = {u: s for u, s in seqs.items() if len(s) >= 3}  # leave-one-out needs three
+    later = [r for r in rows if r[2] >= cut]
     path = out_dir / "early.txt"
-    path.write_text("".join(f"{u} {' '.join(s)}\n" for u, s in seqs.items() if len(s) >= 3), encoding="utf-8")
-    return path, later
+    path.write_text("".join(f"{u} {' '.join(s)}\n" for u, s in kept.items()), encoding="utf-8")
+    return path, later, {i for s in kept.values() for i in s}
 
 
 async def replay(model: Path, later: list[tuple[str, str, float]], frozen: bool, ns: str) -> dict[str, Any]:

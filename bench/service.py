@@ -13,6 +13,7 @@ The report is written by ``bench.service_report``; the servers are started by ``
 
     python -m bench.service load --model artifacts/beauty
     python -m bench.service drift --cut 0.9 [--vote] [--transitions] [--events N]
+    python -m bench.service new-items --cut 0.5 [--events N]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 
 from bench.drift import drift_section, run_drift
 from bench.loadgen import Connection, max_rate, mixed_traffic, open_loop, percentiles, run_fast, sweep
+from bench.new_items import run_new_items
 from bench.service_report import write_reports
 from bench.serving import bare_app_argv, flush, model_card, serve_argv, server, vocab
 
@@ -170,13 +172,26 @@ def main(argv: list[str] | None = None) -> int:
     dp.add_argument(
         "--transitions", action="store_true", help="tune the transition channel (section drift_*transitions)"
     )
+    np_ = sub.add_parser("new-items", help="time-split replay with new items: frozen, refused, accepted")
+    np_.add_argument("--data-dir")
+    np_.add_argument("--cut", type=float, default=0.5)
+    np_.add_argument("--events", type=int, help="replay only the first N later events (default: all)")
+    np_.add_argument("--epochs", type=int, default=20)
+    np_.add_argument("--ft-epochs", type=int, default=5)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = shlex.join(["python", "-m", "bench.service", *(argv if argv is not None else sys.argv[1:])])
-    runner: Callable[[argparse.Namespace], dict[str, Any]] = run_load if args.command == "load" else run_drift
+    runners: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+        "load": run_load,
+        "drift": run_drift,
+        "new-items": run_new_items,
+    }
+    runner = runners[args.command]
     section = args.section if args.command == "load" else args.command
     if args.command == "drift":
         section = drift_section(args.vote, args.cut, args.transitions)
+    if args.command == "new-items":
+        section = f"new_items_cut{round(args.cut * 100)}"
     write_reports(section, runner(args), command)
     return 0
 

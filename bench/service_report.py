@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from bench.common import REPORTS, machine, machine_label
+from bench.new_items import new_items_md
 
 
 def write_reports(section: str, result: dict[str, Any], command: str) -> None:
@@ -190,4 +191,6 @@ def render_md(report: dict[str, Any]) -> str:
             + f", {report[key]['cut_quantile']:.0%} cut"
         )
         lines += _drift_md(report[key], title)
+    for key in sorted(k for k in report if k.startswith("new_items")):
+        lines += new_items_md(key, report[key])
     return "\n".join(lines)

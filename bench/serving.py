@@ -95,15 +95,23 @@ def vocab(model: Path) -> tuple[list[str], list[str]]:
 
 
 def model_card(model: Path) -> dict[str, Any]:
-    """What identifies the served model: its version, dataset, bank size and fine-tuning depth."""
+    """What identifies the served model: its version, dataset, bank size and how it scores (its
+    inference config; older model directories kept that in their fine-tune config)."""
     config = json.loads((model / "config.json").read_text(encoding="utf-8"))
     metrics, finetune = config.get("metrics", {}), config.get("finetune", {})
+    path = model / "inference.json"
+    if path.is_file():
+        inference = json.loads(path.read_text(encoding="utf-8"))
+        k, vote, weight = inference["k"], inference["vote"], inference["transitions"]["weight"]
+    else:
+        k, weight = finetune.get("k"), finetune.get("transition_weight", 0.0)
+        vote = {key: finetune.get(f"vote_{key}", 0) for key in ("weight", "temperature", "depth")}
     return {
         "model_version": config.get("model_version", ""),
         "bank_memories": metrics.get("memories"),
-        "k": finetune.get("k"),
-        "vote": {k: finetune.get(f"vote_{k}", 0) for k in ("weight", "temperature", "depth")},
-        "transition_weight": finetune.get("transition_weight", 0.0),
+        "k": k,
+        "vote": vote,
+        "transition_weight": weight,
         "objective": config.get("train", {}).get("objective"),
         "scheme": config.get("train", {}).get("scheme"),
     }

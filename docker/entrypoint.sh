@@ -7,7 +7,7 @@
 #   reindex  load the model's memory bank into the store and write an index snapshot
 #   other    run as a command (e.g. `memrec evaluate --model /models/current`, `bash`)
 #
-# Settings are MEMREC_* environment variables (README: configuration reference). Training writes into
+# Settings are MEMREC_* environment variables (docs/configuration.md). Training writes into
 # a sibling folder and renames it into place when complete, so a killed run never leaves a half model
 # that `serve` would pick up; rerunning resumes from the last epoch's checkpoint.
 set -euo pipefail

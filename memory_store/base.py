@@ -384,7 +384,9 @@ def check_external_items(names: Sequence[str]) -> list[str]:
     out = list(names)
     for name in out:
         if not isinstance(name, str) or not name or len(name) > 256:
-            raise ValueError(f"external item id must be a non-empty string of at most 256 characters, got {name!r}")
+            raise ValueError(
+                f"external item id must be a non-empty string of at most 256 characters, got {name!r}"
+            )
     return out
 
 

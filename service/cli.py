@@ -29,6 +29,7 @@ from model.threads import apply_threads, choose_threads
 from model.train import OBJECTIVES, SCHEMES, TrainConfig, evaluate_encoder, train
 from model.user_memory import QUALITIES, MemoryRules, build_table
 from model.vote import Vote, VoteGrid
+from model.warm_start import transfer
 
 log = logging.getLogger("memrec")
 
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-from",
         type=Path,
         help="start pre-training from this model directory's encoder weights instead of random ones "
-        "(e.g. add the retrieval objective to a trained SASRec); same dataset and encoder shape",
+        "(e.g. add the retrieval objective to a trained SASRec, or retrain on an export with new items: "
+        "known items keep their rows, new ones start from their predecessors'); same encoder shape",
     )
     f = t.add_argument_group("retrieval fusion")
     f.add_argument("--k", type=int, default=20, help="memories retrieved per query")
@@ -190,17 +192,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(_service_overrides(args, names))
 
 
-def _load_initial_weights(model: SASRec, data: Interactions, model_dir: Path) -> None:
-    """Copy a trained encoder into ``model``; only its weights are taken, so dropout and the training
-    objective are this run's. Refuses another vocabulary or shape: the rows would mean other items."""
+def _load_initial_weights(model: SASRec, data: Interactions, split: Split, model_dir: Path) -> None:
+    """Start ``model`` at a trained encoder; only its weights are taken, so dropout and the training
+    objective are this run's. The item vocabulary may have grown or shrunk (model.warm_start); another
+    shape is refused."""
     base = artifact.load(model_dir)
-    if base.vocab.items != data.vocab.items:
-        raise DataError(f"--init-from {model_dir}: its encoder was trained on another item vocabulary")
-    shape = ("n_items", "dim", "n_layers", "n_heads", "inner_dim", "max_len")
-    mismatched = [f for f in shape if getattr(base.encoder.cfg, f) != getattr(model.cfg, f)]
-    if mismatched:
-        raise DataError(f"--init-from {model_dir}: encoder differs in {', '.join(mismatched)}")
-    model.load_state_dict(base.encoder.state_dict())
+    try:
+        moved = transfer(base.encoder, base.vocab, model, data.vocab, split.train)
+    except DataError as e:
+        raise DataError(f"--init-from {model_dir}: {e}") from None
+    if not moved.kept:
+        raise DataError(f"--init-from {model_dir}: its encoder knows none of these items")
     log.info("initial encoder weights from %s (model version %s)", model_dir, base.model_version)
 
 
@@ -221,7 +223,7 @@ def _pretrain(args: argparse.Namespace, data: Interactions, split: Split) -> tup
     torch.manual_seed(args.seed)  # the initial weights too: the same command gives the same model
     model = SASRec(enc_cfg)
     if args.init_from is not None:
-        _load_initial_weights(model, data, args.init_from)
+        _load_initial_weights(model, data, split, args.init_from)
     ckpt_dir = args.out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume and (ckpt_dir / "checkpoint.pt").exists():

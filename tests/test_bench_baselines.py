@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from bench import baselines, retrieval, transition_mix
+from bench.common import GROUPS, METRICS, PROTOCOLS
 from model.data import Interactions, Split, Vocab, leave_one_out
 from model.evaluate import mask_seen, metrics_from_ranks, target_ranks
 
@@ -50,7 +52,11 @@ def test_counts_hold_training_and_validation_pairs_never_a_test_target() -> None
     counts = baselines.bank_counts(toy_split(), N_IDS)
     assert counts.popularity.tolist() == [0, 0, 2, 3, 1, 1]  # the test targets 4, 5, 3 are not counted
     nxt, lags, n = counts.rows[2]
-    assert list(zip(nxt.tolist(), lags.tolist(), n.tolist(), strict=True)) == [(3, 1, 3), (4, 2, 1), (5, 3, 1)]
+    assert list(zip(nxt.tolist(), lags.tolist(), n.tolist(), strict=True)) == [
+        (3, 1, 3),
+        (4, 2, 1),
+        (5, 3, 1),
+    ]
 
 
 def test_popularity_ranks_by_target_counts_ties_against() -> None:
@@ -107,7 +113,7 @@ def test_popularity_tiebreak_orders_ties_only_and_equals_the_additive_rule() -> 
             assert (out[a] > out[b]) == (additive[a] > additive[b])
             assert (out[a] == out[b]) == (additive[a] == additive[b])
     ties = baselines.ordinal_scores(primary, None)[0]
-    assert ties[1:].tolist() == [2.0, 2.0, 1.0, 3.0, 1.0]  # equal scores stay equal
+    assert ties[1:].tolist() == [3.0, 3.0, 2.0, 4.0, 2.0]  # equal scores stay equal
 
 
 def test_evaluate_baseline_is_the_evaluator_over_those_ranks() -> None:
@@ -125,9 +131,8 @@ def test_evaluate_baseline_is_the_evaluator_over_those_ranks() -> None:
     assert ("popularity", "popularity_tiebreak") not in baselines.variants()  # the same ranking
 
 
-def record() -> dict[str, object]:
-    m = {p: {k: 0.25 for k in ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20")} for p in
-         ("unmasked", "masked", "unmasked_head", "unmasked_tail", "masked_head", "masked_tail")}  # fmt: skip
+def record() -> dict[str, Any]:
+    m = {p: dict.fromkeys(METRICS, 0.25) for p in (*PROTOCOLS, *GROUPS)}
     return {
         "machine": {"cpu": "cpu", "cores": 2},
         "command": "python -m bench.baselines --datasets beauty --threads 1",
@@ -146,7 +151,7 @@ def test_baseline_rows_join_the_retrieval_and_transition_mix_reports(
     (tmp_path / "baselines.json").write_text(json.dumps({"datasets": {"beauty": record()}}))
     md = baselines.markdown({"datasets": {"beauty": record()}})
     assert "| transitions alone (no encoder) | popularity tie-break | 0.2500 |" in md
-    entries = baselines.entries(record())  # type: ignore[arg-type]
+    entries = baselines.entries(record())
     assert set(entries) == {"popularity", "transitions_alone", "transitions_alone_popularity_tiebreak"}
     report = {"beauty": {"pretrain_only": {"encoder": "pretrain", "seeds": [0], "test": {}}, **entries}}
     report["beauty"]["pretrain_only"]["test"] = entries["popularity"]["test"]

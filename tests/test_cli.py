@@ -94,7 +94,7 @@ def test_init_from_starts_pretraining_at_a_trained_encoder(
     assert all(torch.equal(warm[k], base[k]) for k in base)
 
 
-def test_init_from_refuses_another_vocabulary_or_shape(
+def test_init_from_refuses_a_disjoint_vocabulary_or_another_shape(
     model_dir: Path, dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     other = tmp_path / "other.txt"  # the same shape of data over other item ids
@@ -104,12 +104,47 @@ def test_init_from_refuses_another_vocabulary_or_shape(
     args = ["train", "--out", str(tmp_path / "m"), "--epochs", "1", "--device", "cpu", "--stage", "pretrain"]
     with caplog.at_level(logging.ERROR):
         assert main([*args, "--dataset", str(other), "--init-from", str(model_dir)]) == 2
-    assert "another item vocabulary" in caplog.text
+    assert "knows none of these items" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.ERROR):
         assert main([*args, "--dataset", str(dataset), "--max-len", "20", "--init-from", str(model_dir)]) == 2
-    assert "encoder differs in max_len" in caplog.text
+    assert "differs in max_len" in caplog.text
     assert not (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_init_from_a_grown_catalogue_keeps_the_known_rows_and_derives_the_new_ones(
+    model_dir: Path, dataset: Path, tmp_path: Path
+) -> None:
+    # the toy data plus users who go on from sku-3 to the new items n1 (always right after it) and n2
+    grown = tmp_path / "grown.txt"
+    extra = "".join(f"v{u} sku-{u % 3} sku-3 n1 n2 sku-{u % 3 + 4}\n" for u in range(12))
+    grown.write_text(dataset.read_text() + extra)
+    args = [
+        "train",
+        "--dataset",
+        str(grown),
+        "--out",
+        str(tmp_path / "m"),
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    args += ["--stage", "pretrain", "--seed", "7", "--lr", "0"]  # lr 0: the weights training starts from
+    assert main([*args, "--init-from", str(model_dir)]) == 0
+    base, warm = artifact.load(model_dir), artifact.load(tmp_path / "m")
+    old, new = base.encoder.item_emb.weight, warm.encoder.item_emb.weight
+    assert warm.vocab.n_items == base.vocab.n_items + 2
+    for item in base.vocab.items:  # every known item's row, bit for bit, wherever it now sits
+        assert torch.equal(new[warm.vocab.item_id(item)], old[base.vocab.item_id(item)])
+    # n1 only ever follows sku-3 (lag 1) and the users' first items (lag 2): their lag-weighted mean
+    # (a test pair never counts: the training pairs of the v-users end before their last two items)
+    n1 = new[warm.vocab.item_id("n1")]
+    firsts = torch.stack([old[base.vocab.item_id(f"sku-{u % 3}")] for u in range(12)]).double()
+    want = (60 * 12 * old[base.vocab.item_id("sku-3")].double() + 30 * firsts.sum(0)) / (60 * 12 + 30 * 12)
+    torch.testing.assert_close(n1.double(), want, rtol=1e-5, atol=1e-6)
+    state, base_state = warm.encoder.state_dict(), base.encoder.state_dict()
+    assert all(torch.equal(state[k], base_state[k]) for k in base_state if k != "item_emb.weight")
 
 
 @pytest.mark.parametrize(

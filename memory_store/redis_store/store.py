@@ -191,8 +191,8 @@ class RedisMemoryStore:
         ids: list[int] = []
         position = ""
         for s in range(0, len(names), CATALOGUE_CHUNK):
-            args = [self._p, self.config.stream_maxlen, self.config.first_new_item]
-            entry, chunk_ids = await self._register_script(args=args + names[s : s + CATALOGUE_CHUNK])
+            head = [self._p, str(self.config.stream_maxlen), str(self.config.first_new_item)]
+            entry, chunk_ids = await self._register_script(args=head + names[s : s + CATALOGUE_CHUNK])
             ids += [int(i) for i in chunk_ids]
             position = _latest(position, entry.decode())
         await self._see(position)

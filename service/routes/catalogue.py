@@ -17,7 +17,9 @@ router = APIRouter(tags=["items"])
     response_model=AvailabilityResponse,
     responses={413: {"model": Problem}, 422: {"model": Problem}, 503: {"model": Problem}},
 )
-async def set_availability(body: AvailabilityRequest, rt: RuntimeDep, metrics: MetricsDep) -> AvailabilityResponse:
+async def set_availability(
+    body: AvailabilityRequest, rt: RuntimeDep, metrics: MetricsDep
+) -> AvailabilityResponse:
     """Mark items unavailable (``available: false``: never recommended, whatever their scores; the
     memories that name them say so in explanations) or available again. Every id must be known (the
     model's, or registered from /interactions): otherwise a 422 names them and nothing changes. Once it

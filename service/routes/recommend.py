@@ -47,14 +47,18 @@ async def recommend(body: RecommendRequest, rt: RuntimeDep) -> RecommendResponse
         explain=body.explain,
     )
     answer = await rt.pipeline.recommend(query)
-    return _response(body, answer, rt, await rt.items.names())
+    unavailable = await rt.store.unavailable_items()
+    return _response(body, answer, rt, await rt.items.names(), unavailable)
 
 
-def _response(body: RecommendRequest, answer: Answer, rt: RuntimeDep, names: ItemNames) -> RecommendResponse:
+def _response(
+    body: RecommendRequest, answer: Answer, rt: RuntimeDep, names: ItemNames, unavailable: np.ndarray
+) -> RecommendResponse:
+    """``unavailable``: (m,) the items marked unavailable, which the memories naming them say."""
     ext = names.external
     memories = None
     if body.explain:
-        unavailable = np.isin([m.item for m in answer.memories], rt.pipeline_unavailable())
+        off = np.isin(np.asarray([m.item for m in answer.memories], np.int64), unavailable)
         memories = [
             MemoryOut(
                 memory_id=m.memory_id,
@@ -63,9 +67,9 @@ def _response(body: RecommendRequest, answer: Answer, rt: RuntimeDep, names: Ite
                 similarity=m.similarity,
                 prefix_len=m.prefix_len,
                 timestamp=m.timestamp,
-                available=not off,
+                available=not unavailable_item,
             )
-            for m, off in zip(answer.memories, unavailable.tolist(), strict=True)
+            for m, unavailable_item in zip(answer.memories, off.tolist(), strict=True)
         ]
     whys: list[ItemWhy | None] = [None] * len(answer.items)
     if body.explain and answer.why:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from model.artifact import CONFIG_FILE, INFERENCE_FILE
 from model.inference import InferenceConfig
 from service.routes.health import READY_TIMEOUT_S
+from service.routes.items import ItemNames
 from service.schemas import ItemId, Problem, UserId
 from service.settings import Settings
 from service.state import RuntimeDep
@@ -186,9 +187,12 @@ async def ui_info(rt: RuntimeDep, ui: UiDep) -> UiInfo:
 async def users_sample(
     rt: RuntimeDep, n: Annotated[int, Query(ge=1, le=SAMPLE_MAX, description="how many users")] = 5
 ) -> UserSample:
-    """A few users the model knows (their histories were loaded with the memory bank)."""
+    """A few users the model knows whose history the store holds (loaded with the memory bank, and not
+    erased since)."""
     users = rt.vocab.users
-    return UserSample(users=random.sample(users, min(n, len(users))))
+    drawn = random.sample(users, min(2 * n, len(users)))
+    histories = await rt.store.histories(drawn, 1)
+    return UserSample(users=[u for u, h in zip(drawn, histories, strict=True) if h][:n])
 
 
 @api.get("/users/{user_id:path}/history", response_model=UserHistory)  # an id may hold a '/'
@@ -200,7 +204,8 @@ async def user_history(
 ) -> UserHistory:
     """The user's stored history, most recent first (empty for a user never seen)."""
     (history,) = await rt.store.histories([user_id], n)
-    items = [_external(rt, item) for item in reversed(history)]
+    names = await rt.items.names()
+    items = [_external(names, item) for item in reversed(history)]
     return UserHistory(
         user_id=user_id,
         items=[HistoryItem(item_id=i, title=ui.titles.get(i)) for i in items if i is not None],
@@ -219,8 +224,8 @@ async def item_titles(
     return ItemTitles(titles={i: ui.titles[i] for i in ids if i in ui.titles})
 
 
-def _external(rt: RuntimeDep, item: int) -> str | None:
+def _external(names: ItemNames, item: int) -> str | None:
     try:
-        return rt.vocab.external_item(item)
+        return names.external(item)
     except KeyError:  # written by another model version sharing the namespace
         return None

@@ -1,0 +1,136 @@
+"""Item ids the model was not trained on (``MEMREC_NEW_ITEMS``): in ``accept`` mode /interactions
+registers them (ids past the vocabulary, one per item across replicas) and stores their events in
+histories, memories and transition counts like any other; /recommend skips ids nobody registered and
+answers with external ids both ways; in ``reject`` mode every unknown id is a 422 and nothing is stored.
+How new items are scored is the predictor's (tests/test_model_catalogue.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from test_service_support import N_ITEMS, model_dir, running_app, service_redis, toy_root  # noqa: F401
+
+NEW = N_ITEMS + 1  # the toy vocabulary holds i0..i39: internal ids 1..40
+
+
+async def stored_history(app: Any, user: str) -> list[int]:
+    out: list[list[int]] = await app.state.runtime.store.histories([user], 200)
+    return out[0]
+
+
+async def held_items(app: Any, user: str) -> list[int]:
+    """The next items of ``user``'s memories in the index (an exhaustive search)."""
+    store = app.state.runtime.store
+    res = await store.search(np.ones((1, store.dim), np.float32), (await store.stats()).index_size)
+    return sorted(int(i) for i, u in zip(res.items[0], res.users[0], strict=True) if u == user)
+
+
+async def test_reject_mode_answers_422_and_stores_nothing(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    async with running_app(model_dir=model_dir, store_dir=tmp_path / "s", new_items="reject") as (
+        app,
+        client,
+    ):
+        store = app.state.runtime.store
+        before = (await store.stats()).memories
+        events = [
+            {"user_id": "w", "item_id": i, "event_id": f"w-{i}"} for i in ("i1", "sku-9", "i2", "sku-1")
+        ]
+        r = await client.post("/interactions", json={"events": events})
+        assert r.status_code == 422 and "'sku-1', 'sku-9' (2 unknown)" in r.json()["detail"]
+        assert await stored_history(app, "w") == [] and (await store.stats()).memories == before
+        assert dict(await store.new_items()) == {}
+        for field in ("history", "exclude_items"):
+            r = await client.post("/recommend", json={"user_id": "u0", field: ["i1", "nope", "zzz"]})
+            assert r.status_code == 422 and "'nope', 'zzz'" in r.text and field in r.text
+        # nothing of the rejected batch was kept: the same event ids are new once the items are known
+        events[1]["item_id"] = events[3]["item_id"] = "i5"
+        assert (await client.post("/interactions", json={"events": events})).json()["accepted"] == 4
+
+
+async def test_accept_mode_stores_new_items_like_any_other(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    async with running_app(model_dir=model_dir, store_dir=tmp_path / "s") as (app, client):
+        store = app.state.runtime.store
+        before = (await store.stats()).memories
+        # i3 → sku-a → i4 → sku-b → sku-a: the memories' next items and prefixes hold new ids
+        sequence = ["i3", "sku-a", "i4", "sku-b", "sku-a"]
+        events = [{"user_id": "w", "item_id": i, "event_id": f"w{j}"} for j, i in enumerate(sequence)]
+        r = await client.post("/interactions", json={"events": events})
+        assert r.json() == {"accepted": 5, "duplicates": 0}
+        assert dict(await store.new_items()) == {"sku-a": NEW, "sku-b": NEW + 1}
+        i3, i4 = app.state.runtime.vocab.item_ids(["i3", "i4"]).tolist()
+        assert await stored_history(app, "w") == [i3, NEW, i4, NEW + 1, NEW]
+        assert (await store.stats()).memories == before + 4  # the first event only starts the history
+        assert await held_items(app, "w") == sorted([NEW, i4, NEW + 1, NEW])
+        # transition counts name new items both as followers and as predecessors
+        after_i3, after_b = await store.followers([i3, NEW + 1])
+        assert NEW in after_i3.items.tolist() and NEW in after_b.items.tolist()
+        # answers speak external ids: the stored history as the page reads it
+        shown = (await client.get("/users/w/history")).json()["items"]
+        assert [it["item_id"] for it in shown] == sequence[::-1]
+        # a second batch reuses the registered ids; an event whose history holds only new items gets no
+        # memory (no item to encode a key from), only its place in the history
+        more = [{"user_id": "v", "item_id": i} for i in ("sku-b", "sku-c", "i7", "i8")]
+        assert (await client.post("/interactions", json={"events": more})).json()["accepted"] == 4
+        i7, i8 = app.state.runtime.vocab.item_ids(["i7", "i8"]).tolist()
+        assert await stored_history(app, "v") == [NEW + 1, NEW + 2, i7, i8]
+        assert await held_items(app, "v") == [i8]  # after sku-b, sku-c, i7: i7 keys it
+        assert (await store.stats()).new_items == 3
+
+
+async def test_recommend_reads_registered_ids_and_skips_unknown_ones(
+    model_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    async with running_app(model_dir=model_dir, store_dir=tmp_path / "s") as (app, client):
+        events = [{"user_id": "w", "item_id": i} for i in ("i3", "sku-a", "i4")]
+        assert (await client.post("/interactions", json={"events": events})).status_code == 200
+        plain = {"user_id": "reader", "history": ["i3", "i4"], "n": 10}
+        base = (await client.post("/recommend", json=plain)).json()
+        # an id nobody registered is skipped in a read (never registered by it), wherever it is
+        for extra in ({"history": ["i3", "never-seen", "i4"]}, {"exclude_items": ["never-seen"]}):
+            r = await client.post("/recommend", json={**plain, **extra})
+            assert r.status_code == 200 and r.json()["items"] == base["items"]
+        assert "never-seen" not in await app.state.runtime.store.new_items()
+        # registered new items are read: in a history (the answer does not fail) and in exclusions
+        for extra in ({"history": ["i3", "sku-a", "i4"]}, {"exclude_items": ["sku-a"]}):
+            r = await client.post("/recommend", json={**plain, **extra, "explain": True})
+            assert r.status_code == 200, r.text
+            assert "sku-a" not in {it["item_id"] for it in r.json()["items"]}  # seen, or excluded
+        w = (await client.post("/recommend", json={"user_id": "w", "n": 5})).json()
+        assert w["strategy"] == "retrieval" and len(w["items"]) == 5  # stored history with a new item
+
+
+async def test_replicas_agree_on_new_item_ids(
+    model_dir: Path,  # noqa: F811
+    service_redis: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Two apps on one Redis registering the same new items at once get one id per item, and each
+    answers with the external id of an item the other registered."""
+    common = {"model_dir": model_dir, "redis_url": service_redis}
+    async with (
+        running_app(**common, store_dir=tmp_path / "a") as (app_a, a),
+        running_app(**common, store_dir=tmp_path / "b") as (app_b, b),
+    ):
+
+        async def send(client: httpx.AsyncClient, user: str) -> None:
+            events = [{"user_id": user, "item_id": i} for i in ("i3", *(f"sku-{j}" for j in range(20)))]
+            r = await client.post("/interactions", json={"events": events})
+            assert r.status_code == 200, r.text
+
+        await asyncio.gather(*(send(c, f"{name}{k}") for k in range(3) for c, name in ((a, "a"), (b, "b"))))
+        registry = dict(await app_a.state.runtime.store.new_items())
+        assert sorted(registry.values()) == list(range(NEW, NEW + 20))
+        for _ in range(100):  # b applies a's registrations from the log
+            if dict(await app_b.state.runtime.store.new_items()) == registry:
+                break
+            await asyncio.sleep(0.02)
+        assert dict(await app_b.state.runtime.store.new_items()) == registry
+        for client in (a, b):
+            for user in ("a0", "b2"):
+                shown = (await client.get(f"/users/{user}/history")).json()["items"]
+                assert [it["item_id"] for it in shown][:2] == ["sku-19", "sku-18"]
