@@ -10,13 +10,15 @@ PYTEST_ARGS ?=
 
 .PHONY: install run test lint bench clean
 
+# torch is installed first, alone, at the version pyproject.toml pins. TORCH_INDEX, when set, is the
+# package index of that one line, e.g. make run TORCH_INDEX=https://download.pytorch.org/whl/cpu for the
+# CPU build (on Linux the default index serves the much larger CUDA build); every other package comes
+# from the default index either way. It counts when .venv is created: remove .venv to switch builds.
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first, pinned: an unpinned torch pulls the CUDA build. Set TORCH_INDEX to a wheel index
-	# (for example the PyTorch CPU index) to choose the build on a machine without a local wheel.
 	$(PY) -m pip install --quiet "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)

@@ -309,12 +309,14 @@ class EmbeddedMemoryStore:
         ids = self._index.ids_of_user(user)
         history = len(self._hist.get(user, ()))
         umem = self._umem.get(user)
-        events = len(self._user_events.get(user, ()))
+        events = self._user_events.get(user, set())
         n_umem = len(umem) if umem is not None else 0
         if not (ids.size or history or umem is not None or events):
             return Erasure(0, 0, 0, 0)
+        now = time.time()
+        live = sum(self._seen.get(e, 0.0) > now for e in events)  # markers not expired (as Redis counts)
         lsn = self._commit("erase", {"user": user}, {"ids": ids})
-        return Erasure(history, int(ids.size), n_umem, events, _position(lsn))
+        return Erasure(history, int(ids.size), n_umem, live, _position(lsn))
 
     def _mark_bank_loaded(self) -> None:
         if not self._bank_loaded:

@@ -264,9 +264,11 @@ async def _none() -> None:
 
 def _mask(q: Query, history: list[int], unavailable: IntArray) -> IntArray:
     """The items never to recommend to ``q``: its history (when asked), its exclusions and the items
-    marked unavailable (cold-start answers included)."""
+    marked unavailable (cold-start answers included). Only the request's own part is deduplicated: the
+    unavailable set (sorted, unique) is appended as it is rather than sorted in again per request, and
+    masking an item twice is harmless."""
     seen = history if q.exclude_seen else []
-    return np.union1d(np.asarray([*seen, *q.exclude_items], dtype=np.int64), unavailable)
+    return np.concatenate([np.unique(np.asarray([*seen, *q.exclude_items], dtype=np.int64)), unavailable])
 
 
 def _memory(hits: SearchResult, row: int, col: int) -> Memory:

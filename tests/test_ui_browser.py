@@ -3,11 +3,13 @@ on Redis: pick a user, read the recommendations and why, press "interact", see t
 list move. Also: /docs and /redoc render from the server's own files, with no request anywhere else.
 
 Without Chromium and its driver (Debian: ``chromium``, ``chromium-driver``) the tests skip, except under
-CI (``CI=true``), where they fail. They save the page as ``reports/ui.png``."""
+CI (``CI=true``), where they fail. They save the page as a screenshot: where ``MEMREC_UI_SCREENSHOT``
+names a file (``reports/ui.png`` for the README), else in the test's own folder."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -27,7 +29,7 @@ from test_service_support import (  # noqa: F401  (fixtures)
 )
 
 KEY = "ui-browser-key-7c3a"
-SCREENSHOT = Path(__file__).resolve().parent.parent / "reports" / "ui.png"
+SCREENSHOT_ENV = "MEMREC_UI_SCREENSHOT"  # e.g. reports/ui.png: the README's picture
 WAIT_S = 30.0
 N_SHOWN = 10  # recommendations the page asks for
 
@@ -176,7 +178,9 @@ def severe_console_errors(driver: Any) -> list[str]:
 # -------------------------------------------------------------------------------------------- tests
 
 
-def test_page_explains_recommendations_and_follows_an_interaction(server: str, browser: Any) -> None:
+def test_page_explains_recommendations_and_follows_an_interaction(
+    server: str, browser: Any, tmp_path: Path
+) -> None:
     from selenium.webdriver.common.keys import Keys
 
     driver = browser
@@ -252,8 +256,9 @@ def test_page_explains_recommendations_and_follows_an_interaction(server: str, b
         "no position marked as changed"
     )
     assert f"{user} interacted with Toy film" in css(driver, "#notice")[0].text
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    driver.save_screenshot(str(SCREENSHOT))
+    shot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "ui.png")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
 
     # A user typed in, never seen: an empty history and the popular items.
     box = css(driver, "#user-input")[0]
