@@ -7,12 +7,23 @@ How new items are scored is the predictor's (tests/test_model_catalogue.py)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-from test_service_support import N_ITEMS, model_dir, running_app, service_redis, toy_root  # noqa: F401
+from conftest import free_port
+from test_service_support import (  # noqa: F401  (fixtures)
+    N_ITEMS,
+    model_dir,
+    running_app,
+    service_redis,
+    start_server,
+    toy_root,
+    wait_ready,
+    with_transitions,
+)
 
 NEW = N_ITEMS + 1  # the toy vocabulary holds i0..i39: internal ids 1..40
 
@@ -134,3 +145,59 @@ async def test_replicas_agree_on_new_item_ids(
             for user in ("a0", "b2"):
                 shown = (await client.get(f"/users/{user}/history")).json()["items"]
                 assert [it["item_id"] for it in shown][:2] == ["sku-19", "sku-18"]
+
+
+def serve(model: Path, redis_url: str, ports: list[int], logs: list[Path]) -> list[Any]:
+    """``memrec serve`` replicas on one Redis, each ready."""
+    procs = [start_server(model, redis_url, p, lg) for p, lg in zip(ports, logs, strict=True)]
+    for p, proc, lg in zip(ports, procs, logs, strict=True):
+        wait_ready(f"http://127.0.0.1:{p}", proc, lg)
+    return procs
+
+
+def stop(procs: list[Any]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=30)
+
+
+def recommended(port: int, user: str, history: list[str] | None = None) -> list[str]:
+    body: dict[str, Any] = {"user_id": user, "n": 10, **({"history": history} if history else {})}
+    r = httpx.post(f"http://127.0.0.1:{port}/recommend", json=body, timeout=10)
+    assert r.status_code == 200, r.text
+    return [it["item_id"] for it in r.json()["items"]]
+
+
+def test_a_new_item_is_recommended_where_it_follows_on_every_replica_and_after_a_restart(
+    model_dir: Path,  # noqa: F811
+    toy_root: Path,  # noqa: F811
+    service_redis: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Users go from i3 to an item the model never saw: another user whose last item is i3 gets it
+    recommended, from the replica that took the events and from another one, and after both restart."""
+    model = with_transitions(model_dir, toy_root / "new-items-transitions")
+    ports, logs = [free_port(), free_port()], [tmp_path / f"replica{i}.log" for i in range(2)]
+    procs = serve(model, service_redis, ports, logs)
+    try:
+        assert "sku-new" not in recommended(ports[1], "reader", ["i1", "i3"])
+        events = [
+            {"user_id": f"fan{k}", "item_id": item, "event_id": f"fan{k}-{j}"}
+            for k in range(12)
+            for j, item in enumerate((f"i{k % 3 + 5}", "i3", "sku-new"))
+        ]
+        r = httpx.post(f"http://127.0.0.1:{ports[0]}/interactions", json={"events": events}, timeout=30)
+        assert r.status_code == 200 and r.json()["accepted"] == len(events), r.text
+        for port in ports:  # the writer at once; the other replica once it has applied the log
+            deadline = time.monotonic() + 10
+            while "sku-new" not in recommended(port, "reader", ["i1", "i3"]):
+                assert time.monotonic() < deadline, f"replica on {port} never recommends the new item"
+                time.sleep(0.05)
+        stop(procs)
+        procs = serve(model, service_redis, ports, logs)
+        for port in ports:
+            assert "sku-new" in recommended(port, "reader", ["i1", "i3"])
+            assert "sku-new" not in recommended(port, "fan0")  # seen items are never recommended
+    finally:
+        stop(procs)
