@@ -63,7 +63,7 @@ class Memory:
 
 @dataclass(frozen=True, slots=True)
 class Why:
-    """One recommended item's sources (model.predictor.Why) with its memories named."""
+    """One recommended item's sources (model.explain.Why) with its memories named."""
 
     encoder_rank: int
     model: float
