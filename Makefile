@@ -26,13 +26,14 @@ $(STAMP): pyproject.toml
 # The newcomer's command: fetch MovieLens-100k if no copy is found (MEMREC_DATA_DIR, ../shared/data,
 # ./data; offline, the message names the file to put where), train a model on it if none exists, then
 # serve it on http://$(HOST):$(PORT) with the embedded store (set MEMREC_REDIS_URL to use Redis instead).
-# The default training (TRAIN_ARGS) is a short one, so that the first answer comes within 3 minutes on
-# two CPU cores: the SASRec encoder (all-position loss) in batches of 64, stopping 3 epochs after its
-# validation NDCG@10 last rose (at most 30), then at most 10 fine-tuning epochs of the retrieval fusion
-# with patience 2, the transition channel chosen on validation and the memory vote not tried (--no-vote).
-# The full-length training of the benchmarks takes 4–5 minutes on a quiet 2-core machine:
+# The default training (TRAIN_ARGS) is short, for a first answer within about 3 minutes on two CPU
+# cores (about 160 CPU seconds on one): the SASRec encoder (all-position loss) in batches of 64, stopping
+# 3 epochs after its validation NDCG@10 last rose (at most 30), then at most 10 fine-tuning epochs of the
+# retrieval fusion with patience 2, the transition channel chosen on validation, the memory vote not
+# tried (--no-vote). The benchmarks' full-length training takes 4–5 minutes on a quiet 2-core machine:
 #   make run TRAIN_ARGS='--objective sasrec --scheme allpos --ft-epochs 20'
 # Training uses the cores other processes leave free (the load average); memrec train --threads N sets it.
+# STORE_DIR is the embedded store's folder.
 HOST ?= 127.0.0.1
 PORT ?= 8000
 STORE_DIR ?= artifacts/store

@@ -13,12 +13,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from memory_store.transitions import Followers
 from memory_store.user_memory import UserMemories
+
+if TYPE_CHECKING:  # memory_store.states reads this module's checks
+    from memory_store.states import StoredHistories, UserStates
 
 
 class SnapshotError(ValueError):
@@ -223,7 +226,11 @@ class MemoryStore(Protocol):
     @property
     def dim(self) -> int: ...
 
-    async def append_interactions(self, events: Sequence[Interaction]) -> IngestResult: ...
+    async def append_interactions(
+        self, events: Sequence[Interaction], states: UserStates | None = None
+    ) -> IngestResult:
+        """Interactions without memories; ``states`` as in :meth:`ingest`."""
+        ...
 
     async def ingest(
         self,
@@ -231,13 +238,27 @@ class MemoryStore(Protocol):
         keys: np.ndarray,
         prefix_lens: Sequence[int] | np.ndarray,
         recent: np.ndarray | None = None,
+        states: UserStates | None = None,
     ) -> IngestResult:
         """Interaction + its new memory (key = encoding of the history before the item, ``recent`` that
-        history's last items, most recent first; see MemoryBatch.create), atomically."""
+        history's last items, most recent first; see MemoryBatch.create), atomically. ``states``: the
+        users' encoder states after the write, kept in the same atomic write where their windows are the
+        histories' last items then (``memory_store.states``); every other state of a user this write
+        appends to is dropped."""
         ...
 
     async def histories(self, user_ids: Sequence[str], max_len: int) -> list[list[int]]:
         """Recent item ids per user, oldest first, at most ``max_len`` each ([] for unknown users)."""
+        ...
+
+    async def histories_with_states(self, user_ids: Sequence[str], max_len: int) -> StoredHistories:
+        """:meth:`histories` and, in the same read (one round trip), each user's encoder state where the
+        one kept encodes the history's last ``state_window`` items as read (else None)."""
+        ...
+
+    async def put_states(self, states: UserStates) -> int:
+        """Keep encoder states of histories already stored: each only where its window is still the
+        history's last items (atomically checked); returns how many were kept."""
         ...
 
     async def add_memories(self, batch: MemoryBatch) -> IngestResult: ...
@@ -292,8 +313,8 @@ class MemoryStore(Protocol):
         ...
 
     async def erase_user(self, user_id: str) -> Erasure:
-        """Remove everything stored about a user: history, memories (from every replica's index, their
-        transition counts with them), per-user memories, dedup markers. Idempotent."""
+        """Remove everything stored about a user: history, encoder state, memories (from every replica's
+        index, their transition counts with them), per-user memories, dedup markers. Idempotent."""
         ...
 
     async def bank_loaded(self) -> bool:

@@ -17,6 +17,7 @@ _MINIMA = (
     ("user_memory_capacity", 1),
     ("history_len", 1),
     ("recent_width", 0),
+    ("state_window", 0),
     ("connect_attempts", 1),
     ("first_new_item", 1),
 )
@@ -74,6 +75,9 @@ class StoreConfig:
     and counts no transitions (a write that brings prefix items is then refused). Stored data of another
     width stays readable: the items are padded with 0 or cut to the most recent ``recent_width``.
 
+    ``state_window``: the encoder states kept beside the histories (``memory_store.states``) encode a
+    history's last ``state_window`` items, the service's encoder window; 0 (the default) keeps none.
+
     ``first_new_item``: the internal id the first item registered after training gets
     (``register_items``), the model's vocabulary size + 1; the service sets it from the model, as the
     width. Ids below it are the model's own.
@@ -92,6 +96,7 @@ class StoreConfig:
     user_memory_capacity: int = 32
     history_len: int = 200
     recent_width: int = 0
+    state_window: int = 0
     first_new_item: int = 1
     dedup_ttl_s: int = 7 * 24 * 3600
     index: IndexParams = field(default_factory=IndexParams)
@@ -118,6 +123,8 @@ class StoreConfig:
             value = getattr(self, name)
             if value < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        if self.state_window > self.history_len:
+            raise ValueError(f"state_window ({self.state_window}) exceeds history_len ({self.history_len})")
         if self.redis_tls_ca_file is not None and not (self.redis_url or "").startswith("rediss://"):
             raise ValueError("redis_tls_ca_file needs a rediss:// URL (TLS)")
         if self.redis_url is None and self.data_dir is None:

@@ -9,9 +9,11 @@ Directory layout::
 
     {data_dir}/{namespace}/LOCK          flock held by the one process that owns the directory
     {data_dir}/{namespace}/log/          AppendLog segments (memory_store.wal)
-    {data_dir}/{namespace}/snapshot/     index.faiss, meta.npz, users.json, meta.json, state.json, umem.npz
+    {data_dir}/{namespace}/snapshot/     index.faiss, meta.npz, users.json, meta.json, state.json, umem.npz,
+                                         states.npz (+ states.json: their users)
 
-Log records: ``write`` (events and memories), ``remove`` (memories), ``umem`` (a user's per-user
+Log records: ``write`` (events, memories and the users' encoder states), ``states`` (encoder states of
+histories already stored), ``remove`` (memories), ``umem`` (a user's per-user
 memories), ``avail`` (items made (un)available), ``items`` (new items registered), ``erase`` (a user
 erased), ``bank`` (the bank's bulk load completed). ``state.json`` holds histories, dedup markers and
 their users, the catalogue (``memory_store.catalogue``) and the bank flag.
@@ -60,6 +62,7 @@ from memory_store.catalogue import Catalogue
 from memory_store.config import StoreConfig
 from memory_store.index import MemoryIndex, followers_now, search_now
 from memory_store.snapshot import savez, snapshot_file
+from memory_store.states import FINGERPRINT_BYTES, StoredHistories, UserStates, fingerprint, unpack_valid
 from memory_store.transitions import Followers
 from memory_store.wal import AppendLog, Record
 
@@ -91,6 +94,7 @@ class EmbeddedMemoryStore:
     def _reset_state(self) -> None:
         self._index = MemoryIndex(self.config.dim, self.config.index, self.config.recent_width)
         self._hist: dict[str, deque[int]] = {}
+        self._states: dict[str, bytes] = {}  # user -> packed encoder state (memory_store.states.pack)
         self._seen: dict[str, float] = {}  # event id -> expiry (unix seconds)
         self._user_events: dict[str, set[str]] = {}  # user -> their event ids in _seen (for erasure)
         self._umem: dict[str, um.UserMemories] = {}
@@ -120,6 +124,8 @@ class EmbeddedMemoryStore:
         """Apply one log record; used for live writes and for replay alike."""
         if record.op == "write":
             self._apply_write(record.meta, record.arrays)
+        elif record.op == "states":
+            self._apply_states(record.meta, record.arrays)
         elif record.op == "remove":
             self._drop_memories(record.arrays["ids"])
         elif record.op == "umem":
@@ -145,6 +151,9 @@ class EmbeddedMemoryStore:
             self._user_events.setdefault(user, set()).add(event_id)
         for user, item in zip(meta["hist_users"], arrays["hist_items"].tolist(), strict=True):
             self._hist.setdefault(user, deque(maxlen=self.config.history_len)).append(int(item))
+        for user in meta["hist_users"]:  # appended to: a state is kept only if the write brings one
+            self._states.pop(user, None)
+        self._apply_states(meta, arrays)  # absent from logs written before states existed: none
         ids = arrays["mem_ids"]
         if ids.size:
             batch = MemoryBatch(
@@ -164,6 +173,21 @@ class EmbeddedMemoryStore:
                     self._by_user.setdefault(user, deque()).append(mem_id)
         self._drop_memories(arrays["evicted"])
 
+    def _apply_states(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Keep each given state whose window is its user's history's last items now."""
+        for user, blob in zip(meta.get("state_users", ()), arrays.get("state_blobs", ()), strict=True):
+            if self._state_fits(user, blob.tobytes()):
+                self._states[user] = blob.tobytes()
+
+    def _state_fits(self, user: str, blob: bytes) -> bool:
+        window = self._window(user)
+        return bool(window) and blob[:FINGERPRINT_BYTES] == fingerprint(window)
+
+    def _window(self, user: str) -> list[int]:
+        """The user's last ``state_window`` history items (what a kept state encodes)."""
+        held = self._hist.get(user, ())
+        return list(held)[-self.config.state_window :] if self.config.state_window else []
+
     def _drop_memories(self, ids: np.ndarray) -> None:
         if not ids.size:
             return
@@ -178,6 +202,7 @@ class EmbeddedMemoryStore:
         """Everything of ``user`` goes: history, the memories ``ids`` (with their transition counts),
         per-user memories and dedup markers."""
         self._hist.pop(user, None)
+        self._states.pop(user, None)
         self._drop_memories(ids)
         self._by_user.pop(user, None)
         self._umem.pop(user, None)
@@ -242,8 +267,11 @@ class EmbeddedMemoryStore:
                 evicted.extend(old[:excess])
         return np.asarray(evicted, np.int64)
 
-    def _write(self, events: Sequence[Interaction], batch: MemoryBatch | None) -> IngestResult:
-        """One logged write: accepted events go to histories, their rows of ``batch`` become memories."""
+    def _write(
+        self, events: Sequence[Interaction], batch: MemoryBatch | None, states: UserStates | None = None
+    ) -> IngestResult:
+        """One logged write: accepted events go to histories, their rows of ``batch`` become memories,
+        and ``states`` are kept where they fit the histories then (``_apply_states``)."""
         accepted = self._dedup(events) if events else np.ones(len(batch or ()), bool)
         rows = np.flatnonzero(accepted)
         n_mem = int(rows.size) if batch is not None else 0
@@ -259,6 +287,7 @@ class EmbeddedMemoryStore:
             "seen_expiry": time.time() + self.config.dedup_ttl_s,
             "hist_users": [ev.user_id for ev in accepted_events],
             "mem_users": list(mem.users) if mem is not None else [],
+            "state_users": list(states.users) if states is not None else [],
         }
         arrays = {
             "hist_items": np.asarray([ev.item_id for ev in accepted_events], np.int64),
@@ -269,12 +298,22 @@ class EmbeddedMemoryStore:
             "plens": mem.prefix_lens if mem is not None else np.zeros(0, np.int32),
             "recent": mem.recent if mem is not None else np.zeros((0, self.config.recent_width), np.int64),
             "evicted": self._evictions(mem_ids, mem.users if mem is not None else ()),
+            "state_blobs": _packed(states, self.dim),
         }
         n_acc = int(rows.size)
         if not n_acc:
             return IngestResult(0, len(events), out_ids, "")
         lsn = self._commit("write", meta, arrays)
         return IngestResult(n_acc, accepted.shape[0] - n_acc, out_ids, _position(lsn))
+
+    def _put_states(self, states: UserStates) -> int:
+        """Log and keep the states that fit their users' histories now."""
+        blobs = _packed(states, self.dim)
+        fits = [i for i, u in enumerate(states.users) if self._state_fits(u, blobs[i].tobytes())]
+        if fits:
+            meta = {"state_users": [states.users[i] for i in fits]}
+            self._commit("states", meta, {"state_blobs": blobs[fits]})
+        return len(fits)
 
     def _remove(self, ids: np.ndarray) -> int:
         ids = np.unique(ids)
@@ -361,9 +400,11 @@ class EmbeddedMemoryStore:
 
         return await asyncio.to_thread(run)
 
-    async def append_interactions(self, events: Sequence[Interaction]) -> IngestResult:
+    async def append_interactions(
+        self, events: Sequence[Interaction], states: UserStates | None = None
+    ) -> IngestResult:
         check_events(events)
-        result: IngestResult = await self._locked(self._write, list(events), None)
+        result: IngestResult = await self._locked(self._write, list(events), None, self._checked(states))
         return result
 
     async def ingest(
@@ -372,10 +413,23 @@ class EmbeddedMemoryStore:
         keys: np.ndarray,
         prefix_lens: Sequence[int] | np.ndarray,
         recent: np.ndarray | None = None,
+        states: UserStates | None = None,
     ) -> IngestResult:
         batch = memory_batch_for_events(events, keys, prefix_lens, self.dim, self.config.recent_width, recent)
-        result: IngestResult = await self._locked(self._write, list(events), batch)
+        result: IngestResult = await self._locked(self._write, list(events), batch, self._checked(states))
         return result
+
+    def _checked(self, states: UserStates | None) -> UserStates | None:
+        if states is None or not len(states):
+            return None
+        return states.checked(self.dim, self.config.state_window)
+
+    async def put_states(self, states: UserStates) -> int:
+        checked = self._checked(states)
+        if checked is None:
+            return 0
+        kept: int = await self._locked(self._put_states, checked)
+        return kept
 
     async def add_memories(self, batch: MemoryBatch) -> IngestResult:
         batch = batch.validated(self.dim, self.config.recent_width)
@@ -387,15 +441,23 @@ class EmbeddedMemoryStore:
         return removed
 
     async def histories(self, user_ids: Sequence[str], max_len: int) -> list[list[int]]:
-        for user in user_ids:
-            check_user_id(user)
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
-        users = list(user_ids)
+        users = _checked_reads(user_ids, max_len)
         out: list[list[int]] = await self._locked(
             lambda: [list(self._hist.get(u, ()))[-max_len:] for u in users]
         )
         return out
+
+    async def histories_with_states(self, user_ids: Sequence[str], max_len: int) -> StoredHistories:
+        users = _checked_reads(user_ids, max_len)
+        out: StoredHistories = await self._locked(self._read_with_states, users, max_len)
+        return out
+
+    def _read_with_states(self, users: list[str], max_len: int) -> StoredHistories:
+        """The histories of ``users`` and the kept states that encode their last items (under the lock:
+        one consistent read)."""
+        histories = [list(self._hist.get(u, ()))[-max_len:] for u in users]
+        states = [unpack_valid(self._states.get(u), self._window(u), self.dim) for u in users]
+        return StoredHistories(histories, states)
 
     async def search(self, queries: np.ndarray, k: int, with_keys: bool = False) -> SearchResult:
         check_k(k)
@@ -509,6 +571,7 @@ class EmbeddedMemoryStore:
         }
         (tmp / "state.json").write_text(json.dumps(state))
         _save_user_memories(tmp / "umem.npz", self._umem, self.dim)
+        _save_states(tmp / "states.npz", self._states, self.dim)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         if path is None:  # the default snapshot covers the log up to here
@@ -536,6 +599,8 @@ class EmbeddedMemoryStore:
             self._next_id, self._applied = int(state["next_id"]), int(state["lsn"])
             with snapshot_file(source / "umem.npz") as umem_path:
                 self._umem = _load_user_memories(umem_path, self.dim)
+            with snapshot_file(source / "states.npz") as states_path:
+                self._states = _load_states(states_path)
         first = self._log.first_lsn()
         if first is not None and first > self._applied + 1:
             raise ValueError(f"snapshot {source} is at lsn {self._applied} but the log starts at {first}")
@@ -551,6 +616,40 @@ class EmbeddedMemoryStore:
             self._log.close()
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
+
+
+def _checked_reads(user_ids: Sequence[str], max_len: int) -> list[str]:
+    for user in user_ids:
+        check_user_id(user)
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    return list(user_ids)
+
+
+def _packed(states: UserStates | None, dim: int) -> np.ndarray:
+    """(s, stride) uint8: the packed states (memory_store.states.pack), one row each, for a log record."""
+    stride = FINGERPRINT_BYTES + 4 * dim
+    if states is None or not len(states):
+        return np.zeros((0, stride), np.uint8)
+    return np.frombuffer(b"".join(states.packed()), np.uint8).reshape(len(states), stride)
+
+
+def _save_states(path: Path, states: dict[str, bytes], dim: int) -> None:
+    """The kept encoder states: one packed row per user, the users in a JSON beside."""
+    users = sorted(states)
+    stride = FINGERPRINT_BYTES + 4 * dim
+    blobs = np.frombuffer(b"".join(states[u] for u in users), np.uint8).reshape(len(users), stride)
+    savez(path, {"blobs": blobs})
+    path.with_suffix(".json").write_text(json.dumps(users))
+
+
+def _load_states(path: Path) -> dict[str, bytes]:
+    """The states of a snapshot (none in one written before states were kept)."""
+    if not path.exists():
+        return {}
+    users: list[str] = json.loads(path.with_suffix(".json").read_text())
+    with np.load(path) as a:
+        return {u: a["blobs"][i].tobytes() for i, u in enumerate(users)}
 
 
 def _save_user_memories(path: Path, umem: dict[str, um.UserMemories], dim: int) -> None:

@@ -8,6 +8,10 @@ target). Early stopping on validation HR@10 (unmasked), the best fusion weights 
 ``tune_vote`` the memory vote is then chosen on validation over the trained fusion, and with
 ``tune_transitions`` the transition channel over both (model.tuning); the chosen values make the
 final, frozen :class:`~model.predictor.InferenceConfig`.
+
+Under torchrun (model.distributed) every process prepares the training queries and trains the fusion on
+its shard of each epoch with DistributedDataParallel; rank 0 alone validates, decides when to stop
+(broadcast to the others) and tunes, and its best weights end up in every process.
 """
 
 from __future__ import annotations
@@ -15,16 +19,19 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
-from model import offline, tuning
+from model import distributed, offline, tuning
 from model import transitions as tr
 from model.data import IntArray, Samples, Split
+from model.distributed import SINGLE, Dist
 from model.evaluate import Metrics, head_items
 from model.fusion import FusionConfig, RetrievalFusion
 from model.inference import InferenceConfig
@@ -119,11 +126,14 @@ def finetune(
     vote_min_z: float = 2.0,
     rules: MemoryRules | None = None,
     retrieve: offline.Retrieve = offline.nearest,
+    dist: Dist = SINGLE,
 ) -> tuple[Finetuned, FinetuneResult]:
     """Train a fusion module over the frozen ``encoder`` for ``inference`` (its k, selection rules and
     user memories); returns the model over the training-pair bank, its vote and channel chosen on
     validation when asked (each stays off unless it beats off there by ``vote_min_z`` standard errors).
-    ``rules``: the store's per-user memory rules, needed when ``inference`` fuses user memories."""
+    ``rules``: the store's per-user memory rules, needed when ``inference`` fuses user memories.
+    ``dist``: this process's place under torchrun; only rank 0 validates and tunes, the others return
+    the trained fusion untuned and an empty result."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     dev = torch.device(cfg.device)
@@ -141,12 +151,17 @@ def finetune(
     train_q = offline.prepare(
         predictor, bank, split.train, states=train_states, user_items=train_items, retrieve=retrieve
     )
-    valid_q = offline.prepare(
-        predictor, bank, split.valid, cfg.device, user_items=model.user_items(split.valid), retrieve=retrieve
-    )
+    valid_q = None  # validation is rank 0's alone
+    if dist.main:
+        valid_items = model.user_items(split.valid)
+        valid_q = offline.prepare(
+            predictor, bank, split.valid, cfg.device, user_items=valid_items, retrieve=retrieve
+        )
     log.info("memory bank: %d memories, states and retrieval in %.1fs", len(bank), time.perf_counter() - t0)
 
-    result = _train(predictor, fusion, train_q, valid_q, split, cfg, rng)
+    result = _train(predictor, fusion, train_q, valid_q, split, cfg, rng, dist)
+    if valid_q is None:
+        return model, result
     chosen = predictor.cfg
     if cfg.tune_vote:
         result.vote_grid = vote_grid or VoteGrid()
@@ -176,60 +191,120 @@ def _train(
     predictor: Predictor,
     fusion: RetrievalFusion,
     train_q: offline.Queries,
-    valid_q: offline.Queries,
+    valid_q: offline.Queries | None,
     split: Split,
     cfg: FinetuneConfig,
     rng: np.random.Generator,
+    dist: Dist = SINGLE,
 ) -> FinetuneResult:
-    """Epochs of the fusion module until validation stops improving; the best weights are kept."""
+    """Epochs of the fusion module until validation stops improving; the best weights are kept.
+    ``valid_q`` is None on the processes that do not validate (ranks other than 0)."""
     opt = torch.optim.Adam(fusion.parameters(), lr=cfg.lr)
     result = FinetuneResult(0, {})
     best_state = {k: v.detach().clone() for k, v in fusion.state_dict().items()}
     bad = 0
+    step = _step(predictor, fusion, train_q, split.train.targets, cfg, dist)
     for epoch in range(1, cfg.epochs + 1):
         if bad >= cfg.patience:
             break
         t0 = time.perf_counter()
-        loss = _epoch(predictor, train_q, split.train.targets, opt, cfg, rng, f"fine-tune {epoch}")
+        order = _epoch_order(len(split.train.targets), rng, cfg, epoch, dist)
+        loss = distributed.mean(_epoch(predictor, step, order, opt, cfg, f"fine-tune {epoch}"), dist)
         seconds = time.perf_counter() - t0
-        valid = offline.evaluate_predictor(
-            predictor, valid_q, split.valid, split.valid_seen, None, cfg.device
-        )
-        result.history.append(EpochLog(epoch, loss, seconds, valid))
-        score = valid["unmasked"][cfg.valid_metric]
-        if not result.best_valid or score > result.best_valid["unmasked"][cfg.valid_metric]:
-            result.best_epoch, result.best_valid, bad = epoch, valid, 0
-            best_state = {k: v.detach().clone() for k, v in fusion.state_dict().items()}
-        else:
-            bad += 1
-        log.info(
-            "fine-tune epoch %d loss %.4f %.1fs valid %s %.4f", epoch, loss, seconds, cfg.valid_metric, score
-        )
+        if valid_q is not None:
+            valid = offline.evaluate_predictor(
+                predictor, valid_q, split.valid, split.valid_seen, None, cfg.device
+            )
+            if _record(result, EpochLog(epoch, loss, seconds, valid), cfg):
+                bad, best_state = 0, {k: v.detach().clone() for k, v in fusion.state_dict().items()}
+            else:
+                bad += 1
+        bad = distributed.broadcast_int(bad, dist)  # rank 0's count: every process stops together
     fusion.load_state_dict(best_state)
+    distributed.broadcast_weights(fusion, dist)  # rank 0's best epoch, in every process
     fusion.eval()
     return result
 
 
-def _epoch(
+def _record(result: FinetuneResult, row: EpochLog, cfg: FinetuneConfig) -> bool:
+    """Add a validated epoch to ``result``; True when it is the best so far (it becomes best_epoch)."""
+    result.history.append(row)
+    score = row.valid["unmasked"][cfg.valid_metric]
+    best = not result.best_valid or score > result.best_valid["unmasked"][cfg.valid_metric]
+    if best:
+        result.best_epoch, result.best_valid = row.epoch, row.valid
+    log.info(
+        "fine-tune epoch %d loss %.4f %.1fs valid %s %.4f",
+        row.epoch,
+        row.loss,
+        row.seconds,
+        cfg.valid_metric,
+        score,
+    )
+    return best
+
+
+def _epoch_order(n: int, rng: np.random.Generator, cfg: FinetuneConfig, epoch: int, dist: Dist) -> IntArray:
+    """The training samples this process visits in ``epoch``, in order: a permutation of all of them
+    with one process; under torchrun its shard of the permutation every process draws alike."""
+    if not dist.on:
+        return rng.permutation(n)
+    shared, _ = distributed.epoch_rngs(cfg.seed, epoch, dist)
+    mine = distributed.shard(n, shared, dist)
+    log.info(
+        "fine-tune epoch %d: process %d of %d trains on %d of %d samples",
+        epoch,
+        dist.rank,
+        dist.world_size,
+        len(mine),
+        n,
+    )
+    return mine
+
+
+def _step(
     predictor: Predictor,
+    fusion: RetrievalFusion,
     queries: offline.Queries,
     targets: IntArray,
-    opt: torch.optim.Optimizer,
     cfg: FinetuneConfig,
-    rng: np.random.Generator,
-    desc: str,
-) -> float:
-    assert predictor.fusion is not None
-    predictor.fusion.train()
+    dist: Dist,
+) -> Callable[[IntArray], Tensor]:
+    """The loss of a batch of training samples; under torchrun wrapped in DDP over the fusion's
+    weights (the encoder is frozen), whose backward averages the gradients over the processes."""
     dev = torch.device(cfg.device)
-    perm = rng.permutation(len(targets))
-    total, n = 0.0, 0
-    for s in tqdm(range(0, len(perm), cfg.batch_size), desc=desc, leave=False, mininterval=2.0):
-        idx = perm[s : s + cfg.batch_size]
+
+    def loss(idx: IntArray) -> Tensor:
         q = queries.batch(idx)
         mem = predictor.memories(q.plan, q.hits) if q.hits is not None else None
         fused = predictor.fused(torch.from_numpy(q.plan.states).to(dev), mem, q.user_items)  # no vote here
-        loss = predictor.encoder.next_item_loss(fused, torch.from_numpy(targets[idx]).to(dev))
+        return predictor.encoder.next_item_loss(fused, torch.from_numpy(targets[idx]).to(dev))
+
+    if not dist.on:
+        return loss
+    wrapped = distributed.data_parallel(fusion, loss, cfg.device)
+
+    def synced(idx: IntArray) -> Tensor:
+        out: Tensor = wrapped(idx)
+        return out
+
+    return synced
+
+
+def _epoch(
+    predictor: Predictor,
+    step: Callable[[IntArray], Tensor],
+    order: IntArray,
+    opt: torch.optim.Optimizer,
+    cfg: FinetuneConfig,
+    desc: str,
+) -> float:
+    """One pass over the samples ``order`` in batches; returns the mean batch loss."""
+    assert predictor.fusion is not None
+    predictor.fusion.train()
+    total, n = 0.0, 0
+    for s in tqdm(range(0, len(order), cfg.batch_size), desc=desc, leave=False, mininterval=2.0):
+        loss = step(order[s : s + cfg.batch_size])
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()

@@ -3,7 +3,7 @@
 A batch of queries is scored in two steps around the reads of the memory store, which the caller runs
 wherever the store lives (a FAISS index over the bank offline, Redis or the embedded store online)::
 
-    plan = predictor.prepare(histories, users)          encode; K per query; what to fetch
+    plan = predictor.prepare(histories, users, states)  encode (rows without a state); K; what to fetch
     hits = store.search(plan.states, plan.fetch)         the nearest memories, best first
     rows = store.followers(plan.wanted)                  item transitions of the queries' last items
     out  = predictor.finish(plan, hits, rows, masks, n)  select → fuse → vote → transitions → mask → top n
@@ -217,25 +217,55 @@ class Predictor:
 
     # --- step 1: prepare ---------------------------------------------------------------------------
 
-    def prepare(self, histories: Sequence[Sequence[int]], users: Sequence[object] | None = None) -> Plan:
+    def prepare(
+        self,
+        histories: Sequence[Sequence[int]],
+        users: Sequence[object] | None = None,
+        states: Sequence[FloatArray | None] | None = None,
+    ) -> Plan:
         """Histories (item ids ≥ 1, oldest first; empty: a cold user) → the encoded plan of the batch.
 
         Items the model was not trained on (ids past its vocabulary, registered by the store since) are
         read by the transition channel but not by the encoder; a history without any item the encoder
-        knows is answered as a cold user's."""
+        knows is answered as a cold user's. ``states``: per row, the state (D,) of that very history
+        computed before (:meth:`states` of it: the service keeps one per user beside the stored history)
+        or None; only the rows without one are encoded."""
         known = [self.known(h) for h in histories]
         warm = np.asarray([i for i, h in enumerate(known) if len(h)], dtype=np.int64)
         windows = [known[i][-self.max_len :] for i in warm]
-        states = self.encode(windows) if len(windows) else np.zeros((0, self.encoder.cfg.dim), np.float32)
+        given = [states[i] if states is not None else None for i in warm]
+        todo = [j for j, state in enumerate(given) if state is None]
+        out = np.empty((len(windows), self.encoder.cfg.dim), np.float32)  # (W, D)
+        if todo:
+            out[todo] = self.encode([windows[j] for j in todo])
+        for j, state in enumerate(given):
+            if state is not None:
+                out[j] = state
         who = None if users is None else np.asarray([users[i] for i in warm], dtype=object)
         recent = tr.last_items([histories[i] for i in warm])  # new items included
-        return self.plan(states, windows, who, len(histories), warm, recent=recent)
+        return self.plan(out, windows, who, len(histories), warm, recent=recent)
+
+    def states(self, histories: Sequence[Sequence[int]]) -> list[FloatArray | None]:
+        """The state (D,) :meth:`prepare` computes for each history, None where it holds no item the
+        encoder knows (a cold user's): what the service keeps beside a stored history."""
+        windows = [self.window(h) for h in histories]
+        rows = [i for i, w in enumerate(windows) if len(w)]
+        encoded = self.encode([windows[i] for i in rows]) if rows else None
+        out: list[FloatArray | None] = [None] * len(histories)
+        for j, i in enumerate(rows):
+            assert encoded is not None
+            out[i] = encoded[j]
+        return out
 
     def known(self, history: Sequence[int] | IntArray) -> IntArray:
         """The items of ``history`` the encoder was trained on, in order."""
         h = np.asarray(history, dtype=np.int64)
         out: IntArray = h[h < self.n_ids]
         return out
+
+    def window(self, history: Sequence[int] | IntArray) -> IntArray:
+        """What the encoder reads of ``history``: the last ``max_len`` of its known items (empty: none)."""
+        return self.known(history)[-self.max_len :]
 
     def plan(
         self,
@@ -269,7 +299,7 @@ class Predictor:
         Encoded in length-sorted chunks of at most ``ENCODE_CHUNK`` rows: one padded (B, T) pass costs
         as if every row were the longest, and attention grows with T². On Beauty histories a batch of 42
         took 9.0 ms in one pass and 3.9 ms in chunks of 16."""
-        rows = [self.known(h)[-self.max_len :] for h in windows]
+        rows = [self.window(h) for h in windows]
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
         if not lengths.all():
             raise ValueError("a history to encode holds no item the encoder knows (see Predictor.known)")

@@ -14,12 +14,16 @@ import os
 log = logging.getLogger(__name__)
 
 
-def usable_cores() -> int:
+def usable_cores(processes: int = 1) -> int:
     """The cores this process may run on (its CPU affinity where the platform has one), at most torch's
-    own default (the physical cores, or OMP_NUM_THREADS when set) as long as nothing has changed it."""
+    own default (the physical cores, or OMP_NUM_THREADS when set) as long as nothing has changed it.
+    One of several ``processes`` started by torchrun counts the affinity alone: torchrun sets
+    OMP_NUM_THREADS=1 in every worker it starts, which says nothing about the machine."""
     import torch  # here, not at import: the tests of the arithmetic below need no torch
 
     logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if processes > 1:
+        return max(1, logical)
     return max(1, min(logical, torch.get_num_threads()))
 
 
@@ -36,15 +40,25 @@ def free_cores(cores: int, load: float) -> int:
     return max(1, cores - round(max(0.0, load)))
 
 
-def choose_threads(requested: int | None, cores: int | None = None, load: float | None = None) -> int:
-    """``requested`` when positive (``--threads N``), else (None or 0) the free cores; logs the choice."""
+def choose_threads(
+    requested: int | None, cores: int | None = None, load: float | None = None, processes: int = 1
+) -> int:
+    """``requested`` when positive (``--threads N``), else (None or 0) the free cores, shared evenly by
+    the ``processes`` of this machine (torchrun's workers; at least one thread each); logs the choice."""
     if requested is not None and requested > 0:
         log.info("using %d CPU threads (--threads)", requested)
         return requested
-    n_cores = usable_cores() if cores is None else cores
+    n_cores = usable_cores(processes) if cores is None else cores
     busy = load_average() if load is None else load
-    n = free_cores(n_cores, busy)
-    log.info("using %d CPU threads: %d cores, load average %.2f (--threads N to override)", n, n_cores, busy)
+    n = max(1, free_cores(n_cores, busy) // max(1, processes))
+    shared = f", shared by {processes} processes" if processes > 1 else ""
+    log.info(
+        "using %d CPU threads: %d cores, load average %.2f%s (--threads N to override)",
+        n,
+        n_cores,
+        busy,
+        shared,
+    )
     return n
 
 

@@ -11,6 +11,10 @@ Adam, early stopping on a validation metric with patience, the best state kept. 
 ``checkpoint_dir`` writes its state after every epoch and resumes from it, so a long run survives
 being stopped. Same seed and same initial weights, same numbers on the CPU (`memrec train` draws the
 initial weights from the seed as well, so one command gives one model).
+
+Under torchrun (model.distributed) each process trains on its shard of every epoch's samples with
+DistributedDataParallel; rank 0 alone validates, decides when to stop (broadcast to the others) and
+writes the checkpoint, and its best weights end up in every process.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from model import distributed
 from model.data import (
     IntArray,
     SameTargetIndex,
@@ -37,6 +43,7 @@ from model.data import (
     bucket_batches,
     window_samples,
 )
+from model.distributed import SINGLE, Dist
 from model.evaluate import Metrics, evaluate
 from model.sasrec import SASRec
 
@@ -195,29 +202,75 @@ def _history_from_state(rows: list[dict[str, Any]]) -> list[EpochLog]:
 # The loop
 
 
+# One batch's loss from its sample indexes and the generator that draws its contrastive positives.
+Step = Callable[[IntArray, np.random.Generator], Tensor]
+
+
+def _epoch_batches(
+    split: Split, train_idx: IntArray, cfg: TrainConfig, rng: np.random.Generator, epoch: int, dist: Dist
+) -> tuple[list[IntArray], np.random.Generator]:
+    """This process's length-bucketed batches of the epoch and the generator its batches draw from.
+    One process: all of ``train_idx`` with the run's own generator. Several: the process's shard of
+    the permutation every process draws alike, bucketed with its own generator (model.distributed)."""
+    if not dist.on:
+        return _bucketed(split, train_idx, cfg, rng), rng
+    shared, own = distributed.epoch_rngs(cfg.seed, epoch, dist)
+    mine = train_idx[distributed.shard(len(train_idx), shared, dist)]
+    # the per-process count shows the shards: about 1/N of the samples each, their sum the whole set
+    log.info(
+        "epoch %d: process %d of %d trains on %d of %d samples",
+        epoch,
+        dist.rank,
+        dist.world_size,
+        len(mine),
+        len(train_idx),
+    )
+    return _bucketed(split, mine, cfg, own), own
+
+
+def _bucketed(split: Split, idx: IntArray, cfg: TrainConfig, rng: np.random.Generator) -> list[IntArray]:
+    return [idx[b] for b in bucket_batches(split.train.lengths[idx], cfg.batch_size, rng)]
+
+
 def _train_epoch(
     model: SASRec,
-    split: Split,
-    train_idx: IntArray,
-    cfg: TrainConfig,
+    step: Step,
+    batches: list[IntArray],
     opt: torch.optim.Optimizer,
-    positives: SameTargetIndex | None,
     rng: np.random.Generator,
     desc: str,
 ) -> float:
-    """One pass over ``train_idx`` in length-bucketed batches; returns the mean batch loss."""
-    device = torch.device(cfg.device)
+    """One pass over ``batches``; returns the mean batch loss."""
     model.train()
     total, n_batches = 0.0, 0
-    batches = [train_idx[b] for b in bucket_batches(split.train.lengths[train_idx], cfg.batch_size, rng)]
     for idx in tqdm(batches, desc=desc, leave=False, mininterval=2.0):
-        loss = batch_loss(model, split.train, idx, cfg, positives, rng, device)
+        loss = step(idx, rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         total += float(loss.detach())
         n_batches += 1
     return total / max(n_batches, 1)
+
+
+def _step(
+    model: SASRec, split: Split, cfg: TrainConfig, positives: SameTargetIndex | None, dist: Dist
+) -> Step:
+    """The batch loss; under torchrun wrapped in DDP, whose backward averages the gradients."""
+    device = torch.device(cfg.device)
+
+    def loss(idx: IntArray, rng: np.random.Generator) -> Tensor:
+        return batch_loss(model, split.train, idx, cfg, positives, rng, device)
+
+    if not dist.on:
+        return loss
+    wrapped = distributed.data_parallel(model, loss, cfg.device)
+
+    def synced(idx: IntArray, rng: np.random.Generator) -> Tensor:
+        out: Tensor = wrapped(idx, rng)
+        return out
+
+    return synced
 
 
 @dataclass
@@ -231,9 +284,16 @@ class _RunState:
 
 
 def _resume(
-    ckpt: Path | None, model: SASRec, opt: torch.optim.Optimizer, rng: np.random.Generator, run: _RunState
+    ckpt: Path | None,
+    model: SASRec,
+    opt: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    run: _RunState,
+    dist: Dist = SINGLE,
 ) -> _RunState:
-    if ckpt is None or (state := _load_checkpoint(ckpt)) is None:
+    # Rank 0 reads the checkpoint and hands it to the others: they need not see its file system.
+    state = _load_checkpoint(ckpt) if ckpt is not None and dist.main else None
+    if (state := distributed.broadcast_object(state, dist)) is None:
         return run
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
@@ -268,11 +328,19 @@ def _checkpoint(
     )
 
 
-def train(model: SASRec, split: Split, cfg: TrainConfig, checkpoint_dir: Path | None = None) -> TrainResult:
+def train(
+    model: SASRec,
+    split: Split,
+    cfg: TrainConfig,
+    checkpoint_dir: Path | None = None,
+    dist: Dist = SINGLE,
+) -> TrainResult:
     """Train ``model`` in place; on return it holds the best-validation weights.
 
     With ``checkpoint_dir``, the state after every epoch is written there and a later call with the
-    same directory continues from it, with the same numbers as an uninterrupted run.
+    same directory continues from it, with the same numbers as an uninterrupted run. With ``dist`` (one
+    of several torchrun processes) this process trains on its shard; only rank 0 validates and writes
+    the checkpoint, and only its result holds the history and the validation metrics.
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -285,36 +353,59 @@ def train(model: SASRec, split: Split, cfg: TrainConfig, checkpoint_dir: Path | 
         else np.arange(len(split.train), dtype=np.int64)
     )
     ckpt = checkpoint_dir / "checkpoint.pt" if checkpoint_dir else None
-    run = _resume(ckpt, model, opt, rng, _RunState(TrainResult(0, {}), _clone_state(model)))
+    run = _resume(ckpt, model, opt, rng, _RunState(TrainResult(0, {}), _clone_state(model)), dist)
+    step = _step(model, split, cfg, positives, dist)
 
     while run.next_epoch <= cfg.epochs and run.bad_epochs < cfg.patience:
         epoch = run.next_epoch
         t0 = time.perf_counter()
-        loss = _train_epoch(model, split, train_idx, cfg, opt, positives, rng, f"epoch {epoch}")
+        batches, batch_rng = _epoch_batches(split, train_idx, cfg, rng, epoch, dist)
+        loss = _train_epoch(model, step, batches, opt, batch_rng, f"epoch {epoch}")
+        loss = distributed.mean(loss, dist)  # the epoch's loss over every shard
         seconds = time.perf_counter() - t0
-        valid = evaluate_encoder(model, split.valid, split.valid_seen, cfg)
-        run.result.history.append(EpochLog(epoch, loss, seconds, valid, time.perf_counter() - t0 - seconds))
-        score = valid["unmasked"][cfg.valid_metric]
-        if not run.result.best_valid or score > run.result.best_valid["unmasked"][cfg.valid_metric]:
-            run.result.best_epoch, run.result.best_valid, run.bad_epochs = epoch, valid, 0
-            run.best_state = _clone_state(model)
-        else:
-            run.bad_epochs += 1
-        log.info(
-            "epoch %d loss %.4f %.1fs valid %s %.4f (best %.4f @ %d)",
-            epoch,
-            loss,
-            seconds,
-            cfg.valid_metric,
-            score,
-            run.result.best_valid["unmasked"][cfg.valid_metric],
-            run.result.best_epoch,
-        )
+        if dist.main:
+            _validate(model, split, cfg, run, epoch, loss, seconds, time.perf_counter())
         run.next_epoch += 1
-        if ckpt is not None:
+        if ckpt is not None and dist.main:
             _checkpoint(ckpt, model, opt, rng, run)
+        # Rank 0 alone knows whether validation improved: the others wait for its count here and stop
+        # at the same epoch (the loop's condition reads the same numbers everywhere).
+        run.bad_epochs = distributed.broadcast_int(run.bad_epochs, dist)
     model.load_state_dict(run.best_state)
+    distributed.broadcast_weights(model, dist)  # rank 0's best epoch, in every process's model
     return run.result
+
+
+def _validate(
+    model: SASRec,
+    split: Split,
+    cfg: TrainConfig,
+    run: _RunState,
+    epoch: int,
+    loss: float,
+    seconds: float,
+    t_valid: float,
+) -> None:
+    """Validate after ``epoch`` (its training pass took ``seconds``, validation starts at ``t_valid``):
+    record it, keep the weights if they are the best so far, count the epochs without improvement."""
+    valid = evaluate_encoder(model, split.valid, split.valid_seen, cfg)
+    run.result.history.append(EpochLog(epoch, loss, seconds, valid, time.perf_counter() - t_valid))
+    score = valid["unmasked"][cfg.valid_metric]
+    if not run.result.best_valid or score > run.result.best_valid["unmasked"][cfg.valid_metric]:
+        run.result.best_epoch, run.result.best_valid, run.bad_epochs = epoch, valid, 0
+        run.best_state = _clone_state(model)
+    else:
+        run.bad_epochs += 1
+    log.info(
+        "epoch %d loss %.4f %.1fs valid %s %.4f (best %.4f @ %d)",
+        epoch,
+        loss,
+        seconds,
+        cfg.valid_metric,
+        score,
+        run.result.best_valid["unmasked"][cfg.valid_metric],
+        run.result.best_epoch,
+    )
 
 
 def _clone_state(model: SASRec) -> dict[str, Tensor]:

@@ -37,6 +37,7 @@ from service.routes.items import ItemIds
 from service.schemas import Problem
 from service.settings import Settings
 from service.state import Runtime
+from service.states import fill_states
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def store_config(settings: Settings, dim: int, model_version: str, n_items: int)
         user_capacity=settings.user_capacity,
         history_len=max(200, settings.history_len),
         recent_width=MAX_ORDER,  # prefix items a memory keeps: the transition channel's order (the model's)
+        state_window=settings.history_len,  # the users' encoder states encode what a request encodes
         first_new_item=n_items + 1,  # items registered after training come after the model's
         index=IndexParams(
             exact_threshold=settings.exact_threshold, nprobe=settings.nprobe, threads=settings.torch_threads
@@ -73,15 +75,18 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     faiss.omp_set_num_threads(settings.torch_threads)
     art = await asyncio.to_thread(artifact.load, settings.model_dir, settings.device)
     config = store_config(settings, art.encoder.cfg.dim, art.model_version, art.vocab.n_items)
+    rec = await asyncio.to_thread(serving_predictor, art, settings.frozen_graphs)
     store: MemoryStore = await open_store(config)
     try:
         if settings.load_bank and art.bank is not None:
             await load_bank(store, art.bank, art.vocab, art.first_items)
+            t0 = time.perf_counter()
+            written = await fill_states(store, rec, art.vocab.users, settings.history_len)
+            log.info("encoder states of %d known users written in %.1f s", written, time.perf_counter() - t0)
         metrics.observe_store(await store.stats())
     except BaseException:
         await store.close()
         raise
-    rec = await asyncio.to_thread(serving_predictor, art, settings.frozen_graphs)
     pipeline = Pipeline(
         rec,
         store,

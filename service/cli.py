@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from model import artifact, offline
+from model import artifact, distributed, offline
 from model import transitions as tr
 from model.data import DataError, Interactions, Split, first_items, leave_one_out, load_dataset
+from model.distributed import Dist
 from model.evaluate import head_items
 from model.finetune import FinetuneConfig, TestRun, evaluate_on_test, finetune
 from model.fusion import FusionConfig
@@ -206,7 +207,10 @@ def _load_initial_weights(model: SASRec, data: Interactions, split: Split, model
     log.info("initial encoder weights from %s (model version %s)", model_dir, base.model_version)
 
 
-def _pretrain(args: argparse.Namespace, data: Interactions, split: Split) -> tuple[SASRec, dict[str, Any]]:
+def _pretrain(
+    args: argparse.Namespace, data: Interactions, split: Split, dist: Dist
+) -> tuple[SASRec, dict[str, Any]]:
+    """Train the encoder; its metrics (test included) from rank 0, only its config from the others."""
     enc_cfg = EncoderConfig(
         n_items=data.vocab.n_items, max_len=args.max_len, dropout=args.dropout, attn_dropout=args.dropout
     )
@@ -225,10 +229,13 @@ def _pretrain(args: argparse.Namespace, data: Interactions, split: Split) -> tup
     if args.init_from is not None:
         _load_initial_weights(model, data, split, args.init_from)
     ckpt_dir = args.out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if not args.resume and (ckpt_dir / "checkpoint.pt").exists():
-        (ckpt_dir / "checkpoint.pt").unlink()
-    result = train(model, split, cfg, checkpoint_dir=ckpt_dir)
+    if dist.main:  # one writer: the other processes never touch the model directory
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if not args.resume and (ckpt_dir / "checkpoint.pt").exists():
+            (ckpt_dir / "checkpoint.pt").unlink()
+    result = train(model, split, cfg, checkpoint_dir=ckpt_dir, dist=dist)
+    if not dist.main:
+        return model.cpu(), {"train_config": cfg.to_json()}
     metrics: dict[str, Any] = {
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
@@ -240,6 +247,8 @@ def _pretrain(args: argparse.Namespace, data: Interactions, split: Split) -> tup
         ),
         "train_config": cfg.to_json(),
     }
+    if dist.on:
+        metrics["processes"] = dist.world_size  # each trained on 1/N of every epoch, N × batch per step
     return model.cpu(), metrics
 
 
@@ -250,10 +259,15 @@ def _store_rules() -> MemoryRules:
 
 
 def _finetune(
-    args: argparse.Namespace, encoder: SASRec, split: Split, retrieve: offline.Retrieve = offline.nearest
-) -> tuple[TestRun, dict[str, Any], FinetuneConfig]:
+    args: argparse.Namespace,
+    encoder: SASRec,
+    split: Split,
+    retrieve: offline.Retrieve = offline.nearest,
+    dist: Dist = distributed.SINGLE,
+) -> tuple[TestRun, dict[str, Any], FinetuneConfig] | None:
     """Fine-tune, tune and test: the test-time model, the metrics it reports, its training config.
-    ``retrieve``: how memories are retrieved (the benchmarks' controls substitute theirs)."""
+    ``retrieve``: how memories are retrieved (the benchmarks' controls substitute theirs). Under
+    torchrun every process fine-tunes its shard, rank 0 alone tunes and tests: None elsewhere."""
     fusion_cfg = FusionConfig(
         dim=encoder.cfg.dim,
         n_heads=encoder.cfg.n_heads,
@@ -285,8 +299,10 @@ def _finetune(
     grid = VoteGrid(tuple(args.vote_weights), tuple(args.vote_temperatures), tuple(args.vote_depths))
     rules = _store_rules() if args.user_memories else None
     model, result = finetune(
-        encoder, split, fusion_cfg, cfg, inference, grid, args.vote_min_z, rules, retrieve
+        encoder, split, fusion_cfg, cfg, inference, grid, args.vote_min_z, rules, retrieve, dist
     )
+    if not dist.main:
+        return None
     run = evaluate_on_test(model, split, args.device, retrieve)
     chosen = run.predictor.cfg
     metrics: dict[str, Any] = {
@@ -298,6 +314,8 @@ def _finetune(
         "valid": result.best_valid,
         "test": run.metrics,
     }
+    if dist.on:
+        metrics["processes"] = dist.world_size
     if result.vote is not None and result.vote.table:
         tuned = result.vote
         vote: dict[str, Any] = {"chosen": chosen.vote.to_json(), "valid": tuned.table}
@@ -329,6 +347,18 @@ def _transitions_report(tuned: tr.TuneResult, min_z: float) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace, retrieve: offline.Retrieve = offline.nearest) -> dict[str, Any]:
+    """Train and write the model directory; under torchrun (WORLD_SIZE > 1) as one of its processes,
+    data-parallel (model.distributed): only rank 0 writes and returns the metrics, the others {}."""
+    dist = distributed.init(args.device)
+    try:
+        out = _train_job(args, retrieve, dist)
+        distributed.barrier(dist)  # the others wait here while rank 0 tests and writes the model
+        return out
+    finally:
+        distributed.close(dist)
+
+
+def _train_job(args: argparse.Namespace, retrieve: offline.Retrieve, dist: Dist) -> dict[str, Any]:
     data = load_dataset(args.dataset, args.data_dir)
     if args.stage == "finetune":
         if args.from_dir is None:
@@ -340,19 +370,24 @@ def cmd_train(args: argparse.Namespace, retrieve: offline.Retrieve = offline.nea
         split = leave_one_out(data, encoder.cfg.max_len)
     else:
         split = leave_one_out(data, args.max_len)
-        encoder, enc_metrics = _pretrain(args, data, split)
+        encoder, enc_metrics = _pretrain(args, data, split, dist)
         train_config = enc_metrics.pop("train_config")
     art = artifact.Artifact(encoder, data.vocab, data.name, train_config=train_config)
     if args.stage == "pretrain":
         art.metrics = {**enc_metrics, "encoder": dict(enc_metrics)}
     else:
-        run, ft_metrics, ft_cfg = _finetune(args, encoder.to(args.device), split, retrieve)
+        tested = _finetune(args, encoder.to(args.device), split, retrieve, dist)
+        if tested is None:  # another process than rank 0: its share of the training is done
+            return {}
+        run, ft_metrics, ft_cfg = tested
         assert run.predictor.fusion is not None
         art.fusion, art.bank, art.finetune_config = run.predictor.fusion.cpu(), run.bank, ft_cfg.to_json()
         art.inference = run.predictor.cfg.to_json()
         art.first_items = first_items(data)
         art.encoder = encoder.cpu()
         art.metrics = {**ft_metrics, "encoder": enc_metrics}
+    if not dist.main:
+        return {}
     art.metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     artifact.save(art, args.out)
     log.info("wrote %s (model version %s)", args.out, art.model_version)
@@ -395,10 +430,16 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    place = distributed.from_env()
+    # Several processes log to one terminal under torchrun: each line names its process.
+    who = f"[{place.rank}/{place.world_size}] " if place.on else ""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
     )
+    if place.on and args.command != "train":
+        log.error("only `memrec train` runs under torchrun; start `memrec %s` as one process", args.command)
+        return 2
     if args.command == "serve":
         return cmd_serve(args)
     if args.command == "reindex":
@@ -407,15 +448,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_job(args: argparse.Namespace, job: Callable[[argparse.Namespace], dict[str, Any]]) -> int:
-    """Run a training or evaluation ``job`` on the cores other processes leave free and print its
-    JSON; exit status 2, with the message logged, for bad data or a bad model directory."""
-    apply_threads(choose_threads(args.threads))
+    """Run a training or evaluation ``job`` on the cores other processes leave free (shared by the
+    processes torchrun starts on this machine) and print its JSON (rank 0's alone under torchrun);
+    exit status 2, with the message logged, for bad data or a bad model directory."""
+    place = distributed.from_env()
+    apply_threads(choose_threads(args.threads, processes=place.local_world_size))
     try:
         out = job(args)
     except (DataError, artifact.ArtifactError) as e:
         log.error("%s", e)
         return 2
-    sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    if place.main:
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
     return 0
 
 

@@ -7,20 +7,26 @@ starts the history (no memory); so do the events whose history holds no item the
 (only items registered after training: there is nothing to encode a key from). Items registered after
 training are stored like any other: as a memory's next item and among its prefix items. In
 frozen-memory mode no memory is written at all.
+
+Each user's history after the batch is encoded too, in the same encoder pass as the memory keys, and
+its state goes into the store's write that appends the user's last event (service.states): the user's
+next /recommend reads it with the history and runs no encoder pass.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from memory_store import Interaction, MemoryStore
+from memory_store.states import UserStates
 from model.predictor import Predictor
 from model.transitions import last_items
 from service.metrics import Metrics
+from service.states import user_states
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +48,9 @@ class Ingestor:
         self.history_len = history_len
         self.frozen_memory = frozen_memory
 
-    async def prefixes(self, events: Sequence[Interaction]) -> list[list[int]]:
-        """The history before each event, earlier events of the batch included (oldest first)."""
+    async def prefixes(self, events: Sequence[Interaction]) -> tuple[list[list[int]], dict[str, list[int]]]:
+        """The history before each event, earlier events of the batch included (oldest first), and each
+        user's last ``history_len`` items after the batch (what their state encodes)."""
         users = sorted({ev.user_id for ev in events})
         stored = await self.store.histories(users, self.history_len)
         running = dict(zip(users, stored, strict=True))
@@ -52,39 +59,68 @@ class Ingestor:
             h = running[ev.user_id]
             out.append(list(h[-self.history_len :]))
             h.append(ev.item_id)
-        return out
+        return out, {u: h[-self.history_len :] for u, h in running.items()}
 
     async def ingest(self, events: Sequence[Interaction]) -> tuple[int, int]:
-        """Store the events (and their memories); returns (accepted, duplicates)."""
+        """Store the events (and their memories, and the users' states); returns (accepted, duplicates)."""
+        prefixes, after = await self.prefixes(events)
+        users, windows = list(after), list(after.values())
         if self.frozen_memory:
-            res = await self.store.append_interactions(events)
+            states = await self._encode(events, windows)
+            res = await self.store.append_interactions(events, user_states(users, windows, states))
             return self._count(res.accepted, res.duplicates)
-        prefixes = await self.prefixes(events)
         keyed = [len(self.predictor.known(p)) > 0 for p in prefixes]  # a key can be encoded
         with_memory = [i for i, k in enumerate(keyed) if k]
-        first = [events[i] for i, k in enumerate(keyed) if not k]
+        first = [i for i, k in enumerate(keyed) if not k]
+        encoded = await self._encode(events, [*(prefixes[i] for i in with_memory), *windows])
+        keys, states = encoded[: len(with_memory)], encoded[len(with_memory) :]
+        # A user's state goes with the write of their last event: the keyed one when they have one.
+        last_keyed = {events[i].user_id for i in with_memory}
         accepted = duplicates = 0
         # A user's unkeyed events come before their keyed ones (a prefix only grows): they go first, so
         # every history keeps the batch order.
         if first:
-            res = await self.store.append_interactions(first)
+            put = _pick(users, windows, states, lambda u: u not in last_keyed)
+            res = await self.store.append_interactions([events[i] for i in first], put)
             accepted, duplicates = res.accepted, res.duplicates
         if with_memory:
-            keys = await self._encode([prefixes[i] for i in with_memory])
+            put = _pick(users, windows, states, lambda u: u in last_keyed)
             lens = np.array([len(prefixes[i]) for i in with_memory], dtype=np.int32)
             recent = last_items([prefixes[i] for i in with_memory])
-            res = await self.store.ingest([events[i] for i in with_memory], keys, lens, recent)
+            key_rows = np.stack([k for k in keys if k is not None])  # (n, D): each prefix holds a known item
+            res = await self.store.ingest([events[i] for i in with_memory], key_rows, lens, recent, put)
             accepted, duplicates = accepted + res.accepted, duplicates + res.duplicates
         return self._count(accepted, duplicates)
 
-    async def _encode(self, prefixes: list[list[int]]) -> np.ndarray:
-        """Memory keys (n, D): a few events are encoded in the event-loop thread, as /recommend batches
-        are; a large batch in a worker thread, so it does not hold up every other request meanwhile."""
-        if len(prefixes) <= INLINE_ENCODE_MAX:
-            return self.predictor.encode(prefixes)
-        return await asyncio.to_thread(self.predictor.encode, prefixes)
+    async def _encode(
+        self, events: Sequence[Interaction], histories: list[list[int]]
+    ) -> list[np.ndarray | None]:
+        """``Predictor.states`` of ``histories`` (memory keys' prefixes, users' state windows) in one
+        encoder pass: a few events are encoded in the event-loop thread, as /recommend batches are; a
+        large batch in a worker thread, so it does not hold up every other request meanwhile."""
+        windows = [self.predictor.window(h) for h in histories]
+        rows = [i for i, w in enumerate(windows) if len(w)]
+        out: list[np.ndarray | None] = [None] * len(histories)
+        if not rows:
+            return out
+        inputs = [windows[i] for i in rows]
+        if len(events) <= INLINE_ENCODE_MAX:
+            encoded = self.predictor.encode(inputs)
+        else:
+            encoded = await asyncio.to_thread(self.predictor.encode, inputs)
+        for j, i in enumerate(rows):
+            out[i] = encoded[j]
+        return out
 
     def _count(self, accepted: int, duplicates: int) -> tuple[int, int]:
         self.metrics.events.labels("accepted").inc(accepted)
         self.metrics.events.labels("duplicate").inc(duplicates)
         return accepted, duplicates
+
+
+def _pick(
+    users: list[str], windows: list[list[int]], states: list[np.ndarray | None], keep: Callable[[str], bool]
+) -> UserStates | None:
+    """The states of the users ``keep`` selects, as the store takes them (service.states.user_states)."""
+    rows = [j for j, u in enumerate(users) if keep(u)]
+    return user_states([users[j] for j in rows], [windows[j] for j in rows], [states[j] for j in rows])

@@ -65,6 +65,12 @@ class Metrics:
             "memrec_batch_size", "Requests per micro-batch", buckets=BATCH_BUCKETS, registry=r
         )
         self.events = Counter("memrec_events_total", "Interactions by outcome", ["outcome"], registry=r)
+        self.user_states = Counter(
+            "memrec_user_states_total",
+            "Recommendations by where the user's encoder state came from: kept with the history, or encoded",
+            ["source"],
+            registry=r,
+        )
         self.degraded = Counter(
             "memrec_degraded_total", "Recommendations answered without the store (unreachable)", registry=r
         )
@@ -116,6 +122,8 @@ class Metrics:
         )
         for stage in STAGES:
             self.stage_latency.labels(stage)
+        for source in ("stored", "encoded"):
+            self.user_states.labels(source)
 
     def observe_store(self, stats: StoreStats) -> None:
         self.bank_size.set(stats.memories)

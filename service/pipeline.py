@@ -2,8 +2,10 @@
 
 The scoring itself is the predictor's (model.predictor), the very code the offline evaluator runs; this
 module reads the store around it. Concurrent requests are queued and served in micro-batches: one
-history read, one encoder pass, one search with the follower rows beside it, and one scoring pass per
-batch. The benchmark drives it without a server.
+history read (the store's only round trip: the users' encoder states come with their histories), one
+encoder pass over the rows without a stored state (a request history, or a state missing or stale,
+which is then written back: service.states), one search with the follower rows beside it (both in this
+replica's index) and one scoring pass per batch. The benchmark drives it without a server.
 
 The model work of a batch runs in the event-loop thread itself. A micro-batch costs a few milliseconds
 of CPU that holds the GIL for most of it anyway; handing it to worker threads added a thread hop per
@@ -25,12 +27,14 @@ import numpy as np
 import torch
 
 from memory_store import MemoryStore, SearchResult
+from memory_store.states import StoredHistories
 from memory_store.transitions import Followers
 from model import transitions as tr
 from model.catalogue import derived_embeddings
 from model.predictor import Plan, Predictor, Ranked
 from service.errors import store_errors
 from service.metrics import Metrics
+from service.states import WriteBack, user_states
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +117,7 @@ class Pipeline:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self.new_items = NewItemEmbeddings(predictor, store)
+        self.write_back = WriteBack(store)
 
     def start(self) -> None:
         if self._worker is None:
@@ -126,6 +131,7 @@ class Pipeline:
             except asyncio.CancelledError:
                 pass
             self._worker = None
+        await self.write_back.drain()
 
     async def recommend(self, query: Query) -> Answer:
         """Queue one request and wait for its batch."""
@@ -175,12 +181,16 @@ class Pipeline:
     async def run_batch(self, queries: list[Query]) -> list[Answer]:
         """Answer a batch of queries in one pass (also usable directly, without the worker)."""
         stored, degraded = await self._histories(queries)
-        seen = [[*s, *q.history] for s, q in zip(stored, queries, strict=True)]  # masked when asked
+        seen = [[*s, *q.history] for s, q in zip(stored.histories, queries, strict=True)]  # masked
         histories = [h[-self.history_len :] for h in seen]  # encoded
+        # a stored state encodes the stored history alone: a request history is encoded with it
+        given = [None if q.history else s for q, s in zip(queries, stored.states, strict=True)]
         unavailable = await self.store.unavailable_items()  # this replica's copy: no round trip
         masks = [_mask(q, h, unavailable) for q, h in zip(queries, seen, strict=True)]
         with self._stage("encode"):
-            plan = self.predictor.prepare(histories, [q.user_id for q in queries])
+            plan = self.predictor.prepare(histories, [q.user_id for q in queries], given)
+        if not degraded:
+            self._keep_encoded(queries, histories, given, plan)
         hits, rows = await self._fetch(plan)
         new_items = await self.new_items.current()
         with self._stage("score"):
@@ -196,16 +206,35 @@ class Pipeline:
             self.metrics.k_used.observe(a.k_used)
         return out
 
-    async def _histories(self, queries: list[Query]) -> tuple[list[list[int]], bool]:
-        """The stored histories, or none (degraded) while the store is unreachable: the answers then
-        come from the requests' own histories and this replica's index."""
+    async def _histories(self, queries: list[Query]) -> tuple[StoredHistories, bool]:
+        """The stored histories with their encoder states, or none (degraded) while the store is
+        unreachable: the answers then come from the requests' own histories and this replica's index."""
+        users = [q.user_id for q in queries]
         with self._stage("history"):
             try:
-                return await self.store.histories([q.user_id for q in queries], self.mask_len), False
+                return await self.store.histories_with_states(users, self.mask_len), False
             except store_errors() as exc:
                 log.warning("store unreachable, answering %d requests degraded: %s", len(queries), exc)
                 self.metrics.degraded.inc(len(queries))
-                return [[] for _ in queries], True
+                return StoredHistories([[] for _ in queries], [None] * len(queries)), True
+
+    def _keep_encoded(
+        self, queries: list[Query], histories: list[list[int]], given: list[np.ndarray | None], plan: Plan
+    ) -> None:
+        """Count the warm rows by where their state came from, and write back the states encoded for
+        stored histories (no request history): the store had none that fit."""
+        warm = plan.warm.tolist()
+        encoded = [j for j, i in enumerate(warm) if given[i] is None]
+        self.metrics.user_states.labels("stored").inc(len(warm) - len(encoded))
+        self.metrics.user_states.labels("encoded").inc(len(encoded))
+        back = [j for j in encoded if not queries[warm[j]].history]
+        if back:
+            rows = [warm[j] for j in back]
+            put = user_states(
+                [queries[i].user_id for i in rows], [histories[i] for i in rows], list(plan.states[back])
+            )
+            if put is not None:
+                self.write_back.submit(put)
 
     async def _fetch(self, plan: Plan) -> tuple[SearchResult | None, dict[int, tr.Row] | None]:
         """The plan's nearest memories and its follower rows, read from the store concurrently."""

@@ -1,6 +1,6 @@
-"""Memories as bytes, both ways: the write script's arguments (see ``layout.WRITE_SCRIPT``), and the
-``op=add`` log entries and ``mem:{id}`` hashes read back into (ids, MemoryBatch); and the catalogue's
-``op=avail`` and ``op=items`` entries.
+"""Memories as bytes, both ways: the write script's arguments (see ``layout.WRITE_SCRIPT``, with the
+users' encoder states), and the ``op=add`` log entries and ``mem:{id}`` hashes read back into (ids,
+MemoryBatch); and the catalogue's ``op=avail`` and ``op=items`` entries.
 
 All binary little-endian. The prefix items (``rec``) are read at the writer's width (the bytes say it:
 ``len(rec) / (8 n)``) and fitted to the reader's ``recent_width`` (base.fit_recent), so entries and
@@ -17,15 +17,22 @@ import numpy as np
 
 from memory_store.base import Interaction, MemoryBatch, fit_recent
 from memory_store.config import StoreConfig
+from memory_store.states import FINGERPRINT_BYTES, UserStates
 
 Rows = tuple[np.ndarray, MemoryBatch]  # memory ids (n,) and their memories
 
 
 def write_args(
-    prefix: str, config: StoreConfig, mode: str, events: Sequence[Interaction], batch: MemoryBatch | None
+    prefix: str,
+    config: StoreConfig,
+    mode: str,
+    events: Sequence[Interaction],
+    batch: MemoryBatch | None,
+    states: UserStates | None = None,
 ) -> list[Any]:
     """ARGV of one write-script call: the header, the packed columns of ``batch`` (empty without
-    memories), then per record its event id ('' for none), user, item, timestamp and prefix length."""
+    memories) and of ``states`` (checked), then per record its event id ('' for none), user, item,
+    timestamp and prefix length, then the states' users."""
     n = len(batch) if batch is not None else len(events)
     head: list[Any] = [
         prefix,
@@ -48,6 +55,8 @@ def write_args(
         ]
     else:
         head += [b"", b"", b"", b"", b""]
+    packed = states.packed() if states is not None else []
+    head += [config.state_window, len(packed), b"".join(packed), FINGERPRINT_BYTES + 4 * config.dim]
     rows: list[Any] = []
     for i in range(n):
         ev = events[i] if events else None
@@ -59,7 +68,13 @@ def write_args(
             user, item, ts, plen = ev.user_id, int(ev.item_id), repr(float(ev.timestamp)), 0
         event_id = ev.event_id if ev is not None and ev.event_id is not None else ""
         rows += [event_id, user, item, ts, plen]
-    return head + rows
+    return head + rows + list(states.users if states is not None else ())
+
+
+def put_states_args(prefix: str, config: StoreConfig, states: UserStates) -> list[Any]:
+    """ARGV of one ``PUT_STATES_SCRIPT`` call for ``states`` (checked)."""
+    stride = FINGERPRINT_BYTES + 4 * config.dim
+    return [prefix, config.state_window, stride, b"".join(states.packed()), *states.users]
 
 
 def decode_add(fields: dict[bytes, bytes], dim: int, recent_width: int) -> Rows:

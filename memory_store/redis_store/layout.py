@@ -7,6 +7,10 @@ namespace lives in one slot and the multi-key scripts below stay valid on a clus
 key (after the prefix)   type    content
 =======================  ======  ==================================================================
 ``hist:{user}``          LIST    recent item ids of the user, oldest first, trimmed to history_len
+``state:{user}``         STRING  the user's encoder state (``memory_store.states``): the fingerprint
+                                 (40 bytes, sha1 hex) of the history window it encodes (the last
+                                 state_window items), then dim float32 LE; kept only while that window
+                                 is the history's last items (every append without a new one drops it)
 ``mem:{id}``             HASH    one memory: v (dim float32 LE bytes), item, user, ts, len, rec
                                  (the prefix's last items, recent_width int64 LE, most recent first)
 ``mem:seq``              STRING  last memory id allocated (INCRBY inside the write script)
@@ -45,8 +49,8 @@ Replicas read the whole catalogue (``unavailable``, ``items:new``) when they res
 apply the ``avail`` and ``items`` entries after that position as they apply memories. Each entry sets
 a state (never toggles one), so replaying an entry the read already reflected changes nothing.
 
-One write script call is one atomic unit: dedup markers, history appends, memory hashes, the log entry
-and the evictions it causes commit together or not at all.
+One write script call is one atomic unit: dedup markers, history appends, the users' encoder states,
+memory hashes, the log entry and the evictions it causes commit together or not at all.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ def key_prefix(namespace: str) -> str:
 
 
 HIST = "hist:"
+STATE = "state:"
 MEM = "mem:"
 MEM_SEQ = "mem:seq"
 MEM_COUNT = "mem:count"
@@ -76,16 +81,19 @@ EPOCH = "epoch"
 MEM_FIELDS = (b"v", b"item", b"user", b"ts", b"len", b"rec")
 
 # ARGV: prefix, n, vector stride, dedup ttl, history_len, capacity, user capacity (0: none), stream
-# maxlen, mode ('i' history, 'm' memory, 'im' both), the packed vec/item/ts/len/rec blobs (14 so far), then
-# per record: event id ('' for none), user, item, ts, prefix length. Returns {add id, del id, first
-# memory id, accepted record indices (1-based)}.
+# maxlen, mode ('i' history, 'm' memory, 'im' both), the packed vec/item/ts/len/rec blobs, the state
+# window (0: no states), the number of states s, their packed values (``STATE`` values, s of them)
+# and the stride of one (18 so far), then per record: event id ('' for none), user, item, ts, prefix
+# length; then the s users of the states. Returns {add id, del id, first memory id, accepted record
+# indices (1-based)}.
 WRITE_SCRIPT = """
 local p = ARGV[1]
 local n, stride, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local hlen, cap, ucap, maxlen = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local mode = ARGV[9]
 local vecs, items, tss, lens, recs = ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14]
-local H, W = 14, 5
+local swin, ns, sblobs, sstride = tonumber(ARGV[15]), tonumber(ARGV[16]), ARGV[17], tonumber(ARGV[18])
+local H, W = 18, 5
 local rstride = string.len(recs) / n
 local with_hist = string.find(mode, 'i', 1, true) ~= nil
 local with_mem = string.find(mode, 'm', 1, true) ~= nil
@@ -114,6 +122,31 @@ if with_hist then
     local hk = p .. 'hist:' .. ARGV[b + 2]
     redis.call('RPUSH', hk, ARGV[b + 3])
     redis.call('LTRIM', hk, -hlen, -1)
+  end
+end
+
+-- 2b. encoder states: a given one is kept where its window is the history's last items now (a
+-- concurrent write or a duplicate event of the batch leaves it unkept); every other state of a user
+-- appended to is dropped, so a kept state always encodes its history's last items
+if with_hist and swin > 0 then
+  local done = {}
+  for s = 1, ns do
+    local user = ARGV[H + n * W + s]
+    local blob = string.sub(sblobs, (s - 1) * sstride + 1, s * sstride)
+    local window = redis.call('LRANGE', p .. 'hist:' .. user, -swin, -1)
+    if redis.sha1hex(table.concat(window, ',')) == string.sub(blob, 1, 40) then
+      redis.call('SET', p .. 'state:' .. user, blob)
+    else
+      redis.call('DEL', p .. 'state:' .. user)
+    end
+    done[user] = true
+  end
+  for _, i in ipairs(acc) do
+    local user = ARGV[H + (i - 1) * W + 2]
+    if not done[user] then
+      redis.call('DEL', p .. 'state:' .. user)
+      done[user] = true
+    end
   end
 end
 if not with_mem then return {'', '', 0, acc} end
@@ -187,6 +220,23 @@ end
 return {add_id, del_id, first, acc}
 """
 
+# ARGV: prefix, state window, stride of one packed state, the packed states, then their users. A state
+# is kept only where its window is the user's history's last items (never for a user without history,
+# e.g. one erased since it was encoded). Returns how many were kept.
+PUT_STATES_SCRIPT = """
+local p, swin, stride, blobs = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local kept = 0
+for s = 5, #ARGV do
+  local blob = string.sub(blobs, (s - 5) * stride + 1, (s - 4) * stride)
+  local window = redis.call('LRANGE', p .. 'hist:' .. ARGV[s], -swin, -1)
+  if #window > 0 and redis.sha1hex(table.concat(window, ',')) == string.sub(blob, 1, 40) then
+    redis.call('SET', p .. 'state:' .. ARGV[s], blob)
+    kept = kept + 1
+  end
+end
+return kept
+"""
+
 # ARGV: prefix, stream maxlen, memory ids. Returns {'ok', log id} or {'missing', the first unknown id}.
 REMOVE_SCRIPT = """
 local p, maxlen = ARGV[1], ARGV[2]
@@ -246,14 +296,14 @@ return {redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'items'
 """
 
 # ARGV: prefix, stream maxlen, user id, then memory ids the replica's index holds for the user (those
-# written before ``byuser`` was kept for every capacity). Removes the history, every memory whose
-# ``user`` is theirs (one ``del`` log entry, so every replica drops them and their transition counts),
-# the per-user memories, the dedup markers and the lists that name them.
+# written before ``byuser`` was kept for every capacity). Removes the history and its encoder state, every
+# memory whose ``user`` is theirs (one ``del`` log entry, so every replica drops them and their transition
+# counts), the per-user memories, the dedup markers and the lists that name them.
 # Returns {history items, memories, per-user memories, dedup markers, log id or ''}.
 ERASE_SCRIPT = """
 local p, maxlen, user = ARGV[1], ARGV[2], ARGV[3]
 local history = redis.call('LLEN', p .. 'hist:' .. user)
-redis.call('DEL', p .. 'hist:' .. user)
+redis.call('DEL', p .. 'hist:' .. user, p .. 'state:' .. user)
 local ids, looked = {}, {}
 local function erase(id)
   if looked[id] then return end

@@ -1,10 +1,11 @@
 """``RedisMemoryStore``: the ``MemoryStore`` API on Redis, and its write path.
 
 Writes go through one Lua script per chunk (see ``layout``), so an interaction, its memory, the log
-entry, the dedup marker and any eviction commit atomically. Reads of the memories go to this replica's
-index (``replica``), which applies every write from the log; with ``read_your_writes`` a write returns
-once that index has applied it. Histories and per-user memories are read from Redis itself; the
-catalogue (unavailable items, registered new items) from the replica's copy, which the log keeps current.
+entry, the dedup marker, the user's encoder state and any eviction commit atomically. Reads of the
+memories go to this replica's index (``replica``), which applies every write from the log; with
+``read_your_writes`` a write returns once that index has applied it. Histories (with the encoder states,
+in the same round trip) and per-user memories are read from Redis itself; the catalogue (unavailable
+items, registered new items) from the replica's copy, which the log keeps current.
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ from memory_store.redis_store import codec, layout
 from memory_store.redis_store.connect import connect
 from memory_store.redis_store.replica import Replica
 from memory_store.redis_store.user_memories import UserMemoryHashes
+from memory_store.states import StoredHistories, UserStates, unpack_valid
 from memory_store.transitions import Followers
 
 WRITE_CHUNK = 1000  # rows per script call: bounds the time Redis is blocked by one call
 CATALOGUE_CHUNK = 5000  # item ids per availability or registration script call, for the same reason
 PIPELINE_DEPTH = 8  # script calls in flight per round trip for bulk writes
+STATES_CHUNK = 1000  # encoder states per put-states script call
 
 
 def _latest(a: str, b: str) -> str:
@@ -73,6 +76,7 @@ class RedisMemoryStore:
         self._availability_script = client.register_script(layout.AVAILABILITY_SCRIPT)
         self._register_script = client.register_script(layout.REGISTER_SCRIPT)
         self._erase_script = client.register_script(layout.ERASE_SCRIPT)
+        self._put_states_script = client.register_script(layout.PUT_STATES_SCRIPT)
 
     @classmethod
     async def open(cls, config: StoreConfig) -> RedisMemoryStore:
@@ -95,9 +99,14 @@ class RedisMemoryStore:
     # ------------------------------------------------------------------------------------ write path
 
     async def _run_writes(
-        self, mode: str, events: Sequence[Interaction], batch: MemoryBatch | None
+        self,
+        mode: str,
+        events: Sequence[Interaction],
+        batch: MemoryBatch | None,
+        states: UserStates | None = None,
     ) -> IngestResult:
-        """Chunked script calls (each atomic), pipelined ``PIPELINE_DEPTH`` at a time."""
+        """Chunked script calls (each atomic), pipelined ``PIPELINE_DEPTH`` at a time. The users' states
+        go with the last chunk: its script checks each one against the history all chunks made."""
         n = len(batch) if batch is not None else len(events)
         memory_ids = np.full(n, -1, np.int64)
         accepted, position = 0, ""
@@ -111,6 +120,7 @@ class RedisMemoryStore:
                     mode,
                     events[s : s + WRITE_CHUNK],
                     batch.take(np.arange(s, min(s + WRITE_CHUNK, n))) if batch is not None else None,
+                    states if s == starts[-1] else None,
                 )
                 for s in chunk_starts
             ]
@@ -132,9 +142,11 @@ class RedisMemoryStore:
             await self.wait_applied(position, self.config.visibility_timeout_s)
         return IngestResult(accepted, n - accepted, memory_ids, position)
 
-    async def append_interactions(self, events: Sequence[Interaction]) -> IngestResult:
+    async def append_interactions(
+        self, events: Sequence[Interaction], states: UserStates | None = None
+    ) -> IngestResult:
         check_events(events)
-        return await self._run_writes("i", list(events), None)
+        return await self._run_writes("i", list(events), None, self._checked(states))
 
     async def ingest(
         self,
@@ -142,10 +154,26 @@ class RedisMemoryStore:
         keys: np.ndarray,
         prefix_lens: Sequence[int] | np.ndarray,
         recent: np.ndarray | None = None,
+        states: UserStates | None = None,
     ) -> IngestResult:
         width = self.config.recent_width
         batch = memory_batch_for_events(events, keys, prefix_lens, self.dim, width, recent)
-        return await self._run_writes("im", list(events), batch)
+        return await self._run_writes("im", list(events), batch, self._checked(states))
+
+    def _checked(self, states: UserStates | None) -> UserStates | None:
+        if states is None or not len(states):
+            return None
+        return states.checked(self.dim, self.config.state_window)
+
+    async def put_states(self, states: UserStates) -> int:
+        checked = self._checked(states)
+        if checked is None:
+            return 0
+        kept = 0
+        for s in range(0, len(checked), STATES_CHUNK):
+            part = checked.take(s, s + STATES_CHUNK)
+            kept += int(await self._put_states_script(args=codec.put_states_args(self._p, self.config, part)))
+        return kept
 
     async def add_memories(self, batch: MemoryBatch) -> IngestResult:
         return await self._run_writes("m", [], batch.validated(self.dim, self.config.recent_width))
@@ -229,6 +257,23 @@ class RedisMemoryStore:
             check_user_id(user)
             pipe.lrange(self._p + layout.HIST + user, -max_len, -1)
         return [[int(x) for x in items] for items in await pipe.execute()]
+
+    async def histories_with_states(self, user_ids: Sequence[str], max_len: int) -> StoredHistories:
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        window = self.config.state_window
+        pipe = self._r.pipeline(transaction=False)  # one round trip; a write between the two reads of
+        # a user shows as a state whose fingerprint is not the window read, which is then not returned
+        for user in user_ids:
+            check_user_id(user)
+            pipe.lrange(self._p + layout.HIST + user, -max(max_len, window), -1)
+            pipe.get(self._p + layout.STATE + user)
+        replies = await pipe.execute()
+        histories, states = [], []
+        for items, blob in zip(replies[::2], replies[1::2], strict=True):
+            histories.append([int(x) for x in items[-max_len:]])
+            states.append(unpack_valid(blob, items[-window:], self.dim) if window else None)
+        return StoredHistories(histories, states)
 
     async def search(self, queries: np.ndarray, k: int, with_keys: bool = False) -> SearchResult:
         check_k(k)

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from fastapi import APIRouter, HTTPException
 
 from service.pipeline import Answer, Query, Why
+from service.responses import OrjsonResponse
 from service.routes.items import ItemNames
-from service.schemas import (
-    FollowOut,
-    ItemWhy,
-    MemoryOut,
-    Problem,
-    RecommendRequest,
-    RecommendResponse,
-    ScoredItem,
-)
+from service.schemas import Problem, RecommendRequest, RecommendResponse
 from service.state import RuntimeDep
 
 router = APIRouter(tags=["recommend"])
@@ -25,9 +20,10 @@ router = APIRouter(tags=["recommend"])
     "/recommend",
     response_model=RecommendResponse,
     response_model_exclude_none=True,
+    response_class=OrjsonResponse,
     responses={422: {"model": Problem}, 503: {"model": Problem}},
 )
-async def recommend(body: RecommendRequest, rt: RuntimeDep) -> RecommendResponse:
+async def recommend(body: RecommendRequest, rt: RuntimeDep) -> OrjsonResponse:
     """Top-n items for a user: stored history (+ ``history``) → encode → retrieve → fuse → rank.
     A user without any history gets the most popular items of the training data (``strategy`` popular).
     While the store is unreachable the answer is ``degraded``: the request's own ``history`` (or the
@@ -41,60 +37,70 @@ async def recommend(body: RecommendRequest, rt: RuntimeDep) -> RecommendResponse
     query = Query(
         user_id=body.user_id,
         n=body.n,
-        history=tuple(await rt.items.read(body.history or [], "history")),
+        history=tuple(await rt.items.read(body.history, "history")) if body.history else (),
         exclude_seen=body.exclude_seen,
-        exclude_items=tuple(await rt.items.read(body.exclude_items or [], "exclude_items")),
+        exclude_items=tuple(await rt.items.read(body.exclude_items, "exclude_items"))
+        if body.exclude_items
+        else (),
         explain=body.explain,
     )
     answer = await rt.pipeline.recommend(query)
-    unavailable = await rt.store.unavailable_items()
-    return _response(body, answer, rt, await rt.items.names(), unavailable)
-
-
-def _response(
-    body: RecommendRequest, answer: Answer, rt: RuntimeDep, names: ItemNames, unavailable: np.ndarray
-) -> RecommendResponse:
-    """``unavailable``: (m,) the items marked unavailable, which the memories naming them say."""
-    ext = names.external
-    memories = None
+    names = await rt.items.names()
+    out = answer_json(body.user_id, answer, rt.model_version, names)
     if body.explain:
-        off = np.isin(np.asarray([m.item for m in answer.memories], np.int64), unavailable)
-        memories = [
-            MemoryOut(
-                memory_id=m.memory_id,
-                item_id=ext(m.item),
-                user_id=m.user_id,
-                similarity=m.similarity,
-                prefix_len=m.prefix_len,
-                timestamp=m.timestamp,
-                available=not unavailable_item,
-            )
-            for m, unavailable_item in zip(answer.memories, off.tolist(), strict=True)
-        ]
-    whys: list[ItemWhy | None] = [None] * len(answer.items)
-    if body.explain and answer.why:
-        whys = [_why(w, names) for w in answer.why]
-    return RecommendResponse(
-        user_id=body.user_id,
-        items=[
-            ScoredItem(item_id=ext(int(i)), score=float(s), why=w)
-            for i, s, w in zip(answer.items, answer.scores, whys, strict=True)
-        ],
-        k_used=answer.k_used,
-        model_version=rt.model_version,
-        strategy=answer.strategy,
-        degraded=answer.degraded,
-        memories=memories,
-    )
+        out["memories"] = _memories(answer, names, await rt.store.unavailable_items())
+    return OrjsonResponse(out)
 
 
-def _why(w: Why, names: ItemNames) -> ItemWhy:
+def answer_json(user_id: str, answer: Answer, model_version: str, names: ItemNames) -> dict[str, Any]:
+    """The answer in ``RecommendResponse``'s shape (fields left out where it leaves out a None), as plain
+    dicts and lists: no pydantic object per item."""
     ext = names.external
-    return ItemWhy(
-        encoder_rank=w.encoder_rank,
-        model=w.model,
-        vote=w.vote,
-        transitions=w.transitions,
-        memories=list(w.memories),
-        follows=[FollowOut(item_id=ext(a), weight=share) for a, share in w.follows],
-    )
+    scores = answer.scores.tolist()
+    if answer.why:
+        items = [
+            {"item_id": ext(i), "score": s, "why": _why(w, names)}
+            for i, s, w in zip(answer.items.tolist(), scores, answer.why, strict=True)
+        ]
+    else:
+        items = [{"item_id": ext(i), "score": s} for i, s in zip(answer.items.tolist(), scores, strict=True)]
+    return {
+        "user_id": user_id,
+        "items": items,
+        "k_used": answer.k_used,
+        "model_version": model_version,
+        "strategy": answer.strategy,
+        "degraded": answer.degraded,
+    }
+
+
+def _memories(answer: Answer, names: ItemNames, unavailable: np.ndarray) -> list[dict[str, Any]]:
+    """The fused memories as ``MemoryOut``; ``unavailable`` (m,): the items marked unavailable, which the
+    memories naming them say."""
+    ext = names.external
+    off = np.isin(np.asarray([m.item for m in answer.memories], np.int64), unavailable).tolist()
+    return [
+        {
+            "memory_id": m.memory_id,
+            "item_id": ext(m.item),
+            "user_id": m.user_id,
+            "similarity": m.similarity,
+            "prefix_len": m.prefix_len,
+            "timestamp": m.timestamp,
+            "available": not gone,
+        }
+        for m, gone in zip(answer.memories, off, strict=True)
+    ]
+
+
+def _why(w: Why, names: ItemNames) -> dict[str, Any]:
+    """One item's ``ItemWhy``."""
+    ext = names.external
+    return {
+        "encoder_rank": w.encoder_rank,
+        "model": w.model,
+        "vote": w.vote,
+        "transitions": w.transitions,
+        "memories": list(w.memories),
+        "follows": [{"item_id": ext(a), "weight": share} for a, share in w.follows],
+    }
