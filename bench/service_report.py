@@ -48,7 +48,8 @@ def _load_md(load: dict[str, Any]) -> list[str]:
         f"(p99 ≤ 25 ms up to {load['max_rps_p99_25ms']:.0f} req/s).",
         f"- Floor, bare FastAPI endpoint under the same generator: p99 ≤ 50 ms up to "
         f"{bare['max_rps_p99_50ms']:.0f} req/s"
-        + (" (the highest rate tried)." if bare["max_rps_p99_50ms"] >= max(load["rates"]) else "."),
+        + (" (the highest rate tried)." if bare["max_rps_p99_50ms"] >= max(load["rates"]) else ".")
+        + _bare_ratio(load),
         f"- Floor, in-process pipeline (no HTTP, {pipe['concurrency']} concurrent callers): "
         f"{pipe['rps']:.0f} req/s, p50 {pipe['p50_ms']:.1f} ms, p99 {pipe['p99_ms']:.1f} ms.",
         f"- Freshness (/interactions answer → memory retrieved): p50 {fresh['p50_ms']:.1f} ms, "
@@ -56,6 +57,21 @@ def _load_md(load: dict[str, Any]) -> list[str]:
         *_jitter_md(load),
         "",
     ]
+
+
+def _bare_ratio(load: dict[str, Any]) -> str:
+    """The bare floor's p99 per rate and the service's highest rate at p99 ≤ 25 ms against the floor's
+    (runs before the floor's 25 ms verdict was kept: nothing)."""
+    bare = load["floor_bare_fastapi"]
+    if "max_rps_p99_25ms" not in bare:
+        return ""
+    per_rate = ", ".join(f"{s['p99_ms']:.1f} ms at {s['rate']:.0f}" for s in bare["steps"])
+    floor = bare["max_rps_p99_25ms"]
+    ratio = f"{load['max_rps_p99_25ms'] / floor:.2f}" if floor else "n/a"
+    return (
+        f" Its p99: {per_rate}. At p99 ≤ 25 ms the service reaches {load['max_rps_p99_25ms']:.0f} req/s, "
+        f"the floor {floor:.0f} req/s: a ratio of {ratio}."
+    )
 
 
 def _vote(load: dict[str, Any]) -> str:
@@ -175,11 +191,32 @@ def _drift_md(drift: dict[str, Any], title: str) -> list[str]:
     return [*lines, ""]
 
 
+def _profile_md(key: str, prof: dict[str, Any]) -> list[str]:
+    """A CPU profile under load (bench.cpu_profile): each component's share of the workers' samples."""
+    lines = [
+        f"## CPU profile, `{key}` (`{prof['command']}`, {prof['date']}, {prof.get('machine', '?')})",
+        "",
+        f"py-spy samples of the {prof['workers']} server process(es) serving `{prof['model']}` "
+        f"({prof['source']}) for {prof['seconds']:.0f} s of 90/10 mixed traffic at {prof['rate']:.0f} "
+        f"req/s (achieved {prof['achieved_rps']:.0f}, p50 {prof['p50_ms']:.1f} ms, p99 "
+        f"{prof['p99_ms']:.1f} ms); {prof['samples']} samples of running threads, each charged to the "
+        "first component its stack names from the innermost frame out. 1-minute load average at the "
+        f"start: {prof['load_average_at_start']:.1f} on 2 cores.",
+        "",
+        "| component | share of the workers' CPU |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {100 * share:.1f} % |" for name, share in prof["share"].items()]
+    return [*lines, ""]
+
+
 def render_md(report: dict[str, Any]) -> str:
     lines = ["# Service benchmarks", ""]
     for key in sorted(k for k in report if k.startswith("load")):  # load, load_fine, ...: more sweeps
         if key in report:
             lines += _load_md(report[key])
+    for key in sorted(k for k in report if k.startswith("profile")):
+        lines += _profile_md(key, report[key])
     drifts = sorted(
         (k for k in report if k.startswith("drift")), key=lambda k: (-report[k]["cut_quantile"], k)
     )

@@ -35,15 +35,21 @@ def flush(url: str) -> None:
 
 
 def launch(
-    argv: list[str], env: dict[str, str], ready_path: str, out: IO[bytes], timeout_s: float = 900.0
+    argv: list[str],
+    env: dict[str, str],
+    ready_path: str,
+    out: IO[bytes],
+    timeout_s: float = 900.0,
+    cwd: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """Start a server subprocess on a free port (``{port}`` in argv is replaced), output to ``out``;
-    returns it and its port once ``ready_path`` answers 200. Stopping it is the caller's."""
+    """Start a server subprocess on a free port (``{port}`` in argv is replaced), output to ``out``, in
+    ``cwd`` (default: this one); returns it and its port once ``ready_path`` answers 200. Stopping it
+    is the caller's."""
     import httpx
 
     port = free_port()
     cmd = [a.replace("{port}", str(port)) for a in argv]
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:

@@ -115,6 +115,30 @@ def shard(n: int, rng: np.random.Generator, dist: Dist) -> IntArray:
     return perm[dist.rank : usable : dist.world_size]
 
 
+def fingerprint(idx: IntArray) -> int:
+    """An order-free 64-bit digest of a set of sample indexes: the sum (mod 2⁶⁴) of a hash (splitmix64)
+    of each. The shards' fingerprints add up to their union's, so the log shows that the processes
+    trained on disjoint parts of the data without listing them."""
+    x = idx.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return int(x.sum(dtype=np.uint64))  # uint64 arithmetic wraps: the sum is mod 2⁶⁴
+
+
+def log_shard(what: str, mine: IntArray, n: int, dist: Dist) -> None:
+    """One log line per process and epoch: how many of the ``n`` samples it trains on, and which."""
+    log.info(
+        "%s: process %d of %d trains on %d of %d samples (fingerprint %016x)",
+        what,
+        dist.rank,
+        dist.world_size,
+        len(mine),
+        n,
+        fingerprint(mine),
+    )
+
+
 def epoch_rngs(seed: int, epoch: int, dist: Dist) -> tuple[np.random.Generator, np.random.Generator]:
     """(shared, own) generators for ``epoch``, and torch's generator seeded for this process.
 

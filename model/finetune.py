@@ -251,14 +251,7 @@ def _epoch_order(n: int, rng: np.random.Generator, cfg: FinetuneConfig, epoch: i
         return rng.permutation(n)
     shared, _ = distributed.epoch_rngs(cfg.seed, epoch, dist)
     mine = distributed.shard(n, shared, dist)
-    log.info(
-        "fine-tune epoch %d: process %d of %d trains on %d of %d samples",
-        epoch,
-        dist.rank,
-        dist.world_size,
-        len(mine),
-        n,
-    )
+    distributed.log_shard(f"fine-tune epoch {epoch}", mine, n, dist)
     return mine
 
 

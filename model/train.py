@@ -216,15 +216,7 @@ def _epoch_batches(
         return _bucketed(split, train_idx, cfg, rng), rng
     shared, own = distributed.epoch_rngs(cfg.seed, epoch, dist)
     mine = train_idx[distributed.shard(len(train_idx), shared, dist)]
-    # the per-process count shows the shards: about 1/N of the samples each, their sum the whole set
-    log.info(
-        "epoch %d: process %d of %d trains on %d of %d samples",
-        epoch,
-        dist.rank,
-        dist.world_size,
-        len(mine),
-        len(train_idx),
-    )
+    distributed.log_shard(f"epoch {epoch}", mine, len(train_idx), dist)
     return _bucketed(split, mine, cfg, own), own
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from starlette.responses import Response
+from starlette.responses import JSONResponse
 
 
-class OrjsonResponse(Response):
-    media_type = "application/json"
+class OrjsonResponse(JSONResponse):
+    """A JSON response (FastAPI documents a JSONResponse subclass with the route's response model)."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -57,7 +57,9 @@ async def test_a_state_is_written_with_its_history_and_read_with_it(kept: Memory
     # with a memory too (ingest): bob's first item alone, then one keyed event and his new state
     await kept.append_interactions(events("bob", [7], "b"), states(("bob", (7,), 2)))
     key = vec(3)[None]
-    await kept.ingest([Interaction("bob", 8, 1.0, "b1")], key, [1], np.array([[7]]), states(("bob", (7, 8), 4)))
+    await kept.ingest(
+        [Interaction("bob", 8, 1.0, "b1")], key, [1], np.array([[7]]), states(("bob", (7, 8), 4))
+    )
     [bob] = await read(kept, "bob")
     np.testing.assert_array_equal(bob, vec(4))
 
