@@ -193,7 +193,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"## {title}", "", _table_head(stage)]
         lines += [_table_row(r, stage) for r in runs]
         lines += ["", *_ratios(runs), ""]
-    lines += ["## Commands", ""]
+    lines += ["## Reading", "", *_reading(report), "", "## Commands", ""]
     lines += [f"- `{r['command']}`" for r in report["runs"]]
     return "\n".join(lines) + "\n"
 
@@ -213,6 +213,33 @@ def _table_row(r: dict[str, Any], stage: str) -> str:
     cells += [f"{r['valid']['ndcg@10']:.4f}", f"{r['valid']['hr@10']:.4f}", f"{r['test']['ndcg@10']:.4f}"]
     cells.append(f"{r['load_before']:.1f} → {r['load_after']:.1f}")
     return "| " + " | ".join(cells) + " |"
+
+
+def _reading(report: dict[str, Any]) -> list[str]:
+    """What the figures say about this machine, from the recorded threads, loads and timings."""
+    runs = report["runs"]
+    loads = [x for r in runs for x in (r["load_before"], r["load_after"])]
+    threads = sorted({(r["processes"], r["threads_per_process"]) for r in runs})
+    used = ", ".join(f"{p} × {t} thread(s)" for p, t in threads)
+    out = [
+        f"- The machine has {report['machine']['cores']} cores; the one-minute load average was"
+        f" {min(loads):.1f}–{max(loads):.1f} during the runs, other jobs included. memrec's default"
+        " thread count (the free cores, shared by the processes of the machine) gave processes ×"
+        f" threads: {used}.",
+        "- Each step of N processes all-reduces the gradients over Gloo, and processes on one machine"
+        " share its cores and memory bandwidth: N processes cannot beat the one-process rate N-fold"
+        " unless each has cores of its own.",
+    ]
+    ft = [r for r in runs if r["stage"] == "finetune" and r["batch_per_process"] == FT_BATCH]
+    for one in [r for r in ft if r["processes"] == 1]:
+        for many in [r for r in ft if r["processes"] > 1 and r["seed"] == one["seed"]]:
+            out.append(
+                "- Fine-tuning first encodes and searches every training sample, in every process:"
+                f" {many['prep_seconds']:.0f} s with {many['processes']} processes against"
+                f" {one['prep_seconds']:.0f} s with one (seed {one['seed']}); the whole fine-tuning run"
+                f" took {many['wall_seconds']:.0f} s against {one['wall_seconds']:.0f} s."
+            )
+    return out
 
 
 def _ratios(runs: list[dict[str, Any]]) -> list[str]:

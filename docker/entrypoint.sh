@@ -10,6 +10,11 @@
 # Settings are MEMREC_* environment variables (docs/configuration.md). Training writes into
 # a sibling folder and renames it into place when complete, so a killed run never leaves a half model
 # that `serve` would pick up; rerunning resumes from the last epoch's checkpoint.
+#
+# Data-parallel training over several pods (docs/deployment.md#distributed-training): where torchrun's
+# own variables are set (PET_NNODES, PET_NPROC_PER_NODE, PET_RDZV_BACKEND, PET_RDZV_ENDPOINT, ...),
+# `train` runs memrec under torchrun. Every pod of the Indexed Job trains its share; only the pod of
+# index 0 (JOB_COMPLETION_INDEX) moves the finished model into place and reindexes.
 set -euo pipefail
 
 MEMREC="${MEMREC_BIN:-memrec}"  # the command; tests point it at a checkout's virtual environment
@@ -22,6 +27,9 @@ MEMREC_TRAIN_IF_MISSING="${MEMREC_TRAIN_IF_MISSING:-false}"
 say() { echo "entrypoint: $*" >&2; }
 
 have_model() { [[ -f "$MEMREC_MODEL_DIR/config.json" ]]; }
+
+# The pod that finishes a training run: the only one, or index 0 of an Indexed Job's pods.
+first_pod() { [[ "${JOB_COMPLETION_INDEX:-0}" == "0" ]]; }
 
 fetch_movielens_if_missing() {
   if [[ "$MEMREC_DATASET" == "ml-100k" && ! -f "$MEMREC_DATA_DIR/ml-100k/ml-100k.inter" ]]; then
@@ -37,10 +45,22 @@ train_if_missing() {
   fi
   fetch_movielens_if_missing
   local partial="${MEMREC_MODEL_DIR%/}.partial"
-  say "training $MEMREC_DATASET into $MEMREC_MODEL_DIR"
+  local launch=("$MEMREC")
+  if [[ -n "${PET_NNODES:-}" ]]; then
+    # torchrun reads its flags from the PET_* variables; it starts memrec once per process
+    launch=(torchrun --no-python "$MEMREC")
+    say "training $MEMREC_DATASET under torchrun: $PET_NNODES node(s), rendezvous ${PET_RDZV_ENDPOINT:-local}"
+  else
+    say "training $MEMREC_DATASET into $MEMREC_MODEL_DIR"
+  fi
   # shellcheck disable=SC2086  # MEMREC_TRAIN_ARGS is a list of flags, split on purpose
-  "$MEMREC" train --dataset "$MEMREC_DATASET" --data-dir "$MEMREC_DATA_DIR" --out "$partial" --resume \
+  "${launch[@]}" train --dataset "$MEMREC_DATASET" --data-dir "$MEMREC_DATA_DIR" --out "$partial" --resume \
     $MEMREC_TRAIN_ARGS >&2  # its metrics are a log line here; stdout carries the reindex summary
+  if ! first_pod; then
+    # rank 0 wrote the model before every process left training: pod 0 finishes it
+    say "pod $JOB_COMPLETION_INDEX trained its share; pod 0 moves the model into place"
+    return 0
+  fi
   rm -rf "$partial/checkpoints"
   if have_model; then  # another trainer finished first: keep theirs
     rm -rf "$partial"
@@ -65,7 +85,7 @@ case "$cmd" in
     ;;
   train)
     train_if_missing
-    if [[ -n "${MEMREC_REDIS_URL:-}" ]]; then
+    if [[ -n "${MEMREC_REDIS_URL:-}" ]] && first_pod; then
       exec "$MEMREC" reindex "$@"
     fi
     ;;

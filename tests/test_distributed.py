@@ -1,8 +1,9 @@
 """Data-parallel training under torchrun (model.distributed): two CPU processes (Gloo) train the toy data
 set of tests/test_cli.py through `memrec train`, encoder and fine-tuning, and write one model directory
 that loads and reproduces its test metrics; each process trains on its own half of every epoch; both
-stop at the same epoch; the validation metric is the one-process run's within noise; and an interrupted
-two-process run resumed with --resume ends with exactly the weights of an uninterrupted one.
+stop at the same epoch; the validation metric is the one-process run's within noise; an interrupted
+two-process run resumed with --resume ends with exactly the weights of an uninterrupted one; and the
+image's entrypoint runs two "pods" that meet at a c10d rendezvous, as the Kubernetes training Job does.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 
 from model import artifact
 from model.distributed import SINGLE, Dist, backend, epoch_rngs, fingerprint, from_env, shard
@@ -202,6 +204,49 @@ def test_resume_continues_a_two_process_run_exactly(
     weights = artifact.load(tmp_path / "m").encoder.state_dict()
     straight = artifact.load(two_processes[1] / "model").encoder.state_dict()
     assert all(torch.equal(weights[k], straight[k]) for k in straight)
+
+
+def test_two_pods_meet_at_a_c10d_rendezvous_through_the_entrypoint(toy: Path, tmp_path: Path) -> None:
+    # What k8s/train-job.yaml's two pods run, here as two local processes: the image's entrypoint with
+    # torchrun's PET_* variables and the Indexed Job's JOB_COMPLETION_INDEX. Pod 0's agent hosts the
+    # rendezvous store; pod 0 moves the model into place, pod 1 only trains.
+    wrapper = tmp_path / "memrec"  # the image's `memrec` command, with this checkout importable
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m service.cli "$@"\n')
+    wrapper.chmod(0o755)
+    models = tmp_path / "models"
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # torchrun
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+        "MEMREC_BIN": str(wrapper),
+        "MEMREC_DATASET": str(toy),
+        "MEMREC_DATA_DIR": str(tmp_path / "data"),
+        "MEMREC_MODEL_DIR": str(models / "current"),
+        "MEMREC_TRAIN_ARGS": "--epochs 2 --ft-epochs 1 --k 5 --threads 1 --device cpu",
+        "PET_NNODES": "2",
+        "PET_NPROC_PER_NODE": "1",
+        "PET_RDZV_BACKEND": "c10d",
+        "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "PET_RDZV_ID": "memrec-train",
+    }
+    entrypoint = ["bash", str(ROOT / "docker" / "entrypoint.sh"), "train"]
+    pods = [
+        subprocess.Popen(
+            entrypoint,
+            env={**env, "JOB_COMPLETION_INDEX": str(index)},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in (0, 1)
+    ]
+    logs = [pod.communicate(timeout=300)[1] for pod in pods]
+    assert [pod.returncode for pod in pods] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert sorted(p.name for p in models.iterdir()) == ["current"]  # in place, no .partial left
+    assert not (models / "current" / "checkpoints").exists()
+    assert json.loads((models / "current" / "config.json").read_text())["metrics"]["processes"] == 2
+    assert "pod 1 trained its share" in logs[1] and "trained its share" not in logs[0]
 
 
 # ------------------------------------------------------------------------------ the pieces alone
