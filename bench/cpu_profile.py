@@ -50,12 +50,12 @@ def _socket_writes() -> tuple[str, ...]:
 # first component a frame matches takes the sample. Generic libraries (numpy, torch, asyncio's
 # coroutine plumbing) match nothing themselves, so their time goes to the caller that asked for it.
 COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("encoder", ("encode (", "sasrec.py", "frozen.py")),
+    ("encoder", ("Predictor.encode (", "SASRec.encode (", "SASRec.forward (", "_Encode.forward (")),
     ("search (FAISS)", ("faiss", "memory_store/index.py", "memory_store/columns.py")),
     ("transition rows", ("memory_store/transitions.py",)),
     (
         "scoring (fusion, vote, channel, top n)",
-        ("model/predictor.py", "model/vote.py", "model/transitions.py", "model/fusion.py", "model/catalog"),
+        ("model/predictor.py", "model/vote.py", "model/transitions.py", "model/fusion.py", "model/sasrec.py"),
     ),
     ("store client (Redis)", ("redis/", "memory_store/redis_store/", "memory_store/states.py", "hiredis")),
     ("interactions (ingest)", ("service/ingest.py", "service/routes/interactions.py")),
@@ -97,6 +97,16 @@ def workers_of(parent: int) -> list[int]:
     return children or [parent]
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far (``/proc/{pid}/stat``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the line)
+    return total / tick
+
+
 def record(pids: list[int], seconds: float, out: Path) -> list[subprocess.Popen[bytes]]:
     """Start py-spy on each pid for ``seconds`` (raw samples to ``out/worker-{i}.txt``)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -124,8 +134,11 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         proc, port = launch(argv, env, "/readyz", server_out, cwd=Path(args.source) if args.source else None)
         try:
             run_fast(open_loop("127.0.0.1", port, 100, 2.0, mixed_traffic(model, 9)))  # warm-up
-            spies = record(workers_of(proc.pid), args.seconds, out)
+            workers = workers_of(proc.pid)
+            cpu0 = cpu_seconds(workers)
+            spies = [] if args.no_spy else record(workers, args.seconds, out)
             load = run_fast(open_loop("127.0.0.1", port, args.rate, args.seconds + 2.0, mixed_traffic(model)))
+            cpu = cpu_seconds(workers) - cpu0
             for spy in spies:
                 spy.wait(timeout=60)
         finally:
@@ -133,13 +146,17 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
             proc.wait(timeout=60)
     flush(PROFILE_REDIS_URL)
     counts: Counter[str] = Counter()
-    for path in sorted(out.glob("worker-*.txt")):
+    for path in [] if args.no_spy else sorted(out.glob("worker-*.txt")):
         counts += breakdown(path.read_text())
     total = sum(counts.values())
     result |= {"achieved_rps": load["achieved_rps"], "p50_ms": load["p50_ms"], "p99_ms": load["p99_ms"]}
+    # the workers' CPU over the load window (py-spy's sampling included, the same for every run)
+    result |= {"cpu_ms_per_request": 1000.0 * cpu / load["sent"], "by_route": load["by_route"]}
     result |= {"samples": total, "share": {k: v / total for k, v in counts.most_common()} if total else {}}
     for name, share in result["share"].items():
         log.info("%5.1f %%  %s", 100 * share, name)
+    log.info("%.2f ms of worker CPU per request, p50 %.1f ms, p99 %.1f ms", result["cpu_ms_per_request"],
+             load["p50_ms"], load["p99_ms"])  # fmt: skip
     return result
 
 
@@ -154,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", help="serve this checkout of the repository instead (e.g. a baseline)")
     parser.add_argument("--out", default="runs/profiles/service", help="where the raw samples go")
     parser.add_argument("--section", default="profile", help="report key")
+    parser.add_argument("--no-spy", action="store_true", help="CPU per request only, no py-spy samples")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = shlex.join(["python", "-m", "bench.cpu_profile", *(argv if argv is not None else sys.argv[1:])])

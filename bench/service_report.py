@@ -199,7 +199,8 @@ def _profile_md(key: str, prof: dict[str, Any]) -> list[str]:
         f"py-spy samples of the {prof['workers']} server process(es) serving `{prof['model']}` "
         f"({prof['source']}) for {prof['seconds']:.0f} s of 90/10 mixed traffic at {prof['rate']:.0f} "
         f"req/s (achieved {prof['achieved_rps']:.0f}, p50 {prof['p50_ms']:.1f} ms, p99 "
-        f"{prof['p99_ms']:.1f} ms); {prof['samples']} samples of running threads, each charged to the "
+        f"{prof['p99_ms']:.1f} ms{_cpu_per_request(prof)}); {prof['samples']} samples of running threads, "
+        "each charged to the "
         "first component its stack names from the innermost frame out. 1-minute load average at the "
         f"start: {prof['load_average_at_start']:.1f} on 2 cores.",
         "",
@@ -208,6 +209,12 @@ def _profile_md(key: str, prof: dict[str, Any]) -> list[str]:
     ]
     lines += [f"| {name} | {100 * share:.1f} % |" for name, share in prof["share"].items()]
     return [*lines, ""]
+
+
+def _cpu_per_request(prof: dict[str, Any]) -> str:
+    if "cpu_ms_per_request" not in prof:
+        return ""
+    return f", {prof['cpu_ms_per_request']:.2f} ms of the workers' CPU per request"
 
 
 def render_md(report: dict[str, Any]) -> str:

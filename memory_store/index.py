@@ -118,12 +118,12 @@ class MemoryIndex:
     def _search(self, queries: np.ndarray, k: int, with_keys: bool) -> SearchResult:
         """The search itself; the caller holds the read lock."""
         keys = None
-        scores, ids = self._index.search(queries, k)  # (B, k) each
+        if with_keys:  # the vectors read during the search itself: no lookup by id afterwards
+            scores, ids, keys = self._index.search_and_reconstruct(queries, k)  # (B, k), (B, k, dim)
+            keys[ids < 0] = 0.0  # FAISS leaves NaN at padding
+        else:
+            scores, ids = self._index.search(queries, k)  # (B, k) each
         items, users, plens, ts = self._meta.gather(ids)
-        if with_keys:
-            keys = np.zeros((*ids.shape, self.dim), np.float32)
-            present = ids >= 0
-            keys[present] = self._reconstruct(ids[present])
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return SearchResult(
             ids=ids, scores=scores, items=items, users=users, prefix_lens=plens, timestamps=ts, keys=keys

@@ -228,8 +228,8 @@ class Predictor:
         Items the model was not trained on (ids past its vocabulary, registered by the store since) are
         read by the transition channel but not by the encoder; a history without any item the encoder
         knows is answered as a cold user's. ``states``: per row, the state (D,) of that very history
-        computed before (:meth:`states` of it: the service keeps one per user beside the stored history)
-        or None; only the rows without one are encoded."""
+        computed before (:meth:`encode` of its :meth:`window`: the service keeps one per user beside the
+        stored history) or None; only the rows without one are encoded."""
         known = [self.known(h) for h in histories]
         warm = np.asarray([i for i, h in enumerate(known) if len(h)], dtype=np.int64)
         windows = [known[i][-self.max_len :] for i in warm]
@@ -244,18 +244,6 @@ class Predictor:
         who = None if users is None else np.asarray([users[i] for i in warm], dtype=object)
         recent = tr.last_items([histories[i] for i in warm])  # new items included
         return self.plan(out, windows, who, len(histories), warm, recent=recent)
-
-    def states(self, histories: Sequence[Sequence[int]]) -> list[FloatArray | None]:
-        """The state (D,) :meth:`prepare` computes for each history, None where it holds no item the
-        encoder knows (a cold user's): what the service keeps beside a stored history."""
-        windows = [self.window(h) for h in histories]
-        rows = [i for i, w in enumerate(windows) if len(w)]
-        encoded = self.encode([windows[i] for i in rows]) if rows else None
-        out: list[FloatArray | None] = [None] * len(histories)
-        for j, i in enumerate(rows):
-            assert encoded is not None
-            out[i] = encoded[j]
-        return out
 
     def known(self, history: Sequence[int] | IntArray) -> IntArray:
         """The items of ``history`` the encoder was trained on, in order."""

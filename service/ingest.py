@@ -10,14 +10,16 @@ frozen-memory mode no memory is written at all.
 
 Each user's history after the batch is encoded too, in the same encoder pass as the memory keys, and
 its state goes into the store's write that appends the user's last event (service.states): the user's
-next /recommend reads it with the history and runs no encoder pass.
+next /recommend reads it with the history and runs no encoder pass. The key of a user's first event
+of the batch needs no pass either where the store holds the state of the history before it: that state
+is the key (the very encoding of that prefix).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,11 +28,21 @@ from memory_store.states import UserStates
 from model.predictor import Predictor
 from model.transitions import last_items
 from service.metrics import Metrics
-from service.states import user_states
+from service.states import encode_states, user_states
 
 log = logging.getLogger(__name__)
 
 INLINE_ENCODE_MAX = 64  # events per batch encoded in the event-loop thread (about 5 ms of CPU)
+
+
+@dataclass(frozen=True)
+class Prefixes:
+    """What a batch of events extends: per event the history before it (its last ``history_len`` items)
+    and the stored state that encodes exactly that (or None), per user the history after the batch."""
+
+    before: list[list[int]]
+    states: list[np.ndarray | None]  # (D,) the stored state: a user's first event of the batch only
+    after: dict[str, list[int]]
 
 
 class Ingestor:
@@ -48,32 +60,39 @@ class Ingestor:
         self.history_len = history_len
         self.frozen_memory = frozen_memory
 
-    async def prefixes(self, events: Sequence[Interaction]) -> tuple[list[list[int]], dict[str, list[int]]]:
-        """The history before each event, earlier events of the batch included (oldest first), and each
-        user's last ``history_len`` items after the batch (what their state encodes)."""
+    async def prefixes(self, events: Sequence[Interaction]) -> Prefixes:
+        """The history before each event, earlier events of the batch included (oldest first), with the
+        stored state that encodes it (a user's first event of the batch only), and each user's last
+        ``history_len`` items after the batch (what their new state encodes)."""
         users = sorted({ev.user_id for ev in events})
-        stored = await self.store.histories(users, self.history_len)
-        running = dict(zip(users, stored, strict=True))
-        out = []
+        stored = await self.store.histories_with_states(users, self.history_len)
+        running = dict(zip(users, stored.histories, strict=True))
+        unused = dict(zip(users, stored.states, strict=True))  # each encodes its user's stored window
+        before: list[list[int]] = []
+        states: list[np.ndarray | None] = []
         for ev in events:
             h = running[ev.user_id]
-            out.append(list(h[-self.history_len :]))
+            before.append(list(h[-self.history_len :]))
+            states.append(unused.pop(ev.user_id, None))
             h.append(ev.item_id)
-        return out, {u: h[-self.history_len :] for u, h in running.items()}
+        return Prefixes(before, states, {u: h[-self.history_len :] for u, h in running.items()})
 
     async def ingest(self, events: Sequence[Interaction]) -> tuple[int, int]:
         """Store the events (and their memories, and the users' states); returns (accepted, duplicates)."""
-        prefixes, after = await self.prefixes(events)
-        users, windows = list(after), list(after.values())
+        pre = await self.prefixes(events)
+        users, windows = list(pre.after), list(pre.after.values())
         if self.frozen_memory:
             states = await self._encode(events, windows)
             res = await self.store.append_interactions(events, user_states(users, windows, states))
             return self._count(res.accepted, res.duplicates)
-        keyed = [len(self.predictor.known(p)) > 0 for p in prefixes]  # a key can be encoded
+        keyed = [len(self.predictor.known(p)) > 0 for p in pre.before]  # a key can be encoded
         with_memory = [i for i, k in enumerate(keyed) if k]
         first = [i for i, k in enumerate(keyed) if not k]
-        encoded = await self._encode(events, [*(prefixes[i] for i in with_memory), *windows])
-        keys, states = encoded[: len(with_memory)], encoded[len(with_memory) :]
+        # One encoder pass: the keys no stored state gives, and every user's state after the batch.
+        todo = [i for i in with_memory if pre.states[i] is None]
+        encoded = await self._encode(events, [*(pre.before[i] for i in todo), *windows])
+        keys = dict(zip(todo, encoded[: len(todo)], strict=True))
+        states = encoded[len(todo) :]
         # A user's state goes with the write of their last event: the keyed one when they have one.
         last_keyed = {events[i].user_id for i in with_memory}
         accepted = duplicates = 0
@@ -85,9 +104,9 @@ class Ingestor:
             accepted, duplicates = res.accepted, res.duplicates
         if with_memory:
             put = _pick(users, windows, states, lambda u: u in last_keyed)
-            lens = np.array([len(prefixes[i]) for i in with_memory], dtype=np.int32)
-            recent = last_items([prefixes[i] for i in with_memory])
-            key_rows = np.stack([k for k in keys if k is not None])  # (n, D): each prefix holds a known item
+            lens = np.array([len(pre.before[i]) for i in with_memory], dtype=np.int32)
+            recent = last_items([pre.before[i] for i in with_memory])
+            key_rows = np.stack([_key(pre.states[i], keys.get(i)) for i in with_memory])  # (n, D)
             res = await self.store.ingest([events[i] for i in with_memory], key_rows, lens, recent, put)
             accepted, duplicates = accepted + res.accepted, duplicates + res.duplicates
         return self._count(accepted, duplicates)
@@ -95,22 +114,10 @@ class Ingestor:
     async def _encode(
         self, events: Sequence[Interaction], histories: list[list[int]]
     ) -> list[np.ndarray | None]:
-        """``Predictor.states`` of ``histories`` (memory keys' prefixes, users' state windows) in one
-        encoder pass: a few events are encoded in the event-loop thread, as /recommend batches are; a
-        large batch in a worker thread, so it does not hold up every other request meanwhile."""
-        windows = [self.predictor.window(h) for h in histories]
-        rows = [i for i, w in enumerate(windows) if len(w)]
-        out: list[np.ndarray | None] = [None] * len(histories)
-        if not rows:
-            return out
-        inputs = [windows[i] for i in rows]
-        if len(events) <= INLINE_ENCODE_MAX:
-            encoded = self.predictor.encode(inputs)
-        else:
-            encoded = await asyncio.to_thread(self.predictor.encode, inputs)
-        for j, i in enumerate(rows):
-            out[i] = encoded[j]
-        return out
+        """The states of ``histories`` (memory keys' prefixes, users' state windows) in one encoder
+        pass: a few events are encoded in the event-loop thread, as /recommend batches are; a large batch
+        in a worker thread, so it does not hold up every other request meanwhile."""
+        return await encode_states(self.predictor, histories, inline=len(events) <= INLINE_ENCODE_MAX)
 
     def _count(self, accepted: int, duplicates: int) -> tuple[int, int]:
         self.metrics.events.labels("accepted").inc(accepted)
@@ -124,3 +131,10 @@ def _pick(
     """The states of the users ``keep`` selects, as the store takes them (service.states.user_states)."""
     rows = [j for j, u in enumerate(users) if keep(u)]
     return user_states([users[j] for j in rows], [windows[j] for j in rows], [states[j] for j in rows])
+
+
+def _key(stored: np.ndarray | None, encoded: np.ndarray | None) -> np.ndarray:
+    """A memory's key: the stored state of its prefix, else the one just encoded."""
+    key = stored if stored is not None else encoded
+    assert key is not None  # each prefix of a keyed event holds a known item
+    return key

@@ -115,6 +115,7 @@ class Pipeline:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._filling: asyncio.Future[None] | None = None  # resolved when the batch collected is full
         self._worker: asyncio.Task[None] | None = None
         self.new_items = NewItemEmbeddings(predictor, store)
         self.write_back = WriteBack(store)
@@ -138,23 +139,26 @@ class Pipeline:
         if self._worker is None:
             raise RuntimeError("the pipeline is not started")
         fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(query, fut))
+        self._queue.put_nowait(_Pending(query, fut))  # unbounded: never waits
+        if self._filling is not None and self._queue.qsize() + 1 >= self.max_batch:
+            _resolve(self._filling)  # the batch being collected is full: no need to wait on
         return await fut
 
     async def _collect(self) -> list[_Pending]:
+        """The next batch: the first request, and those that arrive within ``max_wait_s`` of it, up to
+        ``max_batch``. One timer per batch (not a ``wait_for`` per request: a task and a timer each)."""
         batch = [await self._queue.get()]
-        deadline = time.perf_counter() + self.max_wait_s
-        while len(batch) < self.max_batch:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                break
+        if self.max_wait_s > 0 and self._queue.qsize() + 1 < self.max_batch:
+            loop = asyncio.get_running_loop()
+            self._filling = loop.create_future()
+            timer = loop.call_later(self.max_wait_s, _resolve, self._filling)
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
+                await self._filling
+            finally:
+                timer.cancel()
+                self._filling = None
+        while len(batch) < self.max_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
         return batch
 
     async def _run(self) -> None:
@@ -289,6 +293,11 @@ class NewItemEmbeddings:
 
 async def _none() -> None:
     return None
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _mask(q: Query, history: list[int], unavailable: IntArray) -> IntArray:

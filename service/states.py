@@ -1,8 +1,8 @@
 """The users' encoder states the service keeps beside their stored histories (memory_store.states), so that
 a /recommend without a request history runs no encoder pass.
 
-A state is ``Predictor.states`` of the history's last ``history_len`` items, the very input
-``Predictor.prepare`` encodes for that user. The service writes one
+A state is the encoder's state of the history's last ``history_len`` items (:func:`encode_states`), the
+very one ``Predictor.prepare`` computes for that user. The service writes one
 
 * at /interactions: the ingestor encodes each user's history after the batch in the same encoder pass
   as the memory keys, and the store keeps it in the write that appends the items (service.ingest);
@@ -33,6 +33,23 @@ log = logging.getLogger(__name__)
 FILL_CHUNK = 1024  # users read, encoded and written per step of the start-up fill
 
 
+async def encode_states(
+    predictor: Predictor, histories: Sequence[Sequence[int]], inline: bool = True
+) -> list[FloatArray | None]:
+    """The state (D,) ``Predictor.prepare`` computes for each history (the encoder over its
+    ``window``), None where it holds no item the encoder knows (a cold user's), in one encoder pass: in
+    the event-loop thread when ``inline``, else in a worker thread."""
+    windows = [predictor.window(h) for h in histories]
+    rows = [i for i, w in enumerate(windows) if len(w)]
+    out: list[FloatArray | None] = [None] * len(histories)
+    if rows:
+        inputs = [windows[i] for i in rows]
+        encoded = predictor.encode(inputs) if inline else await asyncio.to_thread(predictor.encode, inputs)
+        for j, i in enumerate(rows):
+            out[i] = encoded[j]
+    return out
+
+
 def user_states(
     users: Sequence[str], windows: Sequence[Sequence[int]], states: Sequence[FloatArray | None]
 ) -> UserStates | None:
@@ -58,7 +75,7 @@ async def fill_states(store: MemoryStore, predictor: Predictor, users: Sequence[
         if not todo:
             continue
         histories = [read.histories[i] for i in todo]
-        states = await asyncio.to_thread(predictor.states, histories)
+        states = await encode_states(predictor, histories, inline=False)
         put = user_states([part[i] for i in todo], histories, states)
         written += await store.put_states(put) if put is not None else 0
     return written

@@ -35,6 +35,12 @@ def counting_encodes(predictor: Any, monkeypatch: pytest.MonkeyPatch) -> Iterato
     monkeypatch.setattr(predictor, "encode", real)
 
 
+def state_of(predictor: Any, history: list[int]) -> np.ndarray:
+    """The state Predictor.prepare computes for ``history`` alone."""
+    state: np.ndarray = predictor.encode([predictor.window(history)])[0]
+    return state
+
+
 def items_of(body: dict[str, Any]) -> list[tuple[str, float]]:
     return [(it["item_id"], it["score"]) for it in body["items"]]
 
@@ -79,7 +85,7 @@ async def test_a_stored_state_saves_the_encoder_pass_and_changes_no_answer(
         stored = await rt.store.histories_with_states(["new"], 200)
         [state] = stored.states
         assert state is not None
-        np.testing.assert_allclose(state, predictor.states(stored.histories)[0], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(state, state_of(predictor, stored.histories[0]), rtol=0, atol=1e-6)
 
         with counting_encodes(predictor, monkeypatch) as passes:
             from_state = await recommend(client, "new", explain=True)
@@ -100,6 +106,16 @@ async def test_a_stored_state_saves_the_encoder_pass_and_changes_no_answer(
             again = await recommend(client, "new", explain=True)
         assert passes == []
         assert again == encoded  # exactly: the state is the one that request encoded
+
+        # the next event's memory key is the stored state (the encoding of the history before it):
+        # the pass encodes the new state alone
+        [before] = (await rt.store.histories_with_states(["new"], 200)).states
+        with counting_encodes(predictor, monkeypatch) as passes:
+            r = await client.post("/interactions", json={"events": [{"user_id": "new", "item_id": "i9"}]})
+        assert r.json()["accepted"] == 1 and passes == [1]
+        hits = await rt.store.search(before[None, :], 50, with_keys=True)  # toy prefixes repeat: ties
+        [col] = np.flatnonzero((hits.users[0] == "new") & (hits.prefix_lens[0] == len(HISTORY)))
+        np.testing.assert_allclose(hits.keys[0, col], before / np.linalg.norm(before), rtol=0, atol=1e-6)
 
 
 async def test_a_stale_or_missing_state_is_encoded_again_and_written_back(
@@ -140,7 +156,7 @@ async def stale_then_fresh(
     assert passes == [1]
     await rt.pipeline.write_back.drain()
     [state] = (await rt.store.histories_with_states([user], 200)).states
-    np.testing.assert_array_equal(state, predictor.states([history[-50:]])[0])
+    np.testing.assert_array_equal(state, state_of(predictor, history[-50:]))
     with counting_encodes(predictor, monkeypatch) as passes:
         second = await recommend(client, user)
     assert passes == [] and second == first

@@ -220,6 +220,20 @@ end
 return {add_id, del_id, first, acc}
 """
 
+# ARGV: prefix, items to read per history, user ids. Returns per user {their last items, oldest first;
+# their packed state or ''}: a micro-batch's read in one call (a pipeline of two commands per user cost
+# the client several times the CPU of one script call). Reads only; the caller checks each state's
+# fingerprint against the items read.
+READ_SCRIPT = """
+local p, n = ARGV[1], tonumber(ARGV[2])
+local out = {}
+for i = 3, #ARGV do
+  out[#out + 1] = redis.call('LRANGE', p .. 'hist:' .. ARGV[i], -n, -1)
+  out[#out + 1] = redis.call('GET', p .. 'state:' .. ARGV[i]) or ''
+end
+return out
+"""
+
 # ARGV: prefix, state window, stride of one packed state, the packed states, then their users. A state
 # is kept only where its window is the user's history's last items (never for a user without history,
 # e.g. one erased since it was encoded). Returns how many were kept.

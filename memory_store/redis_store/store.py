@@ -77,6 +77,7 @@ class RedisMemoryStore:
         self._register_script = client.register_script(layout.REGISTER_SCRIPT)
         self._erase_script = client.register_script(layout.ERASE_SCRIPT)
         self._put_states_script = client.register_script(layout.PUT_STATES_SCRIPT)
+        self._read_script = client.register_script(layout.READ_SCRIPT)
 
     @classmethod
     async def open(cls, config: StoreConfig) -> RedisMemoryStore:
@@ -262,13 +263,13 @@ class RedisMemoryStore:
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         window = self.config.state_window
-        pipe = self._r.pipeline(transaction=False)  # one round trip; a write between the two reads of
-        # a user shows as a state whose fingerprint is not the window read, which is then not returned
         for user in user_ids:
             check_user_id(user)
-            pipe.lrange(self._p + layout.HIST + user, -max(max_len, window), -1)
-            pipe.get(self._p + layout.STATE + user)
-        replies = await pipe.execute()
+        if not user_ids:
+            return StoredHistories([], [])
+        # one script call (atomic too, but the fingerprint check below would catch a state of another
+        # history anyway: a state is returned only where it encodes the items read)
+        replies = await self._read_script(args=[self._p, max(max_len, window), *user_ids])
         histories, states = [], []
         for items, blob in zip(replies[::2], replies[1::2], strict=True):
             histories.append([int(x) for x in items[-max_len:]])
