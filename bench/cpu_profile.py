@@ -128,6 +128,7 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         env["PYTHONPATH"] = str(Path(args.source).resolve())
     result: dict[str, Any] = {"model": model.name, "rate": args.rate, "seconds": args.seconds}
     result |= {"workers": args.workers, "source": "another checkout" if args.source else "this tree"}
+    result["batch_max_wait_ms"] = args.batch_wait_ms
     result["load_average_at_start"] = os.getloadavg()[0]
     with tempfile.TemporaryFile() as server_out:
         argv = serve_argv(model.resolve(), PROFILE_REDIS_URL)
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--nprobe", type=int, default=16)
-    parser.add_argument("--batch-wait-ms", type=float, default=1.0)
+    parser.add_argument("--batch-wait-ms", type=float, default=3.0)
     parser.add_argument("--source", help="serve this checkout of the repository instead (e.g. a baseline)")
     parser.add_argument("--out", default="runs/profiles/service", help="where the raw samples go")
     parser.add_argument("--section", default="profile", help="report key")

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     lp.add_argument("--workers", type=int, default=1, help="server processes")
     lp.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query")
     lp.add_argument("--repeats", type=int, default=3, help="windows per rate (their medians are reported)")
-    lp.add_argument("--batch-wait-ms", type=float, default=1.0, help="the server's micro-batch wait")
+    lp.add_argument("--batch-wait-ms", type=float, default=3.0, help="the server's micro-batch wait")
     lp.add_argument("--section", default="load", help="report key (e.g. a second model's sweep)")
     dp = sub.add_parser("drift", help="time-split replay, live versus frozen memory")
     dp.add_argument("--data-dir")

@@ -197,8 +197,8 @@ def _profile_md(key: str, prof: dict[str, Any]) -> list[str]:
         f"## CPU profile, `{key}` (`{prof['command']}`, {prof['date']}, {prof.get('machine', '?')})",
         "",
         f"py-spy samples of the {prof['workers']} server process(es) serving `{prof['model']}` "
-        f"({prof['source']}) for {prof['seconds']:.0f} s of 90/10 mixed traffic at {prof['rate']:.0f} "
-        f"req/s (achieved {prof['achieved_rps']:.0f}, p50 {prof['p50_ms']:.1f} ms, p99 "
+        f"({prof['source']}{_batch_wait(prof)}) for {prof['seconds']:.0f} s of 90/10 mixed traffic at "
+        f"{prof['rate']:.0f} req/s (achieved {prof['achieved_rps']:.0f}, p50 {prof['p50_ms']:.1f} ms, p99 "
         f"{prof['p99_ms']:.1f} ms{_cpu_per_request(prof)}); {prof['samples']} samples of running threads, "
         "each charged to the "
         "first component its stack names from the innermost frame out. 1-minute load average at the "

@@ -105,7 +105,7 @@ class Pipeline:
         history_len: int = 50,
         mask_len: int = 200,
         max_batch: int = 64,
-        max_wait_s: float = 0.001,
+        max_wait_s: float = 0.003,
     ) -> None:
         self.predictor = predictor
         self.store = store

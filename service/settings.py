@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(default=1, ge=1, description="intra-op threads of torch and FAISS")
     batch_max_size: int = Field(default=64, ge=1, description="requests fused into one forward pass")
-    batch_max_wait_ms: float = Field(default=1.0, ge=0.0, description="wait for more requests to batch")
+    batch_max_wait_ms: float = Field(default=3.0, ge=0.0, description="wait for more requests to batch")
     frozen_memory: bool = Field(default=False, description="interactions update histories, never memories")
     new_items: Literal["accept", "reject"] = Field(
         default="accept",

@@ -195,3 +195,25 @@ async def test_known_users_have_their_states_from_start_up(
         gone = await rt.store.histories_with_states([users[0]], 200)
         assert gone.histories == [[]] and gone.states == [None]
         assert (await recommend(client, users[0]))["strategy"] == "popular"
+
+
+async def test_a_stored_state_skips_items_registered_after_training(
+    model_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The encoder reads only the items it was trained on: the state kept for a history holding a new
+    # item is the one prepare computes for it, and serves the next request without an encoder pass.
+    async with running_app(model_dir=model_dir, store_dir=tmp_path / "s") as (app, client):
+        rt = app.state.runtime
+        predictor = rt.pipeline.predictor
+        items = ["i3", "i4", "brand-new", "i5"]
+        events = [{"user_id": "u", "item_id": item} for item in items]
+        assert (await client.post("/interactions", json={"events": events})).json()["accepted"] == 4
+        stored = await rt.store.histories_with_states(["u"], 200)
+        [history], [state] = stored.histories, stored.states
+        assert max(history) >= predictor.n_ids and state is not None  # the new item is in the history
+        np.testing.assert_allclose(state, state_of(predictor, history), rtol=0, atol=1e-6)
+        with counting_encodes(predictor, monkeypatch) as passes:
+            await recommend(client, "u")
+        assert passes == []
