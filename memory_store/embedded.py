@@ -62,7 +62,14 @@ from memory_store.catalogue import Catalogue
 from memory_store.config import StoreConfig
 from memory_store.index import MemoryIndex, followers_now, search_now
 from memory_store.snapshot import savez, snapshot_file
-from memory_store.states import FINGERPRINT_BYTES, StoredHistories, UserStates, fingerprint, unpack_valid
+from memory_store.states import (
+    FINGERPRINT_BYTES,
+    StoredHistories,
+    UserStates,
+    checked_states,
+    fingerprint,
+    unpack_valid,
+)
 from memory_store.transitions import Followers
 from memory_store.wal import AppendLog, Record
 
@@ -420,9 +427,7 @@ class EmbeddedMemoryStore:
         return result
 
     def _checked(self, states: UserStates | None) -> UserStates | None:
-        if states is None or not len(states):
-            return None
-        return states.checked(self.dim, self.config.state_window)
+        return checked_states(states, self.dim, self.config.state_window)
 
     async def put_states(self, states: UserStates) -> int:
         checked = self._checked(states)

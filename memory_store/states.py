@@ -101,3 +101,10 @@ def unpack_valid(blob: bytes | None, window: Sequence[bytes] | Sequence[int], di
         return None
     out: np.ndarray = np.frombuffer(blob, "<f4", dim, FINGERPRINT_BYTES)
     return out
+
+
+def checked_states(states: UserStates | None, dim: int, window: int) -> UserStates | None:
+    """A write's states validated for a store (:meth:`UserStates.checked`); None when there are none."""
+    if states is None or not len(states):
+        return None
+    return states.checked(dim, window)

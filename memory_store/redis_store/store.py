@@ -43,7 +43,7 @@ from memory_store.redis_store import codec, layout
 from memory_store.redis_store.connect import connect
 from memory_store.redis_store.replica import Replica
 from memory_store.redis_store.user_memories import UserMemoryHashes
-from memory_store.states import StoredHistories, UserStates, unpack_valid
+from memory_store.states import StoredHistories, UserStates, checked_states, unpack_valid
 from memory_store.transitions import Followers
 
 WRITE_CHUNK = 1000  # rows per script call: bounds the time Redis is blocked by one call
@@ -162,9 +162,7 @@ class RedisMemoryStore:
         return await self._run_writes("im", list(events), batch, self._checked(states))
 
     def _checked(self, states: UserStates | None) -> UserStates | None:
-        if states is None or not len(states):
-            return None
-        return states.checked(self.dim, self.config.state_window)
+        return checked_states(states, self.dim, self.config.state_window)
 
     async def put_states(self, states: UserStates) -> int:
         checked = self._checked(states)
