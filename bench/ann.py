@@ -21,10 +21,11 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
@@ -33,6 +34,7 @@ import torch
 from bench.common import REPORTS, machine, machine_label
 from memory_store import IndexParams, MemoryBatch, SearchResult
 from memory_store.index import MemoryIndex
+from memory_store.transitions import Followers
 from model import artifact
 from model import transitions as tr
 from model.data import leave_one_out, load_dataset
@@ -43,6 +45,15 @@ from service.recommender import serving_predictor
 log = logging.getLogger("bench.ann")
 
 BATCH = 16  # queries per search call: a busy replica's micro-batch
+
+
+class Searchable(Protocol):
+    """What the answers read of an index: its search and its follower rows (a MemoryIndex, or an exact
+    search over the same memories, bench.index_scale)."""
+
+    def search(self, queries: np.ndarray, k: int, with_keys: bool = False) -> SearchResult: ...
+
+    def followers(self, items: Sequence[int]) -> list[Followers]: ...
 
 
 def build_index(art: artifact.Artifact, params: IndexParams) -> MemoryIndex:
@@ -61,7 +72,7 @@ def build_index(art: artifact.Artifact, params: IndexParams) -> MemoryIndex:
 
 
 def answer(
-    predictor: Predictor, index: MemoryIndex, plan: Plan, masks: list[np.ndarray]
+    predictor: Predictor, index: Searchable, plan: Plan, masks: list[np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Top-10 item ids (N, 10), fused memory ids (N, K; -1 past each row's depth) and search seconds per
     query, the way `service.pipeline` answers: the predictor's plan, the index's search and follower
@@ -85,7 +96,7 @@ def answer(
     return np.concatenate(tops), np.concatenate(ids), search_s / plan.rows
 
 
-def followers(index: MemoryIndex, plan: Plan) -> dict[int, tr.Row]:
+def followers(index: Searchable, plan: Plan) -> dict[int, tr.Row]:
     """The follower rows the plan's transition channel reads, from the index (as the store answers)."""
     wanted = plan.wanted
     return {a: (f.items, f.lags, f.counts) for a, f in zip(wanted, index.followers(wanted), strict=True)}

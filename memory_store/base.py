@@ -24,8 +24,17 @@ if TYPE_CHECKING:  # memory_store.states reads this module's checks
     from memory_store.states import StoredHistories, UserStates
 
 
+# Item ids a memory can hold (value and prefix items): the index keeps them in int32 columns
+# (memory_store.columns); internal ids are the model's vocabulary and then register_items' next ids.
+MAX_ITEM_ID = 2**31 - 1
+
+
 class SnapshotError(ValueError):
     """A snapshot that cannot be read back; the message names the file."""
+
+
+class StoreInUse(RuntimeError):
+    """An embedded store's directory that another process holds open (one process owns it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,8 @@ class MemoryBatch:
         unit = normalise_rows(keys, dim, "keys")
         n = unit.shape[0]
         items_a = _int_column(items, n, "items", minimum=1)
+        if n and int(items_a.max()) > MAX_ITEM_ID:
+            raise ValueError(f"item ids must be <= {MAX_ITEM_ID}")
         users_t = tuple(users)
         if len(users_t) != n:
             raise ValueError(f"users has {len(users_t)} entries, expected {n}")
@@ -134,8 +145,8 @@ def _recent(recent: np.ndarray | None, n: int, width: int | None) -> np.ndarray:
     ):
         cols = "m" if width is None else f"≤ recent_width = {width}"
         raise ValueError(f"recent must be ints of shape ({n}, {cols}), got {a.dtype} of shape {a.shape}")
-    if (a < 0).any():
-        raise ValueError("recent item ids must be >= 0 (0: none)")
+    if (a < 0).any() or (a > MAX_ITEM_ID).any():
+        raise ValueError(f"recent item ids must be in 0..{MAX_ITEM_ID} (0: none)")
     return fit_recent(a.astype(np.int64), a.shape[1] if width is None else width)
 
 
@@ -194,7 +205,7 @@ class StoreStats:
     namespace: str
     memories: int  # collaborative memories held by the store (authoritative count)
     index_size: int  # vectors in this process's FAISS index
-    index_kind: str  # "flat" or "ivf{nlist}"
+    index_kind: str  # "flat", or "ivf{nlist}" plus the codec of a compressed kind ("ivf4096-sq8")
     capacity: int | None
     replication: ReplicationStatus
     unavailable_items: int = 0  # items marked unavailable (this replica's copy)
@@ -211,6 +222,35 @@ class Erasure:
     user_memories: int  # per-user (RAMRec) memories
     event_ids: int  # dedup markers of the user's events still held
     position: str = ""
+    interactions: int = 0  # rows of the interaction log
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedInteractions:
+    """A page of the interaction log, oldest first: accepted interactions as the store took them, items
+    as internal ids (the model's, or those ``register_items`` gave: the caller maps them back).
+    ``position`` is the last row's place in the log, the ``after`` of the next page ("" on an empty
+    page, the end); positions compare with :func:`parse_position`."""
+
+    users: tuple[str, ...]  # (n,)
+    items: np.ndarray  # (n,) int64
+    timestamps: np.ndarray  # (n,) float64 unix seconds: the interaction's own time
+    event_ids: tuple[str | None, ...]  # (n,)
+    accepted_at: np.ndarray  # (n,) float64 unix seconds: when the store accepted it (what retention ages)
+    positions: tuple[str, ...]  # (n,) each row's place in the log, unique in the namespace
+
+    @property
+    def position(self) -> str:
+        """The last row's place in the log ("" on an empty page): the ``after`` of the next page."""
+        return self.positions[-1] if self.positions else ""
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @classmethod
+    def empty(cls) -> LoggedInteractions:
+        none = np.zeros(0, np.float64)
+        return cls((), np.zeros(0, np.int64), none, (), none, ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,9 +267,9 @@ class MemoryStore(Protocol):
     def dim(self) -> int: ...
 
     async def append_interactions(
-        self, events: Sequence[Interaction], states: UserStates | None = None
+        self, events: Sequence[Interaction], states: UserStates | None = None, logged: bool = True
     ) -> IngestResult:
-        """Interactions without memories; ``states`` as in :meth:`ingest`."""
+        """Interactions without memories; ``states`` and ``logged`` as in :meth:`ingest`."""
         ...
 
     async def ingest(
@@ -239,12 +279,15 @@ class MemoryStore(Protocol):
         prefix_lens: Sequence[int] | np.ndarray,
         recent: np.ndarray | None = None,
         states: UserStates | None = None,
+        logged: bool = True,
     ) -> IngestResult:
         """Interaction + its new memory (key = encoding of the history before the item, ``recent`` that
         history's last items, most recent first; see MemoryBatch.create), atomically. ``states``: the
         users' encoder states after the write, kept in the same atomic write where their windows are the
         histories' last items then (``memory_store.states``); every other state of a user this write
-        appends to is dropped."""
+        appends to is dropped. ``logged``: each accepted interaction also goes into the interaction log,
+        in the same atomic write (a duplicate never does); False for rows that are no traffic (the
+        artifact's memory bank, which the training data holds already)."""
         ...
 
     async def histories(self, user_ids: Sequence[str], max_len: int) -> list[list[int]]:
@@ -314,7 +357,14 @@ class MemoryStore(Protocol):
 
     async def erase_user(self, user_id: str) -> Erasure:
         """Remove everything stored about a user: history, encoder state, memories (from every replica's
-        index, their transition counts with them), per-user memories, dedup markers. Idempotent."""
+        index, their transition counts with them), per-user memories, dedup markers, interaction log
+        rows. Idempotent."""
+        ...
+
+    async def interactions(self, after: str = "", count: int = 10_000) -> LoggedInteractions:
+        """Up to ``count`` rows of the interaction log after position ``after`` ("": from the oldest),
+        oldest first; an empty page at the end. Rows past ``config.log_retention_s`` are never returned,
+        also before the store has dropped them."""
         ...
 
     async def bank_loaded(self) -> bool:
@@ -343,6 +393,11 @@ class MemoryStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+    async def drop(self) -> bool:
+        """Close the store and delete everything of its namespace (histories, memories, logs, snapshots),
+        unless another process has it open (then only close); returns whether it was deleted."""
+        ...
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -414,6 +469,14 @@ def check_external_items(names: Sequence[str]) -> list[str]:
 def check_k(k: int) -> None:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+
+
+def check_log_page(after: str, count: int) -> None:
+    """A read of the interaction log: ``after`` a position or "", ``count`` >= 1; ValueError otherwise."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    if after:
+        parse_position(after)
 
 
 def memory_batch_for_events(

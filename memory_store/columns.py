@@ -4,16 +4,31 @@ the prefix's last items, in NumPy arrays indexed by ``id - base``.
 A search returns the metadata of a whole batch with fancy indexing, never a round trip per hit. ``base``
 moves up as the oldest memories leave, so the columns stay about as long as the ids held span. Not
 locked: the index's lock guards them.
+
+Bytes per memory (``DTYPES``; 41 at the service's five prefix items, 65 when ids were int64): item ids
+are int32 (MemoryBatch.create refuses ids above ``base.MAX_ITEM_ID``), and ``lists``, the IVF list that
+holds the memory (memory_store.ivf), is the index's: never part of a snapshot (rebuilt from the FAISS
+index when one is read). Snapshots written with int64 columns are read into these types.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from memory_store.base import MemoryBatch, fit_recent
+from memory_store.base import MemoryBatch, SnapshotError, fit_recent
 
-# Every column grows and shifts together; their state (plus ``base``) is what a snapshot stores.
-COLUMNS = ("alive", "item", "user", "ts", "plen", "recent")
+# Every column grows and shifts together; their state (plus ``base``), all but ``lists``, is what a
+# snapshot stores.
+COLUMNS = ("alive", "item", "user", "ts", "plen", "recent", "lists")
+DTYPES = {
+    "alive": np.dtype(bool),
+    "item": np.dtype(np.int32),
+    "user": np.dtype(np.int32),  # code into user_names
+    "ts": np.dtype(np.float64),
+    "plen": np.dtype(np.int32),
+    "recent": np.dtype(np.int32),
+    "lists": np.dtype(np.int32),
+}
 # Columns a snapshot must hold: ``recent`` may be missing (written before memories kept their prefix's
 # last items: none known).
 REQUIRED = ("base", "alive", "item", "user", "ts", "plen")
@@ -25,12 +40,14 @@ class MemoryColumns:
     def __init__(self, recent_width: int) -> None:
         self.base = 1
         size = 1024  # never empty: padding rows of a search gather row 0
-        self.alive = np.zeros(size, bool)
-        self.item = np.zeros(size, np.int64)
-        self.user = np.zeros(size, np.int32)  # code into user_names
-        self.ts = np.zeros(size, np.float64)
-        self.plen = np.zeros(size, np.int32)
-        self.recent = np.zeros((size, recent_width), np.int64)  # the prefix's last items (MemoryBatch.recent)
+        self.alive: np.ndarray = np.zeros(size, DTYPES["alive"])
+        self.item: np.ndarray = np.zeros(size, DTYPES["item"])
+        self.user: np.ndarray = np.zeros(size, DTYPES["user"])
+        self.ts: np.ndarray = np.zeros(size, DTYPES["ts"])
+        self.plen: np.ndarray = np.zeros(size, DTYPES["plen"])
+        # the prefix's last items (MemoryBatch.recent)
+        self.recent: np.ndarray = np.zeros((size, recent_width), DTYPES["recent"])
+        self.lists: np.ndarray = np.zeros(size, DTYPES["lists"])  # the IVF list of each memory (the index's)
         self.user_names: list[str] = []
         self._user_code: dict[str, int] = {}
         self._names_arr = np.array([""], dtype=object)  # user_names + [""] (padding), for fancy indexing
@@ -39,7 +56,8 @@ class MemoryColumns:
 
     def in_range(self, ids: np.ndarray) -> np.ndarray:
         rows = ids - self.base
-        return (rows >= 0) & (rows < self.alive.shape[0])
+        inside: np.ndarray = (rows >= 0) & (rows < self.alive.shape[0])
+        return inside
 
     def is_alive(self, ids: np.ndarray) -> np.ndarray:
         ok = self.in_range(ids)
@@ -90,7 +108,8 @@ class MemoryColumns:
         """Mark ``ids`` dead and clear their values: a snapshot taken afterwards holds nothing of them."""
         rows = ids - self.base
         self.alive[rows] = False
-        self.item[rows], self.user[rows], self.ts[rows], self.plen[rows], self.recent[rows] = 0, 0, 0, 0, 0
+        for name in COLUMNS[1:]:
+            getattr(self, name)[rows] = 0
         self.count -= int(ids.size)
         self._compact_if_sparse()
 
@@ -146,15 +165,26 @@ class MemoryColumns:
         ts = np.where(valid, self.ts[rows], np.nan)
         return items, users, plens, ts
 
+    def nbytes(self) -> int:
+        """Bytes of the columns (their whole length, grown ahead of the ids held)."""
+        return sum(getattr(self, name).nbytes for name in COLUMNS)
+
+    def older_than(self, cutoff: float) -> np.ndarray:
+        """(m,) int64 ascending: the alive ids whose timestamp is before ``cutoff`` (one vectorised scan)."""
+        return (np.flatnonzero(self.alive & (self.ts < cutoff)) + self.base).astype(np.int64)
+
     def state(self) -> dict[str, np.ndarray]:
+        """The stored columns up to the last alive row (the rows grown ahead stay out of snapshots)."""
+        alive = np.flatnonzero(self.alive)
+        end = int(alive[-1]) + 1 if alive.size else 1
         return {
             "base": np.array([self.base], np.int64),
-            "alive": self.alive,
-            "item": self.item,
-            "user": self.user,
-            "ts": self.ts,
-            "plen": self.plen,
-            "recent": self.recent,
+            "alive": self.alive[:end],
+            "item": self.item[:end],
+            "user": self.user[:end],
+            "ts": self.ts[:end],
+            "plen": self.plen[:end],
+            "recent": self.recent[:end],
         }
 
     @classmethod
@@ -164,12 +194,24 @@ class MemoryColumns:
         """Columns from :meth:`state`; stored prefix items of another width are fitted to ``recent_width``."""
         cols = cls(recent_width)
         cols.base = int(arrays["base"][0])
-        cols.alive, cols.item, cols.user = arrays["alive"], arrays["item"], arrays["user"]
-        cols.ts, cols.plen = arrays["ts"], arrays["plen"]
-        stored = arrays.get("recent", np.zeros((cols.alive.shape[0], 0), np.int64))  # absent: none known
-        cols.recent = fit_recent(stored, recent_width)
+        size = arrays["alive"].shape[0]
+        stored = arrays.get("recent", np.zeros((size, 0), np.int64))  # absent: none known
+        loaded = {**arrays, "recent": fit_recent(stored, recent_width), "lists": np.zeros(size, np.int32)}
+        for name in COLUMNS:  # int64 in snapshots written before the columns were narrowed
+            setattr(cols, name, _as_dtype(loaded[name], DTYPES[name], name))
         cols.user_names = user_names
         cols._user_code = {name: i for i, name in enumerate(user_names)}
         cols._names_arr = np.array(user_names + [""], dtype=object)
         cols.count = int(cols.alive.sum())
         return cols
+
+
+def _as_dtype(a: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+    """``a`` in ``dtype``; SnapshotError if an integer value does not fit (not a snapshot of ours)."""
+    if a.dtype == dtype:
+        return a
+    if dtype.kind == "i" and a.size:
+        info = np.iinfo(dtype)
+        if int(a.min()) < info.min or int(a.max()) > info.max:
+            raise SnapshotError(f"snapshot column {name} holds values outside {dtype}")
+    return a.astype(dtype)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from memory_store.user_memory import QualityFn, recency_frequency_quality
 
@@ -23,18 +24,33 @@ _MINIMA = (
 )
 
 
+# What the IVF index stores per memory (memory_store.ivf): the vector (float32), half floats, or one byte
+# per dimension (8-bit scalar quantisation). reports/index_scale.md measures them.
+IndexKind = Literal["ivf_flat", "ivf_fp16", "ivf_sq8"]
+INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
+# IndexParams.kind: one of them, or "auto": ivf_flat below ``compress_from`` memories, ivf_sq8 from there
+# (at 1M and 10M memories SQ8 served the accuracy of exact search in 0.4 of the bytes of ivf_flat).
+IndexChoice = Literal["auto", "ivf_flat", "ivf_fp16", "ivf_sq8"]
+INDEX_CHOICES: tuple[str, ...] = get_args(IndexChoice)
+_AUTO_KINDS = ("ivf_flat", "ivf_sq8")
+
+
 @dataclass(frozen=True, slots=True)
 class IndexParams:
     """How the FAISS index follows the number of memories it holds.
 
     Below ``exact_threshold`` memories the index is exact (flat inner product). At or above it the index
-    is rebuilt as IVF-Flat with ``nlist ≈ nlist_per_sqrt · sqrt(n)`` lists (a power of two, clamped to
-    [min_nlist, max_nlist]), trained on a sample of ``train_points_per_list · nlist`` vectors, and
-    rebuilt again when it holds ``regrow_factor`` times the vectors it was trained for.
+    is rebuilt as an IVF index of ``kind`` with ``nlist ≈ nlist_per_sqrt · sqrt(n)`` lists (a power of
+    two, clamped to [min_nlist, max_nlist]), trained on a sample of ``train_points_per_list · nlist``
+    vectors, and rebuilt again when it holds ``regrow_factor`` times the vectors it was trained for.
+    ``kind`` "auto" builds ivf_flat below ``compress_from`` memories and ivf_sq8 from there: the switch
+    comes with the first rebuild at that size or above (:meth:`kind_for`).
     ``nprobe`` is the number of lists scanned per query (recall versus latency): 128 reached
     recall@20 >= 0.95 at 1M clustered memories with nlist 4096 (reports/store.md).
     """
 
+    kind: IndexChoice = "auto"
+    compress_from: int = 1_000_000
     exact_threshold: int = 50_000
     nlist_per_sqrt: float = 4.0
     min_nlist: int = 256
@@ -48,8 +64,11 @@ class IndexParams:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.exact_threshold < 1:
-            raise ValueError(f"exact_threshold must be >= 1, got {self.exact_threshold}")
+        if self.kind not in INDEX_CHOICES:
+            raise ValueError(f"index kind must be one of {', '.join(INDEX_CHOICES)}, got {self.kind!r}")
+        for name in ("exact_threshold", "compress_from"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.min_nlist <= self.max_nlist:
             raise ValueError(f"need 1 <= min_nlist <= max_nlist, got {self.min_nlist}, {self.max_nlist}")
         if self.nprobe < 1:
@@ -58,6 +77,16 @@ class IndexParams:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
         if self.regrow_factor <= 1.0:
             raise ValueError(f"regrow_factor must be > 1, got {self.regrow_factor}")
+
+    def kind_for(self, n: int) -> IndexKind:
+        """The kind an IVF index of ``n`` memories is built in."""
+        if self.kind != "auto":
+            return self.kind
+        return "ivf_sq8" if n >= self.compress_from else "ivf_flat"
+
+    def builds(self, kind: str) -> bool:
+        """Whether these parameters build indexes of ``kind`` (at some size)."""
+        return kind in _AUTO_KINDS if self.kind == "auto" else kind == self.kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +122,9 @@ class StoreConfig:
     data_dir: Path | None = None
     capacity: int | None = None
     user_capacity: int | None = None
+    # Memories whose timestamp is more than this many seconds old are evicted (memory_store.retention);
+    # None keeps them whatever their age.
+    max_age_s: float | None = None
     user_memory_capacity: int = 32
     history_len: int = 200
     recent_width: int = 0
@@ -109,6 +141,9 @@ class StoreConfig:
     visibility_timeout_s: float = 5.0
     # Embedded backend: fsync the log on every write (durable against power loss, slower).
     fsync: bool = False
+    # The interaction log (every accepted interaction, for retraining): rows accepted longer ago than
+    # this many seconds are dropped, on write and from reads; None keeps them for ever.
+    log_retention_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.dim < 1:
@@ -129,3 +164,10 @@ class StoreConfig:
             raise ValueError("redis_tls_ca_file needs a rediss:// URL (TLS)")
         if self.redis_url is None and self.data_dir is None:
             raise ValueError("the embedded backend (no redis_url) needs a data_dir")
+        _check_retention(self.log_retention_s)
+        _check_retention(self.max_age_s, "max_age_s")
+
+
+def _check_retention(seconds: float | None, name: str = "log_retention_s") -> None:
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"{name} must be > 0 or None (keep for ever), got {seconds}")

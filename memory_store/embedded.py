@@ -9,14 +9,17 @@ Directory layout::
 
     {data_dir}/{namespace}/LOCK          flock held by the one process that owns the directory
     {data_dir}/{namespace}/log/          AppendLog segments (memory_store.wal)
+    {data_dir}/{namespace}/interactions/ the interaction log (memory_store.interaction_log), written as
+                                         ``write`` records are applied; snapshots leave it alone
     {data_dir}/{namespace}/snapshot/     index.faiss, meta.npz, users.json, meta.json, state.json, umem.npz,
                                          states.npz (+ states.json: their users)
 
-Log records: ``write`` (events, memories and the users' encoder states), ``states`` (encoder states of
-histories already stored), ``remove`` (memories), ``umem`` (a user's per-user
-memories), ``avail`` (items made (un)available), ``items`` (new items registered), ``erase`` (a user
-erased), ``bank`` (the bank's bulk load completed). ``state.json`` holds histories, dedup markers and
-their users, the catalogue (``memory_store.catalogue``) and the bank flag.
+Log records: ``write`` (events, memories, the users' encoder states and, for logged events, what the
+interaction log keeps of them), ``states`` (encoder states of histories already stored), ``remove``
+(memories), ``umem`` (a user's per-user memories), ``avail`` (items made (un)available), ``items`` (new
+items registered), ``erase`` (a user erased), ``bank`` (the bank's bulk load completed). ``state.json``
+holds histories, dedup markers and their users, the catalogue (``memory_store.catalogue``) and the bank
+flag.
 
 Internally synchronous under one lock; the async methods run it in a worker thread. Searches only take
 the index's read lock, so they proceed while a write waits for its turn.
@@ -43,16 +46,19 @@ from memory_store.base import (
     Erasure,
     IngestResult,
     Interaction,
+    LoggedInteractions,
     MemoryBatch,
     ReplicationStatus,
     SearchResult,
     SnapshotInfo,
+    StoreInUse,
     StoreStats,
     check_events,
     check_external_items,
     check_ids,
     check_items,
     check_k,
+    check_log_page,
     check_observations,
     check_user_id,
     memory_batch_for_events,
@@ -61,6 +67,8 @@ from memory_store.base import (
 from memory_store.catalogue import Catalogue
 from memory_store.config import StoreConfig
 from memory_store.index import MemoryIndex, followers_now, search_now
+from memory_store.interaction_log import InteractionLog
+from memory_store.retention import AgeSweep
 from memory_store.snapshot import savez, snapshot_file
 from memory_store.states import (
     FINGERPRINT_BYTES,
@@ -93,9 +101,13 @@ class EmbeddedMemoryStore:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             self._lock_file.close()
-            raise RuntimeError(f"{root} is in use by another process") from exc
+            raise StoreInUse(f"{root} is in use by another process") from exc
         self._log = AppendLog(root / "log", fsync=config.fsync)
+        self._interactions = InteractionLog(
+            root / "interactions", config.fsync, config.log_retention_s, self._log.last_lsn
+        )
         self._write_lock = threading.RLock()
+        self._age_sweep = AgeSweep(config.max_age_s)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -130,7 +142,7 @@ class EmbeddedMemoryStore:
     def _apply(self, record: Record) -> None:
         """Apply one log record; used for live writes and for replay alike."""
         if record.op == "write":
-            self._apply_write(record.meta, record.arrays)
+            self._apply_write(record.meta, record.arrays, record.lsn)
         elif record.op == "states":
             self._apply_states(record.meta, record.arrays)
         elif record.op == "remove":
@@ -142,14 +154,14 @@ class EmbeddedMemoryStore:
         elif record.op == "items":
             self._catalogue.register(dict(zip(record.meta["names"], record.meta["ids"], strict=True)))
         elif record.op == "erase":
-            self._apply_erase(record.meta["user"], record.arrays["ids"])
+            self._apply_erase(record.meta["user"], record.arrays["ids"], record.lsn)
         elif record.op == "bank":
             self._bank_loaded = True
         else:
             raise ValueError(f"unknown log record op {record.op!r} at lsn {record.lsn}")
         self._applied = record.lsn
 
-    def _apply_write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    def _apply_write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], lsn: int) -> None:
         expiry = float(meta["seen_expiry"])
         for event_id in meta["event_ids"]:
             self._seen[event_id] = expiry
@@ -179,6 +191,15 @@ class EmbeddedMemoryStore:
                 for mem_id, user in zip(ids.tolist(), batch.users, strict=True):
                     self._by_user.setdefault(user, deque()).append(mem_id)
         self._drop_memories(arrays["evicted"])
+        if meta.get("logged"):  # absent from logs written before the interaction log existed
+            self._interactions.append(
+                lsn,
+                meta["accepted_at"],
+                meta["hist_users"],
+                arrays["hist_items"],
+                arrays["hist_ts"],
+                meta["hist_events"],
+            )
 
     def _apply_states(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Keep each given state whose window is its user's history's last items now."""
@@ -205,9 +226,10 @@ class EmbeddedMemoryStore:
                     held.remove(mem_id)
         self._index.remove(ids)
 
-    def _apply_erase(self, user: str, ids: np.ndarray) -> None:
+    def _apply_erase(self, user: str, ids: np.ndarray, lsn: int) -> int:
         """Everything of ``user`` goes: history, the memories ``ids`` (with their transition counts),
-        per-user memories and dedup markers."""
+        per-user memories, dedup markers and the interaction log rows written before the erasure
+        (``lsn``); returns how many of those there were."""
         self._hist.pop(user, None)
         self._states.pop(user, None)
         self._drop_memories(ids)
@@ -215,6 +237,7 @@ class EmbeddedMemoryStore:
         self._umem.pop(user, None)
         for event_id in self._user_events.pop(user, ()):
             self._seen.pop(event_id, None)
+        return self._interactions.erase(user, lsn)
 
     def _apply_umem(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self._umem[meta["user"]] = um.UserMemories(
@@ -275,10 +298,15 @@ class EmbeddedMemoryStore:
         return np.asarray(evicted, np.int64)
 
     def _write(
-        self, events: Sequence[Interaction], batch: MemoryBatch | None, states: UserStates | None = None
+        self,
+        events: Sequence[Interaction],
+        batch: MemoryBatch | None,
+        states: UserStates | None = None,
+        logged: bool = False,
     ) -> IngestResult:
-        """One logged write: accepted events go to histories, their rows of ``batch`` become memories,
-        and ``states`` are kept where they fit the histories then (``_apply_states``)."""
+        """One logged write: accepted events go to histories (and with ``logged`` to the interaction
+        log), their rows of ``batch`` become memories, and ``states`` are kept where they fit the
+        histories then (``_apply_states``)."""
         accepted = self._dedup(events) if events else np.ones(len(batch or ()), bool)
         rows = np.flatnonzero(accepted)
         n_mem = int(rows.size) if batch is not None else 0
@@ -307,11 +335,26 @@ class EmbeddedMemoryStore:
             "evicted": self._evictions(mem_ids, mem.users if mem is not None else ()),
             "state_blobs": _packed(states, self.dim),
         }
+        if logged:  # what the interaction log needs besides the histories' users and items
+            meta.update(logged=True, accepted_at=time.time())
+            meta["hist_events"] = [ev.event_id for ev in accepted_events]
+            arrays["hist_ts"] = np.asarray([ev.timestamp for ev in accepted_events], np.float64)
         n_acc = int(rows.size)
         if not n_acc:
             return IngestResult(0, len(events), out_ids, "")
         lsn = self._commit("write", meta, arrays)
+        self._expire()
         return IngestResult(n_acc, accepted.shape[0] - n_acc, out_ids, _position(lsn))
+
+    def _expire(self) -> None:
+        """Retention by age (memory_store.retention): when a sweep is due, the memories older than
+        ``max_age_s`` go as one ``remove`` record."""
+        cutoff = self._age_sweep.due()
+        if cutoff is None:
+            return
+        ids = self._index.older_than(cutoff)
+        if ids.size:
+            self._commit("remove", {}, {"ids": ids})
 
     def _put_states(self, states: UserStates) -> int:
         """Log and keep the states that fit their users' histories now."""
@@ -361,8 +404,10 @@ class EmbeddedMemoryStore:
             return Erasure(0, 0, 0, 0)
         now = time.time()
         live = sum(self._seen.get(e, 0.0) > now for e in events)  # markers not expired (as Redis counts)
-        lsn = self._commit("erase", {"user": user}, {"ids": ids})
-        return Erasure(history, int(ids.size), n_umem, live, _position(lsn))
+        lsn = self._log.append("erase", {"user": user}, {"ids": ids})  # _commit, with the apply's count
+        logged = self._apply_erase(user, ids, lsn)
+        self._applied = lsn
+        return Erasure(history, int(ids.size), n_umem, live, _position(lsn), logged)
 
     def _mark_bank_loaded(self) -> None:
         if not self._bank_loaded:
@@ -408,10 +453,12 @@ class EmbeddedMemoryStore:
         return await asyncio.to_thread(run)
 
     async def append_interactions(
-        self, events: Sequence[Interaction], states: UserStates | None = None
+        self, events: Sequence[Interaction], states: UserStates | None = None, logged: bool = True
     ) -> IngestResult:
         check_events(events)
-        result: IngestResult = await self._locked(self._write, list(events), None, self._checked(states))
+        result: IngestResult = await self._locked(
+            self._write, list(events), None, self._checked(states), logged
+        )
         return result
 
     async def ingest(
@@ -421,9 +468,12 @@ class EmbeddedMemoryStore:
         prefix_lens: Sequence[int] | np.ndarray,
         recent: np.ndarray | None = None,
         states: UserStates | None = None,
+        logged: bool = True,
     ) -> IngestResult:
         batch = memory_batch_for_events(events, keys, prefix_lens, self.dim, self.config.recent_width, recent)
-        result: IngestResult = await self._locked(self._write, list(events), batch, self._checked(states))
+        result: IngestResult = await self._locked(
+            self._write, list(events), batch, self._checked(states), logged
+        )
         return result
 
     def _checked(self, states: UserStates | None) -> UserStates | None:
@@ -523,6 +573,11 @@ class EmbeddedMemoryStore:
         erased: Erasure = await self._locked(self._erase, user_id)
         return erased
 
+    async def interactions(self, after: str = "", count: int = 10_000) -> LoggedInteractions:
+        check_log_page(after, count)
+        page: LoggedInteractions = await self._locked(self._interactions.read, after, count, time.time())
+        return page
+
     async def bank_loaded(self) -> bool:
         return self._bank_loaded
 
@@ -593,7 +648,8 @@ class EmbeddedMemoryStore:
                 state = json.loads(state_path.read_text())
             if int(state["dim"]) != self.dim:
                 raise ValueError(f"snapshot {source} has dim {state['dim']}, store dim is {self.dim}")
-            self._index = MemoryIndex.load(source, self.config.index, self.config.recent_width)
+            # a snapshot written under another index kind is converted (the log replay below adds to it)
+            self._index = MemoryIndex.load(source, self.config.index, self.config.recent_width).conform()
             self._hist = {u: deque(h, maxlen=self.config.history_len) for u, h in state["histories"].items()}
             self._seen = {str(e): float(t) for e, t in state["seen"].items()}
             self._by_user = {u: deque(ids) for u, ids in state["by_user"].items()}
@@ -619,8 +675,16 @@ class EmbeddedMemoryStore:
     async def close(self) -> None:
         with self._write_lock:
             self._log.close()
+            self._interactions.close()
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
+
+    async def drop(self) -> bool:
+        """Close and delete the namespace's folder: no other process can have it open (its lock)."""
+        await self.close()
+        shutil.rmtree(self._root, ignore_errors=True)
+        log.info("namespace %s dropped", self.config.namespace)
+        return True
 
 
 def _checked_reads(user_ids: Sequence[str], max_len: int) -> list[str]:

@@ -1,11 +1,16 @@
 """The in-process FAISS index of collaborative memories, with the metadata the retriever needs beside it.
 
 * Ids are the store's memory ids, so memories can be removed: an ``IndexIDMap2`` over a flat index while
-  the bank is small (exact search), an ``IndexIVFFlat`` with a hashtable direct map once it is large
-  (approximate; the direct map makes removal O(1) per id and allows reconstruction for rebuilds).
+  the bank is small (exact search), an IVF index of ``IndexParams.kind`` once it is large (approximate:
+  float32, half-float or 8-bit codes; ``memory_store.ivf``). The IVF list of each memory is kept in a
+  column, which makes a removal touch only its lists, and a regrow moves the codes as they are (never
+  quantised twice).
 * Metadata (item, user, timestamp, prefix length, the prefix's last ``recent_width`` items) live in
   NumPy columns (``memory_store.columns``). The item transitions of the memories held
   (``memory_store.transitions``) change with them.
+* ``search(..., with_keys=True)`` returns the keys as the index stores them: decoded codes of a
+  compressed kind (SQ8: off by 0.0008 per dimension on average on the Beauty encoder's unit states),
+  never the vectors written. The fusion reads them; reports/index_scale.md measures what it costs.
 * FAISS is not safe for concurrent add and search: every call takes a readers-writer lock
   (``memory_store.rwlock``). FAISS releases the GIL, so searches run in parallel threads.
 * The stores search in the event-loop thread itself while no writer holds the lock (:func:`search_now`):
@@ -18,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +31,7 @@ from typing import Any, TypeVar
 import faiss
 import numpy as np
 
+from memory_store import ivf
 from memory_store.base import MemoryBatch, SearchResult, SnapshotError
 from memory_store.columns import REQUIRED, MemoryColumns
 from memory_store.config import IndexParams
@@ -63,7 +69,7 @@ class MemoryIndex:
         self._meta = MemoryColumns(recent_width)
         self._transitions = TransitionTable(recent_width)  # of the memories in _meta, changed with it
         self._index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        self._nlist = 0  # 0: exact
+        self._ivf: faiss.IndexIVF | None = None  # self._index once it is an IVF index (None: exact)
         self._trained_for = 0
 
     # ---------------------------------------------------------------------------------------- queries
@@ -72,8 +78,30 @@ class MemoryIndex:
         return self._meta.count
 
     @property
+    def _nlist(self) -> int:
+        return int(self._ivf.nlist) if self._ivf is not None else 0
+
+    @property
     def kind(self) -> str:
-        return f"ivf{self._nlist}" if self._nlist else "flat"
+        """``flat`` (exact) or the IVF index: ``ivf4096``, ``ivf4096-sq8``, ``ivf4096-fp16``."""
+        return ivf.label(self._ivf) if self._ivf is not None else "flat"
+
+    @property
+    def conforms(self) -> bool:
+        """Whether the index is still exact or of a kind ``params`` builds (False after reading a
+        snapshot written under another kind)."""
+        return self._ivf is None or self.params.builds(ivf.kind_of(self._ivf))
+
+    def footprint(self) -> dict[str, int]:
+        """Bytes held, by part: ``index`` (codes and ids in the lists, or the flat vectors, and the
+        coarse centroids), ``columns`` (memory_store.columns), ``transitions`` (the rows' arrays)."""
+        with self.lock.read():
+            n, dim = int(self._index.ntotal), self.dim
+            if self._ivf is not None:
+                index = n * (self._ivf.code_size + 8) + self._nlist * dim * 4
+            else:
+                index = n * (4 * dim + 8)  # IndexIDMap2: vectors, ids and the id → row map
+            return {"index": index, "columns": self._meta.nbytes(), "transitions": self._transitions.nbytes()}
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         with self.lock.read():
@@ -153,9 +181,14 @@ class MemoryIndex:
         return [self._transitions.followers(int(i)) for i in items]
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
-        """Stored vectors (n, dim) of present ids."""
+        """Stored vectors (n, dim) of present ids (decoded codes for a compressed kind)."""
         with self.lock.read():
             return self._reconstruct(np.asarray(ids, np.int64))
+
+    def older_than(self, cutoff: float) -> np.ndarray:
+        """(m,) int64 ascending: the ids of the memories whose timestamp is before ``cutoff``."""
+        with self.lock.read():
+            return self._meta.older_than(cutoff)
 
     # ----------------------------------------------------------------------------------------- writes
 
@@ -170,10 +203,15 @@ class MemoryIndex:
             if not ids.size:
                 return 0
             if self._needs_rebuild(self._meta.count + int(ids.size)):
-                self._rebuild(extra_ids=ids, extra_keys=batch.keys)
+                lists = self._rebuild(extra_ids=ids, extra_keys=batch.keys)
+            elif self._ivf is not None:
+                lists = ivf.add(self._ivf, ids, batch.keys)
             else:
                 self._index.add_with_ids(batch.keys, ids)
+                lists = None
             self._meta.put(ids, batch)
+            if lists is not None:
+                self._meta.lists[ids - self._meta.base] = lists
             self._transitions.add(batch.items, batch.recent)
             return int(ids.size)
 
@@ -184,22 +222,31 @@ class MemoryIndex:
             ids = np.unique(ids[self._meta.is_alive(ids)])
             if not ids.size:
                 return 0
-            if self._nlist:  # the hashtable direct map removes by IDSelectorArray only
-                removed = self._index.remove_ids(faiss.IDSelectorArray(ids.size, faiss.swig_ptr(ids)))
+            rows = ids - self._meta.base
+            if self._ivf is not None:  # only the lists that hold them
+                removed = ivf.remove(self._ivf, ids, self._meta.lists[rows])
             else:
                 removed = self._index.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids)))
             if removed != ids.size:
                 raise RuntimeError(f"FAISS removed {removed} of {ids.size} ids: index and metadata disagree")
-            rows = ids - self._meta.base
             self._transitions.remove(self._meta.item[rows], self._meta.recent[rows])
             self._meta.drop(ids)
             return int(ids.size)
 
+    def conform(self) -> MemoryIndex:
+        """Rebuild the index in the configured kind if it holds another (see :attr:`conforms`), its
+        codes decoded and encoded anew; returns self."""
+        with self.lock.write():
+            if not self.conforms:
+                log.info("index %s is rebuilt as %s (the configured kind)", self.kind, self.params.kind)
+                self._rebuild(np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32))
+        return self
+
     def set_nprobe(self, nprobe: int) -> None:
         with self.lock.write():
             self.params = replace(self.params, nprobe=nprobe)
-            if self._nlist:
-                faiss.extract_index_ivf(self._index).nprobe = nprobe
+            if self._ivf is not None:
+                self._ivf.nprobe = nprobe
 
     # --------------------------------------------------------------------------------------- rebuilds
 
@@ -210,41 +257,70 @@ class MemoryIndex:
         return grown and choose_nlist(n_after, self.params) > self._nlist
 
     def _reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        if self._ivf is not None:
+            return ivf.reconstruct(self._ivf, ids, self._meta.lists[ids - self._meta.base])
         parts = [
             self._index.reconstruct_batch(ids[i : i + _RECONSTRUCT_CHUNK])
             for i in range(0, ids.size, _RECONSTRUCT_CHUNK)
         ]
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
 
-    def _rebuild(self, extra_ids: np.ndarray, extra_keys: np.ndarray) -> None:
-        """Re-create the index for the new size from the stored vectors plus ``extra`` (write lock held)."""
-        old_ids = self._meta.alive_ids()
-        ids = np.concatenate([old_ids, extra_ids])
-        keys = np.concatenate([self._reconstruct(old_ids), extra_keys])
-        n = int(ids.size)
-        if n < self.params.exact_threshold:
-            index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-            nlist = 0
-        else:
-            nlist = choose_nlist(n, self.params)
-            log.info("building IVF index: %d memories, nlist=%d", n, nlist)
-            index = self._train_ivf(keys, nlist)
-        index.add_with_ids(keys, ids)
-        self._index, self._nlist, self._trained_for = index, nlist, n
-        log.info("index is now %s with %d memories", self.kind, n)
+    def _stored(self, fraction: float = 1.0) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray]]:
+        """(ids, codes or None for the flat index, vectors) of the memories held, a chunk at a time;
+        ``fraction`` < 1: a random share of them (seeded), for a training sample."""
+        if self._ivf is not None:
+            for ids, codes in ivf.entries(self._ivf, fraction, self.params.seed):
+                yield ids, codes, ivf.decode(self._ivf, codes)
+            return
+        ids = self._meta.alive_ids()
+        if fraction < 1.0:
+            ids = ids[np.random.default_rng(self.params.seed).random(ids.size) < fraction]
+        for s in range(0, ids.size, _RECONSTRUCT_CHUNK):
+            part = ids[s : s + _RECONSTRUCT_CHUNK]
+            yield part, None, self._index.reconstruct_batch(part)
 
-    def _train_ivf(self, keys: np.ndarray, nlist: int) -> faiss.Index:
+    def _rebuild(self, extra_ids: np.ndarray, extra_keys: np.ndarray) -> np.ndarray | None:
+        """Re-create the index for the new size from the stored codes plus ``extra`` (write lock held);
+        returns the IVF list of each extra memory (None: the index is exact). The held memories' lists
+        are updated here; the extra memories' metadata is the caller's."""
+        n = self._meta.count + int(extra_ids.size)
+        if n < self.params.exact_threshold:
+            old_ids = self._meta.alive_ids()
+            index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+            index.add_with_ids(
+                np.concatenate([self._reconstruct(old_ids), extra_keys]), np.concatenate([old_ids, extra_ids])
+            )
+            self._index, self._ivf, self._trained_for = index, None, n
+            return None
+        nlist, kind = choose_nlist(n, self.params), self.params.kind_for(n)
+        log.info("building %s IVF index: %d memories, nlist=%d", kind, n, nlist)
+        new = ivf.create(kind, self.dim, nlist, self.params)
+        keep_codec = self._ivf is not None and ivf.kind_of(self._ivf) == kind
+        ivf.train(new, self._training_sample(extra_keys, nlist), codec_of=self._ivf if keep_codec else None)
+        for ids, codes, vectors in self._stored():
+            lists = ivf.assign(new, vectors)
+            ivf.add_codes(
+                new, ids, codes if keep_codec and codes is not None else ivf.encode(new, vectors), lists
+            )
+            self._meta.lists[ids - self._meta.base] = lists
+        extra_lists = ivf.add(new, extra_ids, extra_keys)
+        self._index, self._ivf, self._trained_for = new, new, n
+        ivf.release_freed_memory()  # the old index's lists
+        log.info("index is now %s with %d memories", self.kind, n)
+        return extra_lists
+
+    def _training_sample(self, extra_keys: np.ndarray, nlist: int) -> np.ndarray:
+        """About ``train_points_per_list · nlist`` vectors drawn evenly from those held and ``extra``."""
+        n = self._meta.count + extra_keys.shape[0]
+        fraction = min(1.0, self.params.train_points_per_list * nlist / n)
         rng = np.random.default_rng(self.params.seed)
-        n_train = min(keys.shape[0], self.params.train_points_per_list * nlist)
-        sample = keys[np.sort(rng.choice(keys.shape[0], n_train, replace=False))]
-        quantizer = faiss.IndexFlatIP(self.dim)
-        index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = self.params.seed
-        index.cp.max_points_per_centroid = self.params.train_points_per_list
-        index.train(sample)  # the Python wrapper keeps `quantizer` alive as long as `index`
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
-        index.nprobe = self.params.nprobe
-        return index
+        held = [vectors for _, _, vectors in self._stored(fraction)]
+        if not extra_keys.shape[0]:
+            return np.ascontiguousarray(np.concatenate(held), np.float32)
+        extra = extra_keys[
+            np.sort(rng.choice(extra_keys.shape[0], round(fraction * extra_keys.shape[0]), replace=False))
+        ]
+        return np.ascontiguousarray(np.concatenate([*held, extra]), np.float32)
 
     # ------------------------------------------------------------------------------------ persistence
 
@@ -252,7 +328,7 @@ class MemoryIndex:
         """An in-memory copy of the index and its metadata (read lock held only for the copy)."""
         with self.lock.read():
             return IndexImage(
-                index=faiss.serialize_index(self._index),  # (bytes,) uint8
+                index=faiss.clone_index(self._index),
                 columns={name: col.copy() for name, col in self._meta.state().items()},
                 users=self._meta.names_held(),
                 info={"dim": self.dim, "nlist": self._nlist, "trained_for": self._trained_for},
@@ -268,18 +344,35 @@ class MemoryIndex:
         files = read_index_files(directory, REQUIRED)
         self = cls(files.info["dim"], params, recent_width)
         self._meta = MemoryColumns.from_state(files.columns, files.users, recent_width)
-        alive = self._meta.alive
-        self._transitions.add(self._meta.item[alive], self._meta.recent[alive])
-        self._index = files.index
-        self._nlist, self._trained_for = files.info["nlist"], files.info["trained_for"]
-        if self._nlist:
-            faiss.extract_index_ivf(self._index).nprobe = params.nprobe
+        self._index, self._trained_for = files.index, files.info["trained_for"]
         if self._index.ntotal != self._meta.count:
             raise SnapshotError(
                 f"snapshot in {directory} is inconsistent: {self._index.ntotal} vectors, "
                 f"{self._meta.count} metadata rows"
             )
+        if files.info["nlist"]:
+            self._ivf = _held_ivf(self._index, directory)
+            self._ivf.nprobe = params.nprobe
+            ids, lists = ivf.list_numbers(self._ivf)
+            if not self._meta.is_alive(ids).all():
+                raise SnapshotError(f"snapshot in {directory} is inconsistent: vectors without metadata")
+            self._meta.lists[ids - self._meta.base] = lists
+        alive = self._meta.alive
+        self._transitions.add(self._meta.item[alive], self._meta.recent[alive])
+        ivf.release_freed_memory()  # the reading's and the counting's transient arrays
         return self
+
+
+def _held_ivf(index: faiss.Index, directory: Path) -> faiss.IndexIVF:
+    """The IVF index of a snapshot, of a kind this program reads (SnapshotError otherwise), without the
+    direct map snapshots written before the ``lists`` column carried."""
+    try:
+        ivf.kind_of(index)
+    except ValueError as exc:
+        raise SnapshotError(f"snapshot in {directory}: {exc}") from exc
+    assert isinstance(index, faiss.IndexIVF)  # kind_of knows IVF indexes only
+    ivf.drop_direct_map(index)
+    return index
 
 
 def predecessor_rows(items: np.ndarray, recent: np.ndarray) -> dict[int, Followers]:

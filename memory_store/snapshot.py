@@ -3,7 +3,7 @@ of the backends goes through.
 
 An index snapshot is four files in one directory::
 
-    index.faiss   the FAISS index (faiss.serialize_index bytes)
+    index.faiss   the FAISS index (faiss.write_index)
     meta.npz      the metadata columns (memory_store.columns) and their ``base``
     users.json    the user names the ``user`` column codes into
     meta.json     {"dim", "nlist", "trained_for"}
@@ -55,7 +55,9 @@ def savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 class IndexImage:
     """A point-in-time copy of a MemoryIndex, written to disk without holding the index lock."""
 
-    index: np.ndarray  # (bytes,) uint8: faiss.serialize_index
+    # A copy of the index (faiss.clone_index): one index size beside it while written, where serialised
+    # bytes took two (the serialiser's buffer grows by doubling, then is copied into an array)
+    index: faiss.Index
     columns: dict[str, np.ndarray]
     users: list[str]
     info: dict[str, int]  # INFO_KEYS
@@ -63,7 +65,7 @@ class IndexImage:
     def write(self, directory: Path) -> None:
         """The four files of an index snapshot in ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
-        self.index.tofile(directory / INDEX_FILE)
+        faiss.write_index(self.index, str(directory / INDEX_FILE))
         savez(directory / COLUMNS_FILE, self.columns)
         (directory / USERS_FILE).write_text(json.dumps(self.users))
         (directory / INFO_FILE).write_text(json.dumps(self.info))

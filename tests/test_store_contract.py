@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ from memory_store import (
     fewest_accesses_quality,
     open_store,
 )
+from memory_store.base import parse_position
 from memory_store.user_memory import merge_weight
 
 DIM = 8
@@ -420,3 +422,40 @@ async def test_bad_recent_items_raise_and_store_nothing(store: MemoryStore, rece
         await store.ingest([Interaction("u", 1, 1.0, "x")], unit(0)[None], [1], recent)
     assert await store.histories(["u"], 5) == [[]]
     assert (await store.stats()).memories == 0
+
+
+async def read_log(store: MemoryStore, page: int = 10_000) -> list[tuple[str, int, float, str | None]]:
+    """Every row of the interaction log, page by page: (user, item, timestamp, event id)."""
+    rows: list[tuple[str, int, float, str | None]] = []
+    after = ""
+    while len(chunk := await store.interactions(after, page)):
+        rows += zip(
+            chunk.users, chunk.items.tolist(), chunk.timestamps.tolist(), chunk.event_ids, strict=True
+        )
+        assert not after or parse_position(chunk.position) > parse_position(after)
+        assert np.all(np.diff(chunk.accepted_at) >= 0)
+        after = chunk.position
+    return rows
+
+
+async def test_the_interaction_log_holds_each_accepted_interaction_once(store: MemoryStore) -> None:
+    t0 = 1_700_000_000.0
+    first = [Interaction("a", 5, t0, "e1"), Interaction("b", 6, t0 + 1, None), Interaction("a", 5, t0, "e1")]
+    assert (await store.append_interactions(first)).accepted == 2  # a duplicate within the batch
+    keyed = [Interaction("a", 7, t0 + 2, "e2"), Interaction("b", 8, t0 + 3, "e1")]  # e1: a retry
+    res = await store.ingest(keyed, np.stack([unit(0), unit(1)]), [1, 1])
+    assert (res.accepted, res.duplicates) == (1, 1)
+    # rows that are no traffic (the memory bank's) are not logged; memories alone are no interactions
+    await store.ingest([Interaction("c", 9, 0.0, "bank:0")], unit(2)[None, :], [3], logged=False)
+    await store.append_interactions([Interaction("c", 4, 0.0, "bank:first:0")], logged=False)
+    await store.add_memories(random_batch(3, seed=1))
+    expected = [("a", 5, t0, "e1"), ("b", 6, t0 + 1, None), ("a", 7, t0 + 2, "e2")]
+    assert await read_log(store) == expected
+    assert await read_log(store, page=1) == expected  # pages of one row: each position once, in order
+    page = await store.interactions()
+    assert (await store.interactions(page.position)).position == ""  # the end: an empty page
+    assert page.accepted_at.shape == (3,) and abs(page.accepted_at[-1] - time.time()) < 60
+    with pytest.raises(ValueError, match="count"):
+        await store.interactions("", 0)
+    with pytest.raises(ValueError, match="position"):
+        await store.interactions("not-a-position")

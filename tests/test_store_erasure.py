@@ -1,5 +1,6 @@
 """Erasing a user from the store, on both backends (contract) and across replicas of one Redis: their
-history, memories (and the transition counts those made), per-user memories and dedup markers go;
+history, memories (and the transition counts those made), per-user memories, dedup markers and
+interaction log rows go;
 nobody else's do; snapshots taken afterwards hold nothing of them and a restart from an older one
 replays the erasure; a repeat erases nothing and is no error."""
 
@@ -48,9 +49,15 @@ def next_items(row: Any) -> set[int]:
     return {int(i) for i in row.items}
 
 
+async def logged_users(store: MemoryStore) -> list[str]:
+    """The user of every row of the interaction log, in order."""
+    return list((await store.interactions()).users)
+
+
 async def assert_erased(store: MemoryStore) -> None:
     """Nothing of GONE is readable; KEPT is whole."""
     assert await store.histories([GONE, KEPT], 10) == [[], [7, 10, 11]]
+    assert await logged_users(store) == [KEPT, KEPT, KEPT]
     assert await held_users(store) == [KEPT, KEPT]
     seven, twenty = await store.followers([7, 20])
     assert next_items(seven) == {10, 11} and next_items(twenty) == set()
@@ -65,11 +72,12 @@ async def test_erasing_a_user_removes_all_of_theirs_and_nothing_else(store: Memo
     assert next_items(seven) == {10, 11, 20, 21}  # GONE's transitions lift 20 and 21 before
     erased = await store.erase_user(GONE)
     assert (erased.history, erased.memories, erased.user_memories, erased.event_ids) == (4, 3, 2, 4)
-    assert erased.position
+    assert erased.interactions == 4 and erased.position
     await assert_erased(store)
     # their dedup markers are gone: the same event ids are new events now
     again = await store.append_interactions([Interaction(GONE, 30, 9.0, "g1")])
     assert (again.accepted, again.duplicates) == (1, 0)
+    assert await logged_users(store) == [KEPT, KEPT, KEPT, GONE]  # a new interaction of theirs is logged
     # KEPT's markers are not
     assert (await store.append_interactions([Interaction(KEPT, 12, 9.0, "k1")])).duplicates == 1
 

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -17,6 +18,7 @@ import pytest
 from memory_store.base import MemoryBatch
 from memory_store.config import IndexParams
 from memory_store.index import MemoryIndex, choose_nlist, search_now
+from memory_store.snapshot import IndexImage
 from memory_store.transitions import TransitionTable
 
 DIM = 16
@@ -252,7 +254,7 @@ async def test_search_now_waits_for_a_writer_off_the_event_loop() -> None:
 
 def test_transition_rows_are_built_by_writes_not_reads() -> None:
     """Reads only look rows up (the request path never builds one); a write rebuilds exactly the rows
-    it touched, and a failed removal leaves every row as its counts say."""
+    it touched, and a failed removal changes no row."""
     table = TransitionTable()
     recent = np.array([[1, 2, 0, 0, 0], [1, 0, 0, 0, 0]])
     table.add(np.array([5, 6]), recent)  # 1 → 5 at lag 1, 2 → 5 at lag 2, 1 → 6 at lag 1
@@ -264,5 +266,185 @@ def test_transition_rows_are_built_by_writes_not_reads() -> None:
     assert table.followers(1).counts.tolist() == [1, 2] and table.followers(2) is two  # row 2 untouched
     with pytest.raises(ValueError, match="negative"):
         table.remove(np.array([5, 7]), np.array([[1, 0, 0, 0, 0], [3, 0, 0, 0, 0]]))  # 3 → 7 never added
-    assert table.followers(1).counts.tolist() == [2] and table.followers(3).items.size == 0
-    assert len(table) == 2  # 1 → 6 at lag 1 and 2 → 5 at lag 2
+    assert table.followers(1).counts.tolist() == [1, 2] and table.followers(3).items.size == 0
+    assert len(table) == 3  # 1 → 5, 1 → 6 at lag 1 and 2 → 5 at lag 2
+    table.remove(np.array([5, 6]), np.array([[1, 2, 0, 0, 0], [1, 0, 0, 0, 0]]))
+    assert table.followers(1).counts.tolist() == [1] and table.followers(2).items.size == 0
+    assert not table.followers(1).counts.flags.writeable  # rows are shared with every reader
+
+
+# ------------------------------------------------------------------------------------- index kinds
+
+KINDS = ("ivf_flat", "ivf_fp16", "ivf_sq8")
+
+
+def clustered(rng: np.random.Generator, n: int, centres: np.ndarray) -> np.ndarray:
+    """Unit vectors around ``centres`` (c, DIM): encoder states cluster by taste, as these do."""
+    x = centres[rng.integers(0, len(centres), n)] + 0.3 * rng.standard_normal((n, DIM)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def kind_batch(ids: np.ndarray, keys: np.ndarray) -> MemoryBatch:
+    """Memories with known metadata: item 10·id, user u{id % 5}, timestamp id, two prefix items."""
+    recent = np.stack([ids % 13 + 1, ids % 11], axis=1)
+    return MemoryBatch.create(
+        keys, ids * 10, [f"u{i % 5}" for i in ids.tolist()], ids.astype(np.float64), ids % 7, DIM, recent, 2
+    )
+
+
+def filled(
+    kind: str, n: int, seed: int = 0, chunk: int = 1_000
+) -> tuple[MemoryIndex, np.ndarray, np.ndarray]:
+    """An index of ``kind`` grown chunk by chunk to ``n`` clustered memories (ids 1..n): it turns IVF at
+    2,000 and regrows at 4,000, 8,000, ... (regrow_factor 2). Returns it, the keys and the centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((300, DIM)).astype(np.float32)
+    keys = clustered(rng, n, centres)
+    params = IndexParams(kind=kind, exact_threshold=2_000, min_nlist=16, nprobe=16, regrow_factor=2.0)  # type: ignore[arg-type]
+    index = MemoryIndex(DIM, params, recent_width=2)
+    ids = np.arange(1, n + 1, dtype=np.int64)
+    for s in range(0, n, chunk):
+        index.add(ids[s : s + chunk], kind_batch(ids[s : s + chunk], keys[s : s + chunk]))
+    return index, keys, centres
+
+
+def recall_at(found: np.ndarray, keys: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> float:
+    """Share of the exact top-k (inner product over ``keys`` held under ``ids``) that ``found`` holds."""
+    exact = ids[np.argsort(-(queries @ keys.T), axis=1)[:, :k]]
+    return float(
+        np.mean([len(set(f) & set(e)) / k for f, e in zip(found.tolist(), exact.tolist(), strict=True)])
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_finds_near_neighbours_with_their_metadata_and_keys(kind: str) -> None:
+    index, keys, centres = filled(kind, 12_000)
+    assert index.kind == {"ivf_flat": "ivf128", "ivf_fp16": "ivf128-fp16", "ivf_sq8": "ivf128-sq8"}[kind]
+    queries = clustered(np.random.default_rng(9), 200, centres)
+    out = index.search(queries, 10, with_keys=True)
+    assert recall_at(out.ids, keys, np.arange(1, 12_001), queries, 10) >= {"ivf_sq8": 0.9}.get(kind, 0.97)
+    assert (out.items == out.ids * 10).all() and (out.timestamps == out.ids).all()
+    assert out.keys is not None  # the stored codes, decoded: within a code's step of the keys written
+    error = np.abs(out.keys - keys[out.ids - 1]).max()
+    assert error <= {"ivf_flat": 1e-6, "ivf_fp16": 1e-3, "ivf_sq8": 0.05}[kind]
+    np.testing.assert_allclose(index.reconstruct(np.array([5, 11_999])), keys[[4, 11_998]], atol=0.05)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_removes_by_id_from_its_lists_only(kind: str) -> None:
+    index, keys, _ = filled(kind, 6_000)
+    gone = np.arange(1, 6_001, 3, dtype=np.int64)
+    assert index.remove(gone) == gone.size and index.remove(gone[:5]) == 0
+    assert len(index) == 4_000 and set(index.ids().tolist()) == set(range(1, 6_001)) - set(gone.tolist())
+    out = index.search(keys[gone - 1][:300], 5)
+    assert not set(out.ids.ravel().tolist()) & set(gone.tolist())
+    kept = np.array([2, 3, 5_999], np.int64)
+    assert (index.search(keys[kept - 1], 1).ids[:, 0] == kept).all()  # each finds itself still
+
+
+@pytest.mark.parametrize("kind", ("ivf_fp16", "ivf_sq8"))
+def test_regrow_moves_compressed_codes_bit_for_bit(kind: str) -> None:
+    """Codes are of the vectors, not of their residuals: a regrow to more lists keeps every code (a
+    memory decodes to the same vector before and after), so nothing is quantised twice."""
+    index, keys, centres = filled(kind, 3_000)
+    assert index.kind == f"ivf32-{kind[4:]}"
+    ids = np.arange(1, 3_001, dtype=np.int64)
+    before = index.reconstruct(ids)
+    more = np.arange(3_001, 13_001, dtype=np.int64)
+    extra = clustered(np.random.default_rng(5), more.size, centres)
+    for s in range(0, more.size, 2_500):
+        index.add(more[s : s + 2_500], kind_batch(more[s : s + 2_500], extra[s : s + 2_500]))
+    assert index.kind == f"ivf256-{kind[4:]}"  # regrown at 5,500 and at 13,000 memories
+    np.testing.assert_array_equal(index.reconstruct(ids), before)
+    queries = clustered(np.random.default_rng(6), 200, centres)
+    everything = np.concatenate([keys, extra])
+    found = index.search(queries, 10).ids
+    assert recall_at(found, everything, np.arange(1, 13_001), queries, 10) >= 0.9
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_survives_a_snapshot(kind: str, tmp_path: Path) -> None:
+    index, keys, centres = filled(kind, 6_000)
+    index.remove(np.arange(1, 101, dtype=np.int64))
+    queries = clustered(np.random.default_rng(7), 50, centres)
+    before = index.search(queries, 10, with_keys=True)
+    index.save(tmp_path / "snap")
+    loaded = MemoryIndex.load(tmp_path / "snap", index.params, recent_width=2)
+    assert loaded.kind == index.kind and loaded.conforms and len(loaded) == 5_900
+    after = loaded.search(queries, 10, with_keys=True)
+    np.testing.assert_array_equal(after.ids, before.ids)
+    np.testing.assert_array_equal(after.keys, before.keys)
+    assert loaded.followers([1])[0].counts.sum() == index.followers([1])[0].counts.sum()
+    assert loaded.remove(before.ids[:, 0]) == np.unique(before.ids[:, 0]).size  # lists known again
+    ids = np.arange(6_001, 6_101, dtype=np.int64)
+    loaded.add(ids, kind_batch(ids, keys[:100]))
+    found = loaded.search(keys[:3], 5).ids  # ids 1..3 were removed: their copies are found instead
+    assert all(6_001 + j in found[j] for j in range(3))
+
+
+def test_auto_switches_to_sq8_at_the_first_rebuild_from_compress_from() -> None:
+    """The default kind: ivf_flat while small, ivf_sq8 once a rebuild happens at ``compress_from``
+    memories or more, its codes encoded from the float32 vectors (a lossless source)."""
+    params = IndexParams(
+        exact_threshold=2_000, compress_from=5_000, min_nlist=16, nprobe=16, regrow_factor=2.0
+    )
+    assert (
+        params.kind == "auto" and params.kind_for(4_999) == "ivf_flat" and params.kind_for(5_000) == "ivf_sq8"
+    )
+    rng = np.random.default_rng(11)
+    centres = rng.standard_normal((300, DIM)).astype(np.float32)
+    keys = clustered(rng, 9_000, centres)
+    index = MemoryIndex(DIM, params, recent_width=2)
+    ids = np.arange(1, 9_001, dtype=np.int64)
+    kinds = []
+    for s in range(0, 9_000, 1_500):
+        index.add(ids[s : s + 1_500], kind_batch(ids[s : s + 1_500], keys[s : s + 1_500]))
+        kinds.append(index.kind)
+    # IVF at 3,000 (flat below compress_from), rebuilt at 6,000 as SQ8; 9,000 is short of the next regrow
+    assert kinds == ["flat", "ivf64", "ivf64", "ivf128-sq8", "ivf128-sq8", "ivf128-sq8"]
+    assert index.conforms and np.abs(index.reconstruct(ids[:100]) - keys[:100]).max() < 0.05
+    queries = clustered(np.random.default_rng(12), 200, centres)
+    assert recall_at(index.search(queries, 10).ids, keys, ids, queries, 10) >= 0.9
+
+
+def test_a_snapshot_of_another_kind_is_read_and_converted(tmp_path: Path) -> None:
+    index, keys, centres = filled("ivf_flat", 5_000)
+    index.save(tmp_path / "snap")
+    params = replace(index.params, kind="ivf_sq8")
+    loaded = MemoryIndex.load(tmp_path / "snap", params, recent_width=2)
+    assert loaded.kind == "ivf64" and not loaded.conforms  # as written, until converted
+    assert loaded.conform() is loaded and loaded.kind == "ivf64-sq8" and loaded.conforms
+    queries = clustered(np.random.default_rng(8), 100, centres)
+    assert recall_at(loaded.search(queries, 10).ids, keys, np.arange(1, 5_001), queries, 10) >= 0.9
+
+
+def test_a_snapshot_of_the_previous_format_is_read(tmp_path: Path) -> None:
+    """Written before the lists column and narrow columns: an IVF-Flat index with a hashtable direct
+    map, int64 item and prefix-item columns."""
+    rng = np.random.default_rng(10)
+    keys = _unit(rng, 3_000)
+    ids = np.arange(1, 3_001, dtype=np.int64)
+    old = faiss.IndexIVFFlat(faiss.IndexFlatIP(DIM), DIM, 16, faiss.METRIC_INNER_PRODUCT)
+    old.train(keys)
+    old.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
+    old.add_with_ids(keys, ids)
+    size = 4_096
+    columns = {
+        "base": np.array([1], np.int64),
+        "alive": np.zeros(size, bool),
+        "item": np.zeros(size, np.int64),
+    }
+    columns |= {"user": np.zeros(size, np.int32), "ts": np.zeros(size), "plen": np.zeros(size, np.int32)}
+    columns["recent"] = np.zeros((size, 2), np.int64)
+    columns["alive"][:3_000], columns["item"][:3_000] = True, ids * 10
+    columns["recent"][:3_000, 0] = ids % 13 + 1
+    IndexImage(old, columns, ["u0"], {"dim": DIM, "nlist": 16, "trained_for": 3_000}).write(tmp_path / "old")
+    loaded = MemoryIndex.load(tmp_path / "old", IndexParams(nprobe=16), recent_width=2)
+    assert loaded.kind == "ivf16" and len(loaded) == 3_000
+    out = loaded.search(keys[:20], 1)
+    assert (out.ids[:, 0] == ids[:20]).all() and (out.items[:, 0] == ids[:20] * 10).all()
+    assert loaded.remove(ids[:10]) == 10 and loaded.search(keys[:1], 1).ids[0, 0] != 1
+    assert loaded.followers([1])[0].counts.sum() == (ids[10:] % 13 + 1 == 1).sum()
+    more = np.arange(3_001, 3_011, dtype=np.int64)
+    loaded.add(more, kind_batch(more, keys[:10]))
+    assert loaded.remove(more) == 10 and len(loaded) == 2_990

@@ -1,6 +1,6 @@
 """Memories as bytes, both ways: the write script's arguments (see ``layout.WRITE_SCRIPT``, with the
 users' encoder states), and the ``op=add`` log entries and ``mem:{id}`` hashes read back into (ids,
-MemoryBatch); and the catalogue's ``op=avail`` and ``op=items`` entries.
+MemoryBatch); the catalogue's ``op=avail`` and ``op=items`` entries; the interaction log's entries.
 
 All binary little-endian. The prefix items (``rec``) are read at the writer's width (the bytes say it:
 ``len(rec) / (8 n)``) and fitted to the reader's ``recent_width`` (base.fit_recent), so entries and
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from memory_store.base import Interaction, MemoryBatch, fit_recent
+from memory_store.base import Interaction, LoggedInteractions, MemoryBatch, fit_recent
 from memory_store.config import StoreConfig
 from memory_store.states import FINGERPRINT_BYTES, UserStates
 
@@ -57,6 +57,7 @@ def write_args(
         head += [b"", b"", b"", b"", b""]
     packed = states.packed() if states is not None else []
     head += [config.state_window, len(packed), b"".join(packed), FINGERPRINT_BYTES + 4 * config.dim]
+    head.append(retention_ms(config))
     rows: list[Any] = []
     for i in range(n):
         ev = events[i] if events else None
@@ -69,6 +70,13 @@ def write_args(
         event_id = ev.event_id if ev is not None and ev.event_id is not None else ""
         rows += [event_id, user, item, ts, plen]
     return head + rows + list(states.users if states is not None else ())
+
+
+def retention_ms(config: StoreConfig) -> int:
+    """The interaction log's retention as the scripts take it: milliseconds, at least 1; 0 for ever."""
+    if config.log_retention_s is None:
+        return 0
+    return max(1, round(config.log_retention_s * 1000))
 
 
 def put_states_args(prefix: str, config: StoreConfig, states: UserStates) -> list[Any]:
@@ -138,3 +146,19 @@ def decode_registered(fields: dict[bytes, bytes]) -> dict[str, int]:
     """External id → internal id of an ``op=items`` log entry."""
     names: list[str] = json.loads(fields[b"names"])
     return dict(zip(names, (int(i) for i in fields[b"ids"].split(b",")), strict=True))
+
+
+def decode_interactions(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> LoggedInteractions:
+    """The rows of ``interactions`` stream entries (XRANGE's (id, fields) pairs), in their order."""
+    if not entries:
+        return LoggedInteractions.empty()
+    ids = [entry_id.decode() for entry_id, _ in entries]
+    rows = [fields for _, fields in entries]
+    return LoggedInteractions(
+        users=tuple(r[b"u"].decode() for r in rows),
+        items=np.asarray([int(r[b"i"]) for r in rows], np.int64),
+        timestamps=np.asarray([float(r[b"t"]) for r in rows], np.float64),
+        event_ids=tuple(r[b"e"].decode() or None for r in rows),
+        accepted_at=np.asarray([int(i.partition("-")[0]) / 1000.0 for i in ids], np.float64),
+        positions=tuple(ids),
+    )

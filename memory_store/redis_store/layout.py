@@ -28,9 +28,21 @@ key (after the prefix)   type    content
 ``items:seq``            STRING  last internal id given to a new item (starts at first_new_item - 1)
 ``bank:loaded``          STRING  set once the start-up bulk load of the memory bank completed
 ``log``                  STREAM  replication log, one entry per write (see below)
+``interactions``         STREAM  the interaction log: one entry per accepted interaction, fields u (user),
+                                 i (item id), t (its timestamp), e (event id, '' for none); entry ids
+                                 are the time Redis accepted it, so each write trims the rows past the
+                                 retention with ``MINID`` (exact, O(rows dropped)). A stream of its own:
+                                 the replication log's trim (``stream_maxlen``) never reaches it and
+                                 replicas never read it. Only ``memrec export`` reads it (XRANGE pages).
+``interactions:{user}``  LIST    the user's entry ids in ``interactions``, oldest first: what an erasure
+                                 deletes (XDEL) without scanning the log; trimmed with the log on the
+                                 user's writes and expiring when all of them are past the retention
 ``epoch``                STRING  random token set once (SET NX) when a replica first opens the
                                  namespace; a snapshot records it, so one taken before the namespace
                                  was emptied (FLUSHDB, a restart without persistence) is never restored
+``holder:{id}``          STRING  present while a process has the namespace open (each open store sets
+                                 its own every HOLD_S / 3 seconds, expiring after HOLD_S): ``drop``
+                                 deletes the namespace only when no other process holds it
 =======================  ======  ==================================================================
 
 Log entries (all binary little-endian):
@@ -39,7 +51,8 @@ Log entries (all binary little-endian):
   ``item`` (n,) int64, ``ts`` (n,) float64, ``len`` (n,) int32, ``rec`` (n, w) int64, ``user`` a
   JSON list of n strings. The width w is the writer's ``recent_width`` (``len(rec) / (8 n)``; a reader
   fits it to its own). Entries and hashes written before ``rec`` existed lack it (no items known).
-* ``op=del ids``: comma-separated memory ids removed (explicitly, by eviction or by a user's erasure).
+* ``op=del ids``: comma-separated memory ids removed (explicitly, by eviction, by age or by a user's
+  erasure).
 * ``op=avail on items``: comma-separated item ids whose availability changed to ``on`` ("1"
   available again, "0" unavailable).
 * ``op=items names ids``: new items registered, ``names`` a JSON list of external ids and ``ids``
@@ -50,7 +63,9 @@ apply the ``avail`` and ``items`` entries after that position as they apply memo
 a state (never toggles one), so replaying an entry the read already reflected changes nothing.
 
 One write script call is one atomic unit: dedup markers, history appends, the users' encoder states,
-memory hashes, the log entry and the evictions it causes commit together or not at all.
+interaction log rows, memory hashes, the log entry and the evictions it causes commit together or not at
+all. An erased user's log rows go with XDEL, which frees their memory once every entry of their stream
+node is deleted or trimmed; like every erased key they stay in an append-only file until its next rewrite.
 """
 
 from __future__ import annotations
@@ -75,15 +90,20 @@ NEW_ITEMS = "items:new"
 NEW_ITEMS_SEQ = "items:seq"
 BANK_LOADED = "bank:loaded"
 LOG = "log"
+INTERACTIONS = "interactions"
+USER_INTERACTIONS = "interactions:"
 EPOCH = "epoch"
+HOLDER = "holder:"
+HOLD_S = 30  # a holder key outlives its process by at most this
 
 # Fields of one memory hash.
 MEM_FIELDS = (b"v", b"item", b"user", b"ts", b"len", b"rec")
 
 # ARGV: prefix, n, vector stride, dedup ttl, history_len, capacity, user capacity (0: none), stream
-# maxlen, mode ('i' history, 'm' memory, 'im' both), the packed vec/item/ts/len/rec blobs, the state
-# window (0: no states), the number of states s, their packed values (``STATE`` values, s of them)
-# and the stride of one (18 so far), then per record: event id ('' for none), user, item, ts, prefix
+# maxlen, mode ('i' history, 'm' memory, 'im' both; with 'l' the accepted interactions are logged),
+# the packed vec/item/ts/len/rec blobs, the state window (0: no states), the number of states s, their
+# packed values (``STATE`` values, s of them) and the stride of one, the interaction log's retention in
+# ms (0: for ever; 19 so far), then per record: event id ('' for none), user, item, ts, prefix
 # length; then the s users of the states. Returns {add id, del id, first memory id, accepted record
 # indices (1-based)}.
 WRITE_SCRIPT = """
@@ -93,10 +113,12 @@ local hlen, cap, ucap, maxlen = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(A
 local mode = ARGV[9]
 local vecs, items, tss, lens, recs = ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14]
 local swin, ns, sblobs, sstride = tonumber(ARGV[15]), tonumber(ARGV[16]), ARGV[17], tonumber(ARGV[18])
-local H, W = 18, 5
+local keep = tonumber(ARGV[19])
+local H, W = 19, 5
 local rstride = string.len(recs) / n
 local with_hist = string.find(mode, 'i', 1, true) ~= nil
 local with_mem = string.find(mode, 'm', 1, true) ~= nil
+local with_log = string.find(mode, 'l', 1, true) ~= nil
 
 -- 1. dedup: an event id is accepted once per TTL (also within this batch); the user's set of event
 -- ids names the markers an erasure removes
@@ -146,6 +168,37 @@ if with_hist and swin > 0 then
     if not done[user] then
       redis.call('DEL', p .. 'state:' .. user)
       done[user] = true
+    end
+  end
+end
+-- 2c. the interaction log: one entry per accepted interaction, the rows past the retention trimmed
+-- (MINID) as each is added; the user's list of their entries is trimmed alike and expires when all of
+-- them are past it
+if with_log then
+  local lk = p .. 'interactions'
+  local head = {lk}
+  local oldest = 0
+  if keep > 0 then
+    local now = redis.call('TIME')
+    oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - keep
+    head = {lk, 'MINID', string.format('%.0f', oldest)}
+  end
+  for _, i in ipairs(acc) do
+    local b = H + (i - 1) * W
+    local user = ARGV[b + 2]
+    local args = {unpack(head)}
+    for _, v in ipairs({'*', 'u', user, 'i', ARGV[b + 3], 't', ARGV[b + 4], 'e', ARGV[b + 1]}) do
+      args[#args + 1] = v
+    end
+    local uk = p .. 'interactions:' .. user
+    redis.call('RPUSH', uk, redis.call('XADD', unpack(args)))
+    if keep > 0 then
+      local first = redis.call('LINDEX', uk, 0)
+      while first and tonumber(string.match(first, '^%d+')) < oldest do
+        redis.call('LPOP', uk)
+        first = redis.call('LINDEX', uk, 0)
+      end
+      redis.call('PEXPIRE', uk, keep)
     end
   end
 end
@@ -309,13 +362,15 @@ return {redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'items'
                    'names', cjson.encode(names), 'ids', table.concat(fresh, ',')), ids}
 """
 
-# ARGV: prefix, stream maxlen, user id, then memory ids the replica's index holds for the user (those
-# written before ``byuser`` was kept for every capacity). Removes the history and its encoder state, every
-# memory whose ``user`` is theirs (one ``del`` log entry, so every replica drops them and their transition
-# counts), the per-user memories, the dedup markers and the lists that name them.
-# Returns {history items, memories, per-user memories, dedup markers, log id or ''}.
+# ARGV: prefix, stream maxlen, the interaction log's retention in ms (0: for ever), user id, then memory
+# ids the replica's index holds for the user (those written before ``byuser`` was kept for every
+# capacity). Removes the history and its encoder state, every memory whose ``user`` is theirs (one
+# ``del`` log entry, so every replica drops them and their transition counts), the per-user memories,
+# the dedup markers, the interaction log rows (the log trimmed to the retention first: the rows the
+# user's list no longer names are past it) and the lists that name them.
+# Returns {history items, memories, per-user memories, dedup markers, log id or '', log rows}.
 ERASE_SCRIPT = """
-local p, maxlen, user = ARGV[1], ARGV[2], ARGV[3]
+local p, maxlen, keep, user = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local history = redis.call('LLEN', p .. 'hist:' .. user)
 redis.call('DEL', p .. 'hist:' .. user, p .. 'state:' .. user)
 local ids, looked = {}, {}
@@ -329,7 +384,7 @@ local function erase(id)
   end
 end
 for _, id in ipairs(redis.call('LRANGE', p .. 'byuser:' .. user, 0, -1)) do erase(id) end
-for i = 4, #ARGV do erase(ARGV[i]) end
+for i = 5, #ARGV do erase(ARGV[i]) end
 redis.call('DEL', p .. 'byuser:' .. user)
 local markers = 0
 for _, ev in ipairs(redis.call('SMEMBERS', p .. 'events:' .. user)) do
@@ -338,8 +393,41 @@ end
 redis.call('DEL', p .. 'events:' .. user)
 local umem = redis.call('HLEN', p .. 'umem:' .. user)
 redis.call('DEL', p .. 'umem:' .. user)
-if #ids == 0 then return {history, 0, umem, markers, ''} end
+local lk, uk = p .. 'interactions', p .. 'interactions:' .. user
+if keep > 0 then
+  local now = redis.call('TIME')
+  local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - keep
+  redis.call('XTRIM', lk, 'MINID', string.format('%.0f', oldest))
+end
+local logged, entries = 0, redis.call('LRANGE', uk, 0, -1)
+for s = 1, #entries, 1000 do  -- XDEL takes many ids; unpack has a limit
+  logged = logged + redis.call('XDEL', lk, unpack(entries, s, math.min(s + 999, #entries)))
+end
+redis.call('DEL', uk)
+if #ids == 0 then return {history, 0, umem, markers, '', logged} end
 redis.call('DECRBY', p .. 'mem:count', #ids)
 return {history, #ids, umem, markers, redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*',
-                                                 'op', 'del', 'ids', table.concat(ids, ','))}
+                                                 'op', 'del', 'ids', table.concat(ids, ',')), logged}
+"""
+
+# ARGV: prefix, stream maxlen, cutoff (unix seconds), memory ids found old by a replica's index. Removes
+# each one still held whose timestamp is before the cutoff (checked here: replicas sweep concurrently,
+# each from its own applied log), as REMOVE_SCRIPT does, in one ``del`` log entry (retention by age,
+# memory_store.retention). Returns {memories removed, log id or ''}.
+EXPIRE_SCRIPT = """
+local p, maxlen, cutoff = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ids = {}
+for i = 4, #ARGV do
+  local hk = p .. 'mem:' .. ARGV[i]
+  local held = redis.call('HMGET', hk, 'user', 'ts')
+  if held[1] and tonumber(held[2]) < cutoff then
+    redis.call('DEL', hk)
+    redis.call('LREM', p .. 'byuser:' .. held[1], 1, ARGV[i])
+    ids[#ids + 1] = ARGV[i]
+  end
+end
+if #ids == 0 then return {0, ''} end
+redis.call('DECRBY', p .. 'mem:count', #ids)
+return {#ids, redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'del',
+                         'ids', table.concat(ids, ','))}
 """

@@ -267,6 +267,11 @@ class Replica:
             return False
         if index.dim != self.config.dim:
             raise ValueError(f"snapshot {source} has dim {index.dim}, store dim is {self.config.dim}")
+        if not index.conforms:  # the hashes hold the full keys: no code is converted
+            log.warning(
+                "snapshot %s holds a %s index, not %s; rebuilding", source, index.kind, self.config.index.kind
+            )
+            return False
         self.index = index
         await self._set_applied(position)
         if await self._log_gap():

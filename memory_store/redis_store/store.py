@@ -1,8 +1,8 @@
 """``RedisMemoryStore``: the ``MemoryStore`` API on Redis, and its write path.
 
-Writes go through one Lua script per chunk (see ``layout``), so an interaction, its memory, the log
-entry, the dedup marker, the user's encoder state and any eviction commit atomically. Reads of the
-memories go to this replica's index (``replica``), which applies every write from the log; with
+Writes go through one Lua script per chunk (see ``layout``), so an interaction, its interaction log row,
+its memory, the log entry, the dedup marker, the user's encoder state and any eviction commit atomically.
+Reads of the memories go to this replica's index (``replica``), which applies every write from the log; with
 ``read_your_writes`` a write returns once that index has applied it. Histories (with the encoder states,
 in the same round trip) and per-user memories are read from Redis itself; the catalogue (unavailable
 items, registered new items) from the replica's copy, which the log keeps current.
@@ -11,17 +11,24 @@ items, registered new items) from the replica's copy, which the log keeps curren
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import shutil
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from memory_store import user_memory as um
 from memory_store.base import (
     Erasure,
     IngestResult,
     Interaction,
+    LoggedInteractions,
     MemoryBatch,
     ReplicationStatus,
     SearchResult,
@@ -32,6 +39,7 @@ from memory_store.base import (
     check_ids,
     check_items,
     check_k,
+    check_log_page,
     check_user_id,
     memory_batch_for_events,
     normalise_rows,
@@ -43,6 +51,7 @@ from memory_store.redis_store import codec, layout
 from memory_store.redis_store.connect import connect
 from memory_store.redis_store.replica import Replica
 from memory_store.redis_store.user_memories import UserMemoryHashes
+from memory_store.retention import AgeSweep
 from memory_store.states import StoredHistories, UserStates, checked_states, unpack_valid
 from memory_store.transitions import Followers
 
@@ -50,6 +59,10 @@ WRITE_CHUNK = 1000  # rows per script call: bounds the time Redis is blocked by 
 CATALOGUE_CHUNK = 5000  # item ids per availability or registration script call, for the same reason
 PIPELINE_DEPTH = 8  # script calls in flight per round trip for bulk writes
 STATES_CHUNK = 1000  # encoder states per put-states script call
+EXPIRE_CHUNK = 5000  # memories per age-retention script call
+
+
+log = logging.getLogger(__name__)
 
 
 def _latest(a: str, b: str) -> str:
@@ -78,6 +91,11 @@ class RedisMemoryStore:
         self._erase_script = client.register_script(layout.ERASE_SCRIPT)
         self._put_states_script = client.register_script(layout.PUT_STATES_SCRIPT)
         self._read_script = client.register_script(layout.READ_SCRIPT)
+        self._expire_script = client.register_script(layout.EXPIRE_SCRIPT)
+        self._age_sweep = AgeSweep(config.max_age_s)
+        self._holder = self._p + layout.HOLDER + uuid.uuid4().hex
+        self._holding: asyncio.Task[None] | None = None
+        self._released = asyncio.Event()
 
     @classmethod
     async def open(cls, config: StoreConfig) -> RedisMemoryStore:
@@ -86,7 +104,20 @@ class RedisMemoryStore:
         tail_client = await connect(config)
         store = cls(config, client, tail_client)
         await store.restore()
+        store._holding = asyncio.create_task(store._hold(), name="namespace-holder")
         return store
+
+    async def _hold(self) -> None:
+        """Say, for as long as this store is open, that a process has the namespace open (``drop``).
+        Stopped by an event, not by cancellation: a cancel that lands inside a redis-py command can be
+        swallowed there."""
+        while not self._released.is_set():
+            try:
+                await self._r.set(self._holder, b"1", ex=layout.HOLD_S)
+            except (ConnectionError, TimeoutError, RedisError) as exc:
+                log.debug("namespace holder key not refreshed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), layout.HOLD_S / 3)
 
     @property
     def dim(self) -> int:
@@ -141,13 +172,28 @@ class RedisMemoryStore:
                 position = _latest(position, _latest(add_id.decode(), del_id.decode()))
         if position and self.config.read_your_writes:
             await self.wait_applied(position, self.config.visibility_timeout_s)
+        await self._expire()
         return IngestResult(accepted, n - accepted, memory_ids, position)
 
+    async def _expire(self) -> None:
+        """Retention by age (memory_store.retention): when a sweep is due, the memories this replica's
+        index holds with a timestamp before the cutoff go, through ``EXPIRE_SCRIPT``."""
+        cutoff = self._age_sweep.due()
+        if cutoff is None:
+            return
+        ids = self._replica.index.older_than(cutoff).tolist()
+        position = ""
+        for s in range(0, len(ids), EXPIRE_CHUNK):
+            args = [self._p, self.config.stream_maxlen, repr(cutoff), *ids[s : s + EXPIRE_CHUNK]]
+            _, entry = await self._expire_script(args=args)
+            position = _latest(position, entry.decode())
+        await self._see(position)
+
     async def append_interactions(
-        self, events: Sequence[Interaction], states: UserStates | None = None
+        self, events: Sequence[Interaction], states: UserStates | None = None, logged: bool = True
     ) -> IngestResult:
         check_events(events)
-        return await self._run_writes("i", list(events), None, self._checked(states))
+        return await self._run_writes("il" if logged else "i", list(events), None, self._checked(states))
 
     async def ingest(
         self,
@@ -156,10 +202,12 @@ class RedisMemoryStore:
         prefix_lens: Sequence[int] | np.ndarray,
         recent: np.ndarray | None = None,
         states: UserStates | None = None,
+        logged: bool = True,
     ) -> IngestResult:
         width = self.config.recent_width
         batch = memory_batch_for_events(events, keys, prefix_lens, self.dim, width, recent)
-        return await self._run_writes("im", list(events), batch, self._checked(states))
+        mode = "iml" if logged else "im"
+        return await self._run_writes(mode, list(events), batch, self._checked(states))
 
     def _checked(self, states: UserStates | None) -> UserStates | None:
         return checked_states(states, self.dim, self.config.state_window)
@@ -234,11 +282,23 @@ class RedisMemoryStore:
         # index, once it has applied the log as it stands now (the script checks each one's user).
         await self._replica.wait_applied(await self._replica.last_log_id(), self.config.visibility_timeout_s)
         legacy = await asyncio.to_thread(self._replica.index.ids_of_user, user_id)
-        args = [self._p, self.config.stream_maxlen, user_id, *legacy.tolist()]
-        history, memories, umem, markers, entry = await self._erase_script(args=args)
+        head = [self._p, self.config.stream_maxlen, codec.retention_ms(self.config), user_id]
+        args = [*head, *legacy.tolist()]
+        history, memories, umem, markers, entry, logged = await self._erase_script(args=args)
         position = entry.decode()
         await self._see(position)
-        return Erasure(int(history), int(memories), int(umem), int(markers), position)
+        return Erasure(int(history), int(memories), int(umem), int(markers), position, int(logged))
+
+    async def interactions(self, after: str = "", count: int = 10_000) -> LoggedInteractions:
+        check_log_page(after, count)
+        start = f"({after}" if after else "-"
+        if self.config.log_retention_s is not None:  # rows past the retention that no write trimmed yet
+            seconds, micros = await self._r.time()
+            oldest = (seconds * 1000 + micros // 1000 - codec.retention_ms(self.config), 0)
+            if not after or parse_position(after) < oldest:
+                start = f"{oldest[0]}-0"
+        entries: Any = await self._r.xrange(self._p + layout.INTERACTIONS, start, "+", count)
+        return codec.decode_interactions(entries)
 
     async def bank_loaded(self) -> bool:
         return bool(await self._r.exists(self._p + layout.BANK_LOADED))
@@ -336,6 +396,40 @@ class RedisMemoryStore:
         await self._replica.stop_tail()
 
     async def close(self) -> None:
+        await self._release()
         await self._replica.stop_tail()
         await self._r.aclose()
         await self._tail_r.aclose()
+
+    async def _release(self) -> None:
+        """Stop saying that this process holds the namespace."""
+        if self._holding is not None:
+            self._released.set()
+            await asyncio.gather(self._holding, return_exceptions=True)
+            self._holding = None
+            with contextlib.suppress(ConnectionError, TimeoutError, RedisError):
+                await self._r.delete(self._holder)
+
+    async def drop(self) -> bool:
+        await self._release()
+        others = [key async for key in self._r.scan_iter(match=self._p + layout.HOLDER + "*", count=1000)]
+        if others:
+            log.info(
+                "namespace %s kept: %d other process(es) have it open", self.config.namespace, len(others)
+            )
+            await self.close()
+            return False
+        deleted = 0
+        batch: list[bytes] = []
+        async for key in self._r.scan_iter(match=self._p + "*", count=1000):
+            batch.append(key)
+            if len(batch) == 1000:
+                deleted += await self._r.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += await self._r.unlink(*batch)
+        await self.close()
+        if self.config.data_dir is not None:  # this replica's index snapshots
+            shutil.rmtree(self.config.data_dir / self.config.namespace, ignore_errors=True)
+        log.info("namespace %s dropped: %d keys", self.config.namespace, deleted)
+        return True
