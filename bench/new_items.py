@@ -47,6 +47,15 @@ ARMS: dict[
 }
 
 
+TRAIN = [sys.executable, "-m", "service.cli", "train"]
+
+
+def train_flags(epochs: int, ft_epochs: int) -> list[str]:
+    """How the drift replays' models are trained (the product default, short): data and output apart."""
+    return ["--objective", "sasrec", "--scheme", "allpos", "--epochs", str(epochs), "--ft-epochs",
+            str(ft_epochs), "--device", "cpu", "--threads", "1", "--vote", "--transitions"]  # fmt: skip
+
+
 async def replay(model: Path, later: list[tuple[str, str, float]], arm: str) -> dict[str, Any]:
     """Per event: ``hit`` (its item in the top 10 asked just before it) and ``gain`` (its NDCG@10)."""
     import httpx
@@ -91,9 +100,7 @@ def run_new_items(args: argparse.Namespace) -> dict[str, Any]:
     early, later, known = split_by_time(data_dir / "ml-100k" / "ml-100k.inter", args.cut, work)
     later = later[: args.events] if args.events else later
     model = work / "model-vote-transitions"
-    train = [sys.executable, "-m", "service.cli", "train", "--dataset", str(early), "--out", str(model),
-             "--objective", "sasrec", "--scheme", "allpos", "--epochs", str(args.epochs), "--ft-epochs",
-             str(args.ft_epochs), "--device", "cpu", "--threads", "1", "--vote", "--transitions"]  # fmt: skip
+    train = [*TRAIN, "--dataset", str(early), "--out", str(model), *train_flags(args.epochs, args.ft_epochs)]
     if not (model / "config.json").is_file():
         subprocess.run(train, check=True, capture_output=True)
     is_new = np.array([i not in known for _, i, _ in later])

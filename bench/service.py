@@ -36,8 +36,10 @@ import numpy as np
 from bench.drift import drift_section, run_drift
 from bench.loadgen import Connection, max_rate, mixed_traffic, open_loop, percentiles, run_fast, sweep
 from bench.new_items import run_new_items
+from bench.retrain import run_retrain
 from bench.service_report import write_reports
 from bench.serving import bare_app_argv, flush, model_card, serve_argv, server, vocab
+from bench.swap import run_swap
 
 BENCH_REDIS_URL = "redis://127.0.0.1:6379/12"
 
@@ -182,6 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     np_.add_argument("--events", type=int, help="replay only the first N later events (default: all)")
     np_.add_argument("--epochs", type=int, default=20)
     np_.add_argument("--ft-epochs", type=int, default=5)
+    rp = sub.add_parser("retrain", help="drift replay with export, warm retrain and hot swap at the midpoint")
+    rp.add_argument("--data-dir")
+    rp.add_argument("--cut", type=float, default=0.5)
+    rp.add_argument("--events", type=int, help="replay only the first N later events (default: all)")
+    rp.add_argument("--epochs", type=int, default=20)
+    rp.add_argument("--ft-epochs", type=int, default=5)
+    sp = sub.add_parser("swap", help="a hot model swap under open-loop load")
+    sp.add_argument("--model", default="artifacts/beauty")
+    sp.add_argument("--rate", type=float, default=300.0)
+    sp.add_argument("--before", type=float, default=15.0, help="seconds of load before the link moves")
+    sp.add_argument("--after", type=float, default=75.0, help="seconds of load after it")
+    sp.add_argument("--workers", type=int, default=2, help="server processes")
+    sp.add_argument("--threads", type=int, default=1, help="torch threads per server process")
+    sp.add_argument("--cold", action="store_true", help="no reindex first: the move loads the bank")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = shlex.join(["python", "-m", "bench.service", *(argv if argv is not None else sys.argv[1:])])
@@ -189,13 +205,19 @@ def main(argv: list[str] | None = None) -> int:
         "load": run_load,
         "drift": run_drift,
         "new-items": run_new_items,
+        "retrain": run_retrain,
+        "swap": lambda a: run_swap(
+            Path(a.model), BENCH_REDIS_URL, a.rate, a.before, a.after, a.workers, a.threads, not a.cold
+        ),
     }
     runner = runners[args.command]
     section = args.section if args.command == "load" else args.command
     if args.command == "drift":
         section = drift_section(args.vote, args.cut, args.transitions)
-    if args.command == "new-items":
-        section = f"new_items_cut{round(args.cut * 100)}"
+    if args.command == "swap":
+        section = "swap_cold" if args.cold else "swap"
+    if args.command in ("new-items", "retrain"):
+        section = f"{args.command.replace('-', '_')}_cut{round(args.cut * 100)}"
     write_reports(section, runner(args), command)
     return 0
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from bench.common import REPORTS, machine, machine_label
 from bench.new_items import new_items_md
+from bench.retrain import retrain_md
+from bench.swap import swap_md
 
 
 def write_reports(section: str, result: dict[str, Any], command: str) -> None:
@@ -237,4 +239,8 @@ def render_md(report: dict[str, Any]) -> str:
         lines += _drift_md(report[key], title)
     for key in sorted(k for k in report if k.startswith("new_items")):
         lines += new_items_md(key, report[key])
+    for key in sorted(k for k in report if k.startswith("retrain")):
+        lines += retrain_md(key, report[key])
+    for key in sorted(k for k in report if k.startswith("swap")):
+        lines += swap_md(key, report[key])
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 Layout::
 
-    DIR/config.json         format version, model version, encoder and training configs, dataset, metrics
+    DIR/config.json         format version, model version, encoder and training configs, dataset (and
+                            the file it was read from when not a known data set), metrics
     DIR/inference.json      how the model scores (model.predictor.InferenceConfig), frozen at training
     DIR/vocab.json          external user and item ids (item i is items[i-1]; 0 is padding)
     DIR/model.safetensors   encoder weights (tensors only: loading never executes code)
@@ -68,6 +69,12 @@ class Artifact:
     # how the model scores: model.predictor.InferenceConfig's JSON, which alone reads it; {} in model
     # directories written before it had its own file (their finetune config holds it)
     inference: dict[str, Any] = field(default_factory=dict)
+    # the file the training data was read from when it is no known data set (model.data.KNOWN_DATASETS
+    # names resolve under the data directory): what `memrec export --with-training-data` merges
+    dataset_file: str = ""
+    # the latest timestamp of the training data (None: data without timestamps): the interactions after
+    # it are the ones a service moving to this model replays into it (service.swap)
+    data_until: float | None = None
 
     @property
     def retrieval(self) -> bool:
@@ -112,6 +119,8 @@ def save(artifact: Artifact, out_dir: str | os.PathLike[str]) -> Path:
         "model_version": artifact.model_version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset": artifact.dataset,
+        **({"dataset_file": artifact.dataset_file} if artifact.dataset_file else {}),
+        **({"data_until": artifact.data_until} if artifact.data_until is not None else {}),
         "encoder": artifact.encoder.cfg.to_json(),
         "train": artifact.train_config,
         "metrics": artifact.metrics,
@@ -160,6 +169,18 @@ def _load_bank(path: Path, dim: int) -> tuple[MemoryBank, np.ndarray | None]:
         return bank, arrays.get("first_items")
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise ArtifactError(f"{path}: unreadable memory bank ({e})") from None
+
+
+def read_config(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """A model directory's ``config.json`` (its version, dataset, ``data_until``, …), without its weights."""
+    config: dict[str, Any] = _read_json(Path(model_dir) / CONFIG_FILE)
+    return config
+
+
+def model_version(model_dir: str | os.PathLike[str]) -> str:
+    """The version a model directory holds, read without loading its weights."""
+    version: str = read_config(model_dir).get("model_version", "")
+    return version
 
 
 def load(model_dir: str | os.PathLike[str], device: str = "cpu") -> Artifact:
@@ -214,4 +235,6 @@ def load(model_dir: str | os.PathLike[str], device: str = "cpu") -> Artifact:
         first_items=first_items,
         finetune_config=config.get("finetune", {}),
         inference=_read_json(root / INFERENCE_FILE) if (root / INFERENCE_FILE).is_file() else {},
+        dataset_file=config.get("dataset_file", ""),
+        data_until=config.get("data_until"),
     )

@@ -105,6 +105,8 @@ class Interactions:
     name: str
     vocab: Vocab
     sequences: list[IntArray]  # sequences[u] = (n_u,) item ids, oldest first
+    until: float | None = None  # the latest timestamp, where the data has timestamps (.inter files)
+    source: str = ""  # the file read, absolute, when it is no known data set (those resolve by name)
 
     @property
     def n_users(self) -> int:
@@ -123,9 +125,9 @@ class Interactions:
         if (internal < 0).any():
             unknown = [self.vocab.items[i - 1] for i in np.flatnonzero(internal < 0)[:5]]
             raise DataError(f"{self.name}: items unknown to the model, e.g. {unknown}")
-        return Interactions(
-            self.name, Vocab(self.vocab.users, vocab.items), [internal[s] for s in self.sequences]
-        )
+        sequences = [internal[s] for s in self.sequences]
+        vocab_ = Vocab(self.vocab.users, vocab.items)
+        return Interactions(self.name, vocab_, sequences, until=self.until, source=self.source)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -154,6 +156,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> I
     path = resolve_dataset(name, data_dir)
     data = load_inter(path) if path.suffix == ".inter" else load_sequences(path)
     data.name = name if name in KNOWN_DATASETS else path.stem
+    data.source = "" if name in KNOWN_DATASETS else str(path.resolve())
     log.info(
         "loaded %s: %d users, %d items, %d interactions",
         data.name,
@@ -214,18 +217,15 @@ def _parse_inter_header(path: Path, header: str) -> tuple[int, int, int]:
     return names.index("user_id"), names.index("item_id"), names.index("timestamp")
 
 
-def load_inter(path: Path) -> Interactions:
-    """Read a RecBole atomic ``.inter`` file and order each user's items by timestamp (stable)."""
+def inter_rows(path: Path) -> Iterator[tuple[str, str, float]]:
+    """(user, item, timestamp) of each row of a RecBole atomic ``.inter`` file, in file order; a
+    DataError names the line of a malformed one."""
     with path.open(encoding="utf-8") as f:
         header = f.readline()
         if not header:
             raise DataError(f"{path}: empty file")
         ucol, icol, tcol = _parse_inter_header(path, header)
         n_cols = header.count("\t") + 1
-        users, items = _IdMap(0), _IdMap(1)
-        rows_u: list[int] = []
-        rows_i: list[int] = []
-        rows_t: list[float] = []
         for lineno, line in enumerate(f, start=2):
             fields = line.rstrip("\n").split("\t")
             if len(fields) != n_cols:
@@ -239,9 +239,19 @@ def load_inter(path: Path) -> Interactions:
                 raise DataError(f"{path}:{lineno}: timestamp {ts!r} is not a number") from None
             if not math.isfinite(t):
                 raise DataError(f"{path}:{lineno}: timestamp {ts!r} is not finite")
-            rows_u.append(users(user))
-            rows_i.append(items(item))
-            rows_t.append(t)
+            yield user, item, t
+
+
+def load_inter(path: Path) -> Interactions:
+    """Read a RecBole atomic ``.inter`` file and order each user's items by timestamp (stable)."""
+    users, items = _IdMap(0), _IdMap(1)
+    rows_u: list[int] = []
+    rows_i: list[int] = []
+    rows_t: list[float] = []
+    for user, item, t in inter_rows(path):
+        rows_u.append(users(user))
+        rows_i.append(items(item))
+        rows_t.append(t)
     if not rows_u:
         raise DataError(f"{path}: no interactions")
     u = np.array(rows_u, dtype=np.int64)
@@ -250,7 +260,7 @@ def load_inter(path: Path) -> Interactions:
     item_sorted = np.array(rows_i, dtype=np.int64)[order]
     bounds = np.searchsorted(u[order], np.arange(len(users.index) + 1))
     sequences = [item_sorted[bounds[k] : bounds[k + 1]] for k in range(len(users.index))]
-    return Interactions(path.stem, Vocab(users.keys(), items.keys()), sequences)
+    return Interactions(path.stem, Vocab(users.keys(), items.keys()), sequences, max(rows_t))
 
 
 # ----------------------------------------------------------------------------------------------------

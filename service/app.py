@@ -8,7 +8,7 @@ import gc
 import importlib.util
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,15 @@ from service.metrics import Metrics
 from service.middleware import ObserveRequests
 from service.pipeline import Pipeline
 from service.recommender import serving_predictor
-from service.routes import catalogue, health, interactions, recommend, ui, users
+from service.routes import admin, catalogue, health, interactions, recommend, ui, users
 from service.routes import metrics as metrics_route
 from service.routes.items import ItemIds
 from service.schemas import Problem
 from service.settings import Settings
 from service.state import Runtime
 from service.states import fill_states
+from service.swap import Swapper
+from service.versions import Outcomes, Versions
 
 log = logging.getLogger(__name__)
 
@@ -48,33 +50,45 @@ DOCS_ASSETS = "/docs/assets"  # Swagger UI's and ReDoc's files, from the fastapi
 DOCS_CSP = "img-src 'self' data:; font-src 'self' data:; connect-src 'self'"
 
 
-def store_config(settings: Settings, dim: int, model_version: str, n_items: int) -> StoreConfig:
-    """The store of a model: ``dim`` its state size, ``n_items`` its vocabulary (new items come after)."""
+def store_config(
+    settings: Settings, dim: int, model_version: str, n_items: int, second: bool = False
+) -> StoreConfig:
+    """The store of a model: ``dim`` its state size, ``n_items`` its vocabulary (new items come after);
+    ``second``: the second of two versions served side by side (its own namespace)."""
     return StoreConfig(
         dim=dim,
-        namespace=settings.store_namespace(model_version),
+        namespace=settings.store_namespace(model_version, second),
         redis_url=settings.redis_url,
         redis_password=settings.redis_password.get_secret_value() if settings.redis_password else None,
         redis_tls_ca_file=settings.redis_tls_ca_file,
         data_dir=settings.store_dir,
         capacity=settings.capacity,
         user_capacity=settings.user_capacity,
+        max_age_s=settings.memory_max_age_days * 86_400 if settings.memory_max_age_days else None,
         history_len=max(200, settings.history_len),
         recent_width=MAX_ORDER,  # prefix items a memory keeps: the transition channel's order (the model's)
         state_window=settings.history_len,  # the users' encoder states encode what a request encodes
         first_new_item=n_items + 1,  # items registered after training come after the model's
+        log_retention_s=settings.log_retention_days * 86_400 if settings.log_retention_days else None,
         index=IndexParams(
-            exact_threshold=settings.exact_threshold, nprobe=settings.nprobe, threads=settings.torch_threads
+            kind=settings.index_kind,
+            exact_threshold=settings.exact_threshold,
+            nprobe=settings.nprobe,
+            threads=settings.torch_threads,
         ),
     )
 
 
-async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
-    """Load everything a replica serves with (the benchmark builds one without HTTP)."""
+async def build_runtime(
+    settings: Settings, metrics: Metrics, model_dir: Path | None = None, second: bool = False
+) -> Runtime:
+    """Load everything a replica serves one model version with (the benchmark builds one without
+    HTTP): ``model_dir``, by default the settings'; ``second``: the second version side by side."""
     torch.set_num_threads(settings.torch_threads)
     faiss.omp_set_num_threads(settings.torch_threads)
-    art = await asyncio.to_thread(artifact.load, settings.model_dir, settings.device)
-    config = store_config(settings, art.encoder.cfg.dim, art.model_version, art.vocab.n_items)
+    model_dir = (model_dir or settings.model_dir).resolve()
+    art = await asyncio.to_thread(artifact.load, model_dir, settings.device)
+    config = store_config(settings, art.encoder.cfg.dim, art.model_version, art.vocab.n_items, second)
     rec = await asyncio.to_thread(serving_predictor, art, settings.frozen_graphs)
     store: MemoryStore = await open_store(config)
     try:
@@ -106,7 +120,7 @@ async def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         config.namespace,
     )
     items = ItemIds(art.vocab, store, accept_new=settings.new_items == "accept")
-    return Runtime(settings, art.model_version, art.vocab, store, pipeline, ingestor, items)
+    return Runtime(settings, art.model_version, model_dir, art.vocab, store, pipeline, ingestor, items)
 
 
 async def snapshot_now(store: MemoryStore) -> bool:
@@ -119,10 +133,12 @@ async def snapshot_now(store: MemoryStore) -> bool:
         return False
 
 
-async def snapshot_every(store: MemoryStore, interval_s: float) -> None:
+async def snapshot_every(current: Callable[[], Versions], interval_s: float) -> None:
+    """Snapshot the index of each version served, every ``interval_s`` (the versions of the moment)."""
     while True:
         await asyncio.sleep(interval_s)
-        await snapshot_now(store)
+        for rt in current().serving:
+            await snapshot_now(rt.store)
 
 
 async def watch_loop_lag(metrics: Metrics, interval_s: float) -> None:
@@ -135,51 +151,100 @@ async def watch_loop_lag(metrics: Metrics, interval_s: float) -> None:
         metrics.loop_lag.observe(max(time.perf_counter() - t0 - interval_s, 0.0))
 
 
-async def refresh_store_gauges(metrics: Metrics, store: MemoryStore, interval_s: float) -> None:
-    """Keep this worker's store gauges current between scrapes. With several workers a scrape reads
-    every worker's last values, and a worker that no scrape reached would show a stale ingest lag."""
+async def refresh_store_gauges(metrics: Metrics, current: Callable[[], Versions], interval_s: float) -> None:
+    """Keep this worker's store gauges (the primary version's) current between scrapes. With several
+    workers a scrape reads every worker's last values, and a worker that no scrape reached would show a
+    stale ingest lag."""
     while True:
         await asyncio.sleep(interval_s)
         try:
-            metrics.observe_store(await asyncio.wait_for(store.stats(), interval_s))
+            metrics.observe_store(await asyncio.wait_for(current().primary.store.stats(), interval_s))
         except store_errors() as exc:
             log.debug("store stats unavailable: %s", exc)
+
+
+async def build_versions(settings: Settings, metrics: Metrics) -> Versions:
+    """The model version of ``model_dir``, and the one of ``model_dir_b`` beside it when set."""
+    if settings.model_dir_b is not None and (
+        version := artifact.model_version(settings.model_dir)
+    ) == artifact.model_version(settings.model_dir_b):
+        raise RuntimeError(f"model_dir_b holds the same model version as model_dir ({version})")
+    primary = await build_runtime(settings, metrics)
+    if settings.model_dir_b is None:
+        return Versions(primary)
+    try:
+        secondary = await build_runtime(settings, metrics, settings.model_dir_b, second=True)
+    except BaseException:
+        await primary.store.close()
+        raise
+    log.info(
+        "serving %s to %.1f %% of users and %s to the others",
+        secondary.model_version,
+        100 * settings.share_b,
+        primary.model_version,
+    )
+    return Versions(primary, secondary, settings.share_b)
+
+
+def background_jobs(
+    settings: Settings, metrics: Metrics, current: Callable[[], Versions], swapper: Swapper
+) -> list[Coroutine[Any, Any, None]]:
+    """What runs beside the requests, as the settings ask: snapshots, the loop-lag probe, the store
+    gauges (several workers), the model path watch."""
+    jobs = []
+    if settings.snapshot_interval_s > 0:
+        jobs.append(snapshot_every(current, settings.snapshot_interval_s))
+    if settings.loop_lag_interval_s > 0:
+        jobs.append(watch_loop_lag(metrics, settings.loop_lag_interval_s))
+    if metrics.shared_dir is not None:
+        jobs.append(refresh_store_gauges(metrics, current, STORE_GAUGES_REFRESH_S))
+    if settings.model_watch_s > 0:
+        jobs.append(swapper.watch(settings.model_watch_s))
+    return jobs
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    runtime = await build_runtime(settings, app.state.metrics)
-    runtime.pipeline.start()
-    app.state.runtime = runtime
+    metrics: Metrics = app.state.metrics
+    versions = await build_versions(settings, metrics)
+    for rt in versions.runtimes:
+        rt.pipeline.start()
+        metrics.model_info.labels(rt.model_version).set(1)
+
+    def current() -> Versions:
+        served: Versions = app.state.versions
+        return served
+
+    def publish(served: Versions) -> None:  # one step of the event loop: a request sees old or new
+        app.state.versions, app.state.runtime = served, served.primary
+
+    publish(versions)
+    app.state.outcomes = Outcomes(metrics)
+    app.state.swapper = swapper = Swapper(
+        settings, metrics, current, publish, lambda path: build_runtime(settings, metrics, path)
+    )
     # Everything loaded so far (model, vocabulary, index metadata, libraries) lives as long as the
     # process. Frozen, the collector's full passes skip it: unfrozen, each one walked all of it and
     # stalled the event loop for over 100 ms under load.
     gc.collect()
     gc.freeze()
-    snapshots = None
-    if settings.snapshot_interval_s > 0:
-        snapshots = asyncio.create_task(snapshot_every(runtime.store, settings.snapshot_interval_s))
-    metrics: Metrics = app.state.metrics
-    background = []
-    if settings.loop_lag_interval_s > 0:
-        background.append(asyncio.create_task(watch_loop_lag(metrics, settings.loop_lag_interval_s)))
-    if metrics.shared_dir is not None:
-        refresh = refresh_store_gauges(metrics, runtime.store, STORE_GAUGES_REFRESH_S)
-        background.append(asyncio.create_task(refresh))
+    background = [asyncio.create_task(job) for job in background_jobs(settings, metrics, current, swapper)]
     try:
         yield
     finally:
-        app.state.runtime = None
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        await runtime.pipeline.stop()
-        if snapshots is not None:
-            snapshots.cancel()
-            await asyncio.gather(snapshots, return_exceptions=True)
-            await snapshot_now(runtime.store)  # the next start replays only what comes after
-        await runtime.store.close()
+        async with swapper.stopped():  # no move starts or is left half-way
+            versions = current()
+            app.state.runtime = app.state.versions = None
+            await swapper.close()
+            for rt in versions.runtimes:
+                await rt.pipeline.stop()
+                if settings.snapshot_interval_s > 0:
+                    await snapshot_now(rt.store)  # the next start replays only what comes after
+                await rt.store.close()
         gc.unfreeze()  # a process that builds another app (tests) can collect this one
 
 
@@ -198,7 +263,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.ui = ui.build_ui_context(settings)
     app.state.metrics = metrics
-    app.state.runtime = None
+    app.state.runtime = app.state.versions = None
     install_handlers(app, metrics)
     app.add_middleware(ObserveRequests, metrics=metrics, max_body_bytes=settings.max_request_bytes)
     # With a key configured the API routes (and, if asked, /metrics) require it, and the OpenAPI
@@ -210,6 +275,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(interactions.router, **keyed)
     app.include_router(catalogue.router, **keyed)
     app.include_router(users.router, **keyed)
+    app.include_router(admin.router, **keyed)
     app.include_router(health.router)
     app.include_router(metrics_route.router, **(keyed if settings.metrics_require_key else {}))
     app.include_router(ui.api, **keyed)

@@ -11,7 +11,9 @@ as many memories as the bank (loaded before the record existed) is taken as load
 order, by prefix length, each user's first item (no memory's value, kept beside the bank) appended to
 the history just before the user's first row, so each known user's stored history is their training
 + validation sequence, the input of their offline test sample, with timestamps 0.0. A model directory
-written before first items were kept gives histories without them.
+written before first items were kept gives histories without them. The rows stay out of the store's
+interaction log: they are the model's training data, which ``memrec export --with-training-data`` takes
+from the data set itself (test items and timestamps included).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ async def _append_first_items(
         if first_items[u] > 0
     ]
     if events:
-        await store.append_interactions(events)
+        await store.append_interactions(events, logged=False)
 
 
 async def load_bank(
@@ -84,7 +86,7 @@ async def load_bank(
             for r in rows
         ]
         recent = bank.recent[rows] if bank.recent is not None else None  # None: older model directories
-        res = await store.ingest(events, bank.keys[rows], bank.prefix_lens[rows], recent)
+        res = await store.ingest(events, bank.keys[rows], bank.prefix_lens[rows], recent, logged=False)
         written += res.accepted
     await store.mark_bank_loaded()
     log.info(

@@ -1,4 +1,4 @@
-"""The ``memrec`` command line: ``memrec train``, ``memrec evaluate`` and ``memrec serve``."""
+"""The ``memrec`` command line: ``memrec train``, ``evaluate``, ``serve``, ``reindex`` and ``export``."""
 
 from __future__ import annotations
 
@@ -161,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", dest="model_dir", type=Path, help="model directory (or MEMREC_MODEL_DIR)")
     r.add_argument("--redis-url", help="Redis URL (default: the embedded store in --store-dir)")
     r.add_argument("--store-dir", type=Path, help="store folder: embedded data or Redis index snapshots")
+
+    x = sub.add_parser(
+        "export", help="write the store's interaction log as a RecBole .inter file for `memrec train`"
+    )
+    x.add_argument("--out", required=True, type=Path, help=".inter file to write")
+    x.add_argument("--model", dest="model_dir", type=Path, help="model directory (or MEMREC_MODEL_DIR)")
+    x.add_argument("--redis-url", help="Redis URL (default: the embedded store in --store-dir)")
+    x.add_argument("--store-dir", type=Path, help="store folder: embedded data or Redis index snapshots")
+    x.add_argument(
+        "--with-training-data",
+        action="store_true",
+        help="the model's training data first (the data set it was trained on), then the log",
+    )
+    x.add_argument("--training-data", type=Path, help="another training data file to put first")
+    x.add_argument(
+        "--data-dir", type=Path, help="folder of the known data sets (default: $MEMREC_DATA_DIR or ./data)"
+    )
+    x.add_argument("--after", default="", help="only the log rows after this position (an earlier export's)")
     return parser
 
 
@@ -181,6 +199,26 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         out = asyncio.run(reindex(settings))
     except (ValidationError, artifact.ArtifactError, ConnectionError) as e:
         log.error("%s", e)
+        return 2
+    sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from memory_store.base import StoreInUse
+    from service.export import export
+    from service.settings import Settings
+
+    try:
+        settings = Settings(**_service_overrides(args, ("model_dir", "redis_url", "store_dir", "data_dir")))
+        with_training = args.with_training_data or args.training_data is not None
+        out = asyncio.run(export(settings, args.out, with_training, args.training_data, args.after))
+    except (ValidationError, artifact.ArtifactError, DataError, ConnectionError, StoreInUse) as e:
+        log.error("%s", e)  # StoreInUse: the embedded store of a running server (stop it first)
         return 2
     sys.stdout.write(json.dumps(out, indent=2) + "\n")
     return 0
@@ -372,7 +410,14 @@ def _train_job(args: argparse.Namespace, retrieve: offline.Retrieve, dist: Dist)
         split = leave_one_out(data, args.max_len)
         encoder, enc_metrics = _pretrain(args, data, split, dist)
         train_config = enc_metrics.pop("train_config")
-    art = artifact.Artifact(encoder, data.vocab, data.name, train_config=train_config)
+    art = artifact.Artifact(
+        encoder,
+        data.vocab,
+        data.name,
+        train_config=train_config,
+        dataset_file=data.source,
+        data_until=data.until,
+    )
     if args.stage == "pretrain":
         art.metrics = {**enc_metrics, "encoder": dict(enc_metrics)}
     else:
@@ -444,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "reindex":
         return cmd_reindex(args)
+    if args.command == "export":
+        return cmd_export(args)
     return run_job(args, cmd_train if args.command == "train" else cmd_evaluate)
 
 

@@ -77,13 +77,14 @@ class Ingestor:
             h.append(ev.item_id)
         return Prefixes(before, states, {u: h[-self.history_len :] for u, h in running.items()})
 
-    async def ingest(self, events: Sequence[Interaction]) -> tuple[int, int]:
-        """Store the events (and their memories, and the users' states); returns (accepted, duplicates)."""
+    async def ingest(self, events: Sequence[Interaction], logged: bool = True) -> tuple[int, int]:
+        """Store the events (and their memories, and the users' states); returns (accepted, duplicates).
+        ``logged``: into the interaction log too (False: rows the model's training data holds)."""
         pre = await self.prefixes(events)
         users, windows = list(pre.after), list(pre.after.values())
         if self.frozen_memory:
             states = await self._encode(events, windows)
-            res = await self.store.append_interactions(events, user_states(users, windows, states))
+            res = await self.store.append_interactions(events, user_states(users, windows, states), logged)
             return self._count(res.accepted, res.duplicates)
         keyed = [len(self.predictor.known(p)) > 0 for p in pre.before]  # a key can be encoded
         with_memory = [i for i, k in enumerate(keyed) if k]
@@ -100,14 +101,16 @@ class Ingestor:
         # every history keeps the batch order.
         if first:
             put = _pick(users, windows, states, lambda u: u not in last_keyed)
-            res = await self.store.append_interactions([events[i] for i in first], put)
+            res = await self.store.append_interactions([events[i] for i in first], put, logged)
             accepted, duplicates = res.accepted, res.duplicates
         if with_memory:
             put = _pick(users, windows, states, lambda u: u in last_keyed)
             lens = np.array([len(pre.before[i]) for i in with_memory], dtype=np.int32)
             recent = last_items([pre.before[i] for i in with_memory])
             key_rows = np.stack([_key(pre.states[i], keys.get(i)) for i in with_memory])  # (n, D)
-            res = await self.store.ingest([events[i] for i in with_memory], key_rows, lens, recent, put)
+            res = await self.store.ingest(
+                [events[i] for i in with_memory], key_rows, lens, recent, put, logged
+            )
             accepted, duplicates = accepted + res.accepted, duplicates + res.duplicates
         return self._count(accepted, duplicates)
 

@@ -64,6 +64,46 @@ class Metrics:
         self.batch_size = Histogram(
             "memrec_batch_size", "Requests per micro-batch", buckets=BATCH_BUCKETS, registry=r
         )
+        # Per model version (service.versions): what an operator compares between two versions served
+        # side by side. ``version`` is a model version, never a user or an item.
+        self.recommend_latency = Histogram(
+            "memrec_recommend_duration_seconds",
+            "POST /recommend latency by the model version that answered",
+            ["version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.recommendations = Counter(
+            "memrec_recommendations_total",
+            "Answers by model version and strategy (retrieval, encoder, popular)",
+            ["version", "strategy"],
+            registry=r,
+        )
+        self.outcomes = Counter(
+            "memrec_recommendation_outcomes_total",
+            "Interactions after an answer, by the version that gave it: hit (the item was in it) or miss",
+            ["version", "outcome"],
+            registry=r,
+        )
+        self.model_info = Gauge(  # 1 for each version a worker serves, 0 once it moved away
+            "memrec_model_version_info",
+            "Model versions served (1) and left (0) by a hot swap",
+            ["version"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.model_swaps = Counter(
+            "memrec_model_swaps_total",
+            "Hot model swaps by outcome (switched or failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.model_swap_seconds = Gauge(
+            "memrec_model_swap_seconds",
+            "Duration of the last hot model swap, from the check to the switch",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.events = Counter("memrec_events_total", "Interactions by outcome", ["outcome"], registry=r)
         self.user_states = Counter(
             "memrec_user_states_total",
@@ -124,6 +164,8 @@ class Metrics:
             self.stage_latency.labels(stage)
         for source in ("stored", "encoded"):
             self.user_states.labels(source)
+        for outcome in ("switched", "failed"):
+            self.model_swaps.labels(outcome)
 
     def observe_store(self, stats: StoreStats) -> None:
         self.bank_size.set(stats.memories)

@@ -120,6 +120,10 @@ class Pipeline:
         self.new_items = NewItemEmbeddings(predictor, store)
         self.write_back = WriteBack(store)
 
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
     def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name="recommend-batcher")

@@ -130,6 +130,7 @@ class ErasureResponse(BaseModel):
     memories: int = Field(description="memories built from the user's history removed from the bank")
     user_memories: int = Field(description="per-user memories removed")
     event_ids: int = Field(description="idempotency keys (event_id) of the user's events forgotten")
+    interactions: int = Field(description="rows of the interaction log (what `memrec export` writes) removed")
 
 
 class Problem(BaseModel):
@@ -139,4 +140,14 @@ class Problem(BaseModel):
 class ReadyResponse(BaseModel):
     ready: bool
     checks: dict[str, str]
-    model_version: str | None = None
+    model_version: str | None = None  # the primary version
+    model_versions: list[str] = Field(default_factory=list, description="every version served, primary first")
+
+
+class SwapResponse(BaseModel):
+    outcome: str = Field(description="switched, current (the version served already) or failed")
+    from_version: str
+    to_version: str
+    seconds: float = Field(description="from the check to the switch")
+    replayed: int = Field(description="logged interactions stored into the new version")
+    error: str | None = None

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from memory_store.config import IndexChoice
+
 _NAMESPACE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
@@ -24,6 +26,22 @@ class Settings(BaseSettings):
     redis_tls_ca_file: Path | None = Field(default=None, description="CA bundle for a rediss:// (TLS) URL")
     store_dir: Path = Field(default=Path("var/store"), description="embedded store's data folder")
     namespace: str | None = Field(default=None, description="store namespace; default: the model version")
+    model_dir_b: Path | None = Field(
+        default=None, description="a second model directory served side by side with model_dir (an A/B split)"
+    )
+    model_watch_s: float = Field(
+        default=10.0, ge=0.0, description="seconds between checks of model_dir for a new model; 0: off"
+    )
+    swap_grace_s: float = Field(
+        default=30.0, ge=0.0, description="seconds the old version keeps running after a hot swap"
+    )
+    swap_drop_old: bool = Field(
+        default=True,
+        description="after a hot swap, delete the old version's namespace if no process uses it",
+    )
+    share_b: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of users (by a hash of user_id) model_dir_b answers"
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65_535)
     history_len: int = Field(default=50, ge=1, le=10_000, description="history items read per request")
@@ -36,6 +54,9 @@ class Settings(BaseSettings):
     metrics_require_key: bool = Field(default=False, description="/metrics also needs the API key")
     capacity: int | None = Field(default=None, ge=1, description="most memories kept (oldest go)")
     user_capacity: int | None = Field(default=None, ge=1, description="most memories kept per user")
+    memory_max_age_days: float | None = Field(
+        default=None, gt=0.0, description="memories whose timestamp is older than this many days are evicted"
+    )
     graceful_shutdown_s: float = Field(default=20.0, ge=0.0, description="drain time for in-flight requests")
     workers: int = Field(default=1, ge=1, le=64, description="server processes (more than 1 needs Redis)")
     worker_startup_grace_s: float = Field(
@@ -50,6 +71,12 @@ class Settings(BaseSettings):
         description="item ids the model was not trained on: 'accept' registers them from /interactions, "
         "'reject' answers 422",
     )
+    log_retention_days: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="days the interaction log keeps an accepted interaction (for `memrec export`); "
+        "unset or 0: for ever",
+    )
     load_bank: bool = Field(default=True, description="bulk-load the artifact's memories at start-up")
     snapshot_interval_s: float = Field(
         default=300.0, ge=0.0, description="seconds between index snapshots (also one at shutdown); 0: off"
@@ -58,6 +85,11 @@ class Settings(BaseSettings):
         default=0.05, ge=0.0, description="period of the event-loop lag probe (a histogram); 0: off"
     )
     exact_threshold: int = Field(default=50_000, ge=1, description="memories below which search is exact")
+    index_kind: IndexChoice = Field(
+        default="auto",
+        description="what the IVF index keeps per memory: float32 (ivf_flat), half floats (ivf_fp16), 8-bit "
+        "codes (ivf_sq8), or auto: ivf_flat below 1M memories, ivf_sq8 from 1M (reports/index_scale.md)",
+    )
     nprobe: int = Field(
         default=16, ge=1, description="IVF lists scanned per query (recall against latency; reports/ann.md)"
     )
@@ -95,12 +127,17 @@ class Settings(BaseSettings):
             raise ValueError(f"model_dir {self.model_dir} holds no config.json (train with `memrec train`)")
         if self.redis_tls_ca_file is not None and not (self.redis_url or "").startswith("rediss://"):
             raise ValueError("redis_tls_ca_file needs a rediss:// redis_url")
+        if self.model_dir_b is not None and not (self.model_dir_b / "config.json").is_file():
+            raise ValueError(f"model_dir_b {self.model_dir_b} holds no config.json (a `memrec train` output)")
+        if self.share_b > 0 and self.model_dir_b is None:
+            raise ValueError("share_b > 0 needs model_dir_b: the second model version to answer that share")
         if self.workers > 1 and self.redis_url is None:
             raise ValueError("workers > 1 needs redis_url: the embedded store belongs to one process")
         return self
 
-    def store_namespace(self, model_version: str) -> str:
-        """The namespace to use: the setting, else the model version made namespace-safe."""
+    def store_namespace(self, model_version: str, second: bool = False) -> str:
+        """The namespace to use: the setting, else the model version made namespace-safe. The second of
+        two versions side by side (``second``) always has its own: its setting's with ``-b`` appended."""
         if self.namespace is not None:
-            return self.namespace
+            return f"{self.namespace[:62]}-b" if second else self.namespace
         return _NAMESPACE_CHARS.sub("_", model_version)[:64] or "default"

@@ -38,6 +38,8 @@ ENTRYPOINT_VARS = {
     "MEMREC_DATA_DIR",
     "MEMREC_TRAIN_ARGS",
     "MEMREC_TRAIN_IF_MISSING",
+    "MEMREC_RETRAIN_ARGS",
+    "MEMREC_KEEP_VERSIONS",
     "MEMREC_BIN",
 }
 SETTINGS_VARS = {f"MEMREC_{name.upper()}" for name in Settings.model_fields}
@@ -85,6 +87,17 @@ def stack() -> dict[str, Any]:
     return resolved
 
 
+@pytest.fixture(scope="module")
+def retrain_stack() -> dict[str, Any]:
+    """The compose file resolved with the ``retrain`` profile active."""
+    res = compose_config(
+        ROOT / "docker-compose.yml", {"COMPOSE_PROFILES": "retrain", "REDIS_PASSWORD": "pw-123"}
+    )
+    assert res.returncode == 0, res.stderr
+    resolved: dict[str, Any] = yaml.safe_load(res.stdout)
+    return resolved
+
+
 def test_validator_rejects_a_broken_file(tmp_path: Path) -> None:
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(
@@ -96,7 +109,8 @@ def test_validator_rejects_a_broken_file(tmp_path: Path) -> None:
 
 def test_compose_services_are_wired(stack: dict[str, Any]) -> None:
     svc = stack["services"]
-    assert set(svc) == {"redis", "train", "api", "proxy", "prometheus", "grafana"}
+    # docker-compose 1.x lists the services of inactive profiles too (retrain), compose 2 does not
+    assert set(svc) - {"retrain"} == {"redis", "train", "api", "proxy", "prometheus", "grafana"}
     api, train, redis = svc["api"], svc["train"], svc["redis"]
     # Redis: AOF on a named volume, password, a healthcheck the API waits on.
     cmd = redis["command"]
@@ -126,6 +140,21 @@ def test_compose_services_are_wired(stack: dict[str, Any]) -> None:
     assert "/models" in train_mounts and "/models" in api_mounts and "/data" in train_mounts
     assert _read_only(api_mounts["/models"]) and not _read_only(train_mounts["/models"])
     assert env["MEMREC_MODEL_DIR"].startswith("/models/") and env["MEMREC_DATA_DIR"] == "/data"
+
+
+def test_the_retrain_profile_runs_the_loop_against_the_served_store(retrain_stack: dict[str, Any]) -> None:
+    svc = retrain_stack["services"]
+    retrain, api = svc["retrain"], svc["api"]
+    assert retrain["command"] == ["retrain"] and retrain["profiles"] == ["retrain"]
+    assert retrain["restart"] == "no" and retrain["image"] == api["image"]
+    assert retrain["depends_on"]["redis"]["condition"] == "service_healthy"
+    env = retrain["environment"]
+    assert {k: v for k, v in env.items() if k in api["environment"]} == api["environment"]
+    assert all(known_variable(name) for name in env if name.startswith("MEMREC_"))
+    assert "MEMREC_NAMESPACE" not in env  # the export reads the served version's own namespace
+    mounts = {_vol(v)[1]: v for v in retrain["volumes"]}
+    assert _vol(mounts["/models"])[0] == "models" and not _read_only(mounts["/models"])
+    assert "/data" in mounts
 
 
 def test_proxy_and_prometheus_reach_every_replica(stack: dict[str, Any]) -> None:
@@ -316,6 +345,80 @@ def test_entrypoint_trains_once_then_serves(redis_server: Callable[..., RedisSer
     assert "snapshot at" in text
     # The bank was loaded once, by `train`; no secret appears in the log.
     assert "memory bank already loaded" in text and "pw-entry" not in text and "key-entry" not in text
+
+
+async def log_interactions(env: dict[str, str], events: list[tuple[str, str]]) -> None:
+    """(user, external item) interactions into the served model's store, as the API would write them:
+    unknown items registered first, every event logged."""
+    from memory_store import Interaction, open_store
+    from model import artifact
+    from service.app import store_config
+
+    settings = Settings(model_dir=env["MEMREC_MODEL_DIR"], redis_url=env["MEMREC_REDIS_URL"])
+    art = artifact.load(settings.model_dir)
+    config = store_config(settings, art.encoder.cfg.dim, art.model_version, art.vocab.n_items)
+    store = await open_store(config)
+    try:
+        (new,) = await store.register_items(["sku-new"])
+        logged = [
+            Interaction(user, new if item == "sku-new" else art.vocab.item_id(item), 2e9 + k, f"ev{k}")
+            for k, (user, item) in enumerate(events)
+        ]
+        assert (await store.append_interactions(logged)).accepted == len(events)
+    finally:
+        await store.close()
+
+
+@pytest.mark.timeout(600)
+async def test_entrypoint_retrain_loop_publishes_versions(
+    redis_server: Callable[..., RedisServer], tmp_path: Path
+) -> None:
+    redis = redis_server()
+    data = write_toy_dataset(tmp_path / "toy.txt")
+    models = tmp_path / "models"
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+        "MEMREC_BIN": str(_wrapper(tmp_path)),
+        "MEMREC_DATASET": str(data),
+        "MEMREC_DATA_DIR": str(tmp_path / "data"),
+        "MEMREC_MODEL_DIR": str(models / "current"),
+        "MEMREC_TRAIN_ARGS": "--epochs 2 --ft-epochs 1 --k 5 --threads 1 --device cpu --no-vote",
+        "MEMREC_RETRAIN_ARGS": "--epochs 1 --ft-epochs 1 --k 5 --threads 1 --device cpu --no-vote",
+        "MEMREC_KEEP_VERSIONS": "2",
+        "MEMREC_REDIS_URL": redis.url,
+        "MEMREC_STORE_DIR": str(tmp_path / "store"),
+    }
+    assert _run(env, "retrain").returncode == 2  # nothing to retrain from yet
+    first = _run(env, "train")
+    assert first.returncode == 0, first.stderr[-3000:]
+    current = models / "current"
+    assert current.is_symlink() and os.readlink(current).startswith("versions/")
+    v1 = current.resolve()
+
+    await log_interactions(env, [("u1", "i3"), ("u1", "sku-new"), ("w9", "sku-new"), ("w9", "i4")])
+    second = _run(env, "retrain")
+    assert second.returncode == 0, second.stderr[-3000:]
+    v2 = current.resolve()
+    assert v2 != v1 and v1.is_dir() and current.is_symlink()
+    (export,) = sorted((models / "exports").glob("*.inter"))
+    assert export.stem == v2.name  # a version is named as the export it was trained on
+    lines = export.read_text().splitlines()
+    assert len(lines) == 1 + data.read_text().count(" ") + 4  # header, every training row, the log
+    config = json.loads((v2 / "config.json").read_text())
+    assert config["dataset_file"] == str(export)
+    assert "sku-new" in json.loads((v2 / "vocab.json").read_text())["items"]
+    reindexed = json.loads(second.stdout)  # the new version's bank went into its own namespace
+    assert reindexed["model_version"] == config["model_version"] and reindexed["written"] > 0
+
+    # the next retrain starts from v2 and its training data (the first export); two versions are kept
+    time.sleep(1.1)  # versions are named by the second
+    third = _run(env, "retrain")
+    assert third.returncode == 0, third.stderr[-3000:]
+    v3 = current.resolve()
+    assert sorted(p.name for p in (models / "versions").iterdir()) == [v2.name, v3.name]
+    assert len((models / "exports" / f"{v3.name}.inter").read_text().splitlines()) == len(lines)
 
 
 def test_configuration_reference_documents_every_setting() -> None:

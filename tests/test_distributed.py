@@ -243,7 +243,10 @@ def test_two_pods_meet_at_a_c10d_rendezvous_through_the_entrypoint(toy: Path, tm
     ]
     logs = [pod.communicate(timeout=300)[1] for pod in pods]
     assert [pod.returncode for pod in pods] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert sorted(p.name for p in models.iterdir()) == ["current"]  # in place, no .partial left
+    # published as the entrypoint publishes every version: versions/<time>/ and the link current to it
+    assert sorted(p.name for p in models.iterdir()) == ["current", "versions"]
+    assert (models / "current").is_symlink() and len(list((models / "versions").iterdir())) == 1
+    assert not list(models.rglob("*.partial"))  # nothing half-written left
     assert not (models / "current" / "checkpoints").exists()
     assert json.loads((models / "current" / "config.json").read_text())["metrics"]["processes"] == 2
     assert "pod 1 trained its share" in logs[1] and "trained its share" not in logs[0]

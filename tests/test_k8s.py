@@ -29,10 +29,17 @@ K8S = Path(__file__).resolve().parent.parent / "k8s"
 K8S_VERSIONS = ("1.31", "1.37")
 NOT_IN_KUSTOMIZATION = {"kustomization.yaml", "servicemonitor.yaml", "secret.example.yaml"}
 # Read by the image entrypoint (train / reindex), not by service.settings.Settings.
-ENTRYPOINT_VARS = {"MEMREC_DATASET", "MEMREC_DATA_DIR", "MEMREC_TRAIN_ARGS"}
+ENTRYPOINT_VARS = {
+    "MEMREC_DATASET",
+    "MEMREC_DATA_DIR",
+    "MEMREC_TRAIN_ARGS",
+    "MEMREC_RETRAIN_ARGS",
+    "MEMREC_KEEP_VERSIONS",
+}
 SECRET_NAME = "memrec-secrets"
 NAMESPACED_KINDS = {
     "ConfigMap",
+    "CronJob",
     "Deployment",
     "HorizontalPodAutoscaler",
     "Job",
@@ -83,8 +90,15 @@ def config() -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()}
 
 
+def pod_template(workload: Obj) -> Obj:
+    """The pod template of a workload (a CronJob's is its job template's)."""
+    spec = workload["spec"]["jobTemplate"]["spec"] if workload["kind"] == "CronJob" else workload["spec"]
+    template: Obj = spec["template"]
+    return template
+
+
 def pod_spec(workload: Obj) -> Obj:
-    spec: Obj = workload["spec"]["template"]["spec"]
+    spec: Obj = pod_template(workload)["spec"]
     return spec
 
 
@@ -101,12 +115,12 @@ def the_container(workload: Obj) -> Obj:
 
 
 def workloads() -> list[Obj]:
-    return [r for r in all_resources() if r["kind"] in {"Deployment", "StatefulSet", "Job"}]
+    return [r for r in all_resources() if r["kind"] in {"Deployment", "StatefulSet", "Job", "CronJob"}]
 
 
 def memrec_workloads() -> list[Obj]:
-    """The workloads running the memrec image (API and training)."""
-    return [one("Deployment", "memrec-api"), one("Job", "memrec-train")]
+    """The workloads running the memrec image (API, training and retraining)."""
+    return [one("Deployment", "memrec-api"), one("Job", "memrec-train"), one("CronJob", "memrec-retrain")]
 
 
 def env_names(container: Obj) -> set[str]:
@@ -146,7 +160,7 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 
 def pod_labels(workload: Obj) -> dict[str, str]:
-    labels: dict[str, str] = workload["spec"]["template"]["metadata"]["labels"]
+    labels: dict[str, str] = pod_template(workload)["metadata"]["labels"]
     return labels
 
 
@@ -265,7 +279,7 @@ def test_validator_rejects_a_broken_deployment(breakage: str) -> None:
 # the workload kinds the manifests may use).
 RENDERED_FIELDS = {"apiVersion", "kind", "namespace", "labels", "resources", "images"}
 LABEL_ENTRY_FIELDS = {"pairs", "includeSelectors", "includeTemplates"}
-TEMPLATED_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+TEMPLATED_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob"}
 CLUSTER_KINDS = {"Namespace"}
 
 
@@ -296,9 +310,11 @@ def render_in_python(kust: Obj) -> list[Obj]:
             assert not entry.get("includeSelectors", False), "selector labelling is not implemented"
             r["metadata"].setdefault("labels", {}).update(entry["pairs"])
             if entry.get("includeTemplates", False) and kind in TEMPLATED_KINDS:
-                # the pod template, and a StatefulSet's volume claim templates as kustomize does
+                # the pod template, a StatefulSet's volume claim templates and a CronJob's job template
+                # as kustomize does
                 claims = r["spec"].get("volumeClaimTemplates", []) if kind == "StatefulSet" else []
-                for template in [r["spec"]["template"], *claims]:
+                jobs = [r["spec"]["jobTemplate"]] if kind == "CronJob" else []
+                for template in [pod_template(r), *claims, *jobs]:
                     template.setdefault("metadata", {}).setdefault("labels", {}).update(entry["pairs"])
         for image in kust.get("images", []):
             assert set(image) <= {"name", "newName", "newTag"}, f"unknown images options {sorted(image)}"
@@ -351,7 +367,7 @@ def test_kustomize_build_renders_valid_resources() -> None:
         assert matches(part_of, resource["metadata"]["labels"]), _identity(resource)
         if resource["kind"] in NAMESPACED_KINDS:
             assert resource["metadata"]["namespace"] == "memrec"
-        if resource["kind"] in {"Deployment", "Job"}:
+        if resource["kind"] in {"Deployment", "Job", "CronJob"}:
             (container,) = pod_spec(resource)["containers"]
             assert container["image"] == f"{image['newName']}:{image['newTag']}"
         if resource["kind"] in TEMPLATED_KINDS:
@@ -409,7 +425,7 @@ def test_secrets_are_referenced_not_stored() -> None:
                 assert ref["key"] in keys
                 assert bool(ref.get("optional", False)) == (ref["key"] == "api-key"), entry["name"]
                 seen.setdefault(workload["metadata"]["name"], set()).add(entry["name"])
-    for name in ("memrec-api", "memrec-train"):
+    for name in ("memrec-api", "memrec-train", "memrec-retrain"):
         assert seen[name] == {"MEMREC_REDIS_PASSWORD", "MEMREC_API_KEY"}
     assert seen["memrec-redis"] == {"REDIS_PASSWORD"}
 
@@ -485,6 +501,7 @@ def test_image_is_the_same_and_overridable() -> None:
     assert image["name"] == "memrec" and all(i.split(":")[0] == image["name"] for i in images)
     assert the_container(one("Deployment", "memrec-api"))["args"] == ["serve"]
     assert the_container(one("Job", "memrec-train"))["args"] == ["train"]
+    assert the_container(one("CronJob", "memrec-retrain"))["args"] == ["retrain"]
 
 
 # -------------------------------------------------------------------------------- Redis and storage
@@ -552,7 +569,7 @@ def test_model_data_and_store_paths_are_mounted() -> None:
     for workload in memrec_workloads():
         container = the_container(workload)
         env = effective_env(container)
-        writes_model = workload["kind"] == "Job"
+        writes_model = workload["kind"] in {"Job", "CronJob"}
         models = mount_for(container, env["MEMREC_MODEL_DIR"])
         claim = volume(workload, models["name"])["persistentVolumeClaim"]
         assert claim["claimName"] == "memrec-models"
@@ -563,11 +580,12 @@ def test_model_data_and_store_paths_are_mounted() -> None:
         assert not store.get("readOnly", False)
         assert "emptyDir" in volume(workload, store["name"])
         assert not mount_for(container, "/tmp").get("readOnly", False)
-    job = the_container(one("Job", "memrec-train"))
-    data = mount_for(job, effective_env(job)["MEMREC_DATA_DIR"])
-    assert data["readOnly"] is True
-    claim = volume(one("Job", "memrec-train"), data["name"])["persistentVolumeClaim"]
-    assert claim["claimName"] == "memrec-data"
+    for trainer in (one("Job", "memrec-train"), one("CronJob", "memrec-retrain")):
+        job = the_container(trainer)
+        data = mount_for(job, effective_env(job)["MEMREC_DATA_DIR"])
+        assert data["readOnly"] is True
+        claim = volume(trainer, data["name"])["persistentVolumeClaim"]
+        assert claim["claimName"] == "memrec-data"
 
 
 def test_training_job() -> None:
@@ -576,6 +594,27 @@ def test_training_job() -> None:
     assert job["template"]["spec"]["restartPolicy"] in {"Never", "OnFailure"}
     requests = the_container(one("Job", "memrec-train"))["resources"]["requests"]
     assert (str(requests["cpu"]), requests["memory"]) == ("2", "8Gi")
+
+
+def test_retrain_cronjob() -> None:
+    cron = one("CronJob", "memrec-retrain")
+    spec = cron["spec"]
+    assert len(spec["schedule"].split()) == 5
+    assert spec["concurrencyPolicy"] == "Forbid", "two runs would publish over each other"
+    job = spec["jobTemplate"]["spec"]
+    assert job["backoffLimit"] <= 2 and job["ttlSecondsAfterFinished"] > 0
+    assert job["activeDeadlineSeconds"] > 0
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    container = the_container(cron)
+    env = effective_env(container)
+    # the export reads the served version's own namespace; the retrained encoder keeps its shape
+    assert "MEMREC_NAMESPACE" not in env and "MEMREC_REDIS_URL" in env
+    assert "--max-len" not in env["MEMREC_RETRAIN_ARGS"] and int(env["MEMREC_KEEP_VERSIONS"]) >= 2
+    # the same image, store, models and data as the training Job, whose resources it needs too
+    train = the_container(one("Job", "memrec-train"))
+    assert container["resources"] == train["resources"] and container["envFrom"] == train["envFrom"]
+    for path in ("/models", "/data", "/var/lib/memrec/store", "/tmp"):
+        assert mount_for(container, path) == mount_for(train, path), path
 
 
 # -------------------------------------------------------------------------------------- security

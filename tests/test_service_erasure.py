@@ -72,6 +72,7 @@ async def test_after_erasure_no_answer_derives_from_the_user(channels_dir: Path,
             "memories": 119,  # the first event only started the history
             "user_memories": 0,
             "event_ids": 120,
+            "interactions": 120,
         }
         for ask, was in zip(asks, before, strict=True):  # as if GONE had never been
             now = (await client.post("/recommend", json=ask)).json()
@@ -90,6 +91,7 @@ async def test_after_erasure_no_answer_derives_from_the_user(channels_dir: Path,
             "memories": 0,
             "user_memories": 0,
             "event_ids": 0,
+            "interactions": 0,
         }
         assert metric((await client.get("/metrics")).text, "memrec_user_erasures_total") == 2.0
         # their event ids are forgotten: the same events are new ones now

@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 
 from service.schemas import AvailabilityRequest, AvailabilityResponse, Problem, UnavailableItems
-from service.state import MetricsDep, RuntimeDep
+from service.state import MetricsDep, RuntimeDep, VersionsDep
 
 router = APIRouter(tags=["items"])
 
@@ -18,17 +18,22 @@ router = APIRouter(tags=["items"])
     responses={413: {"model": Problem}, 422: {"model": Problem}, 503: {"model": Problem}},
 )
 async def set_availability(
-    body: AvailabilityRequest, rt: RuntimeDep, metrics: MetricsDep
+    body: AvailabilityRequest, versions: VersionsDep, metrics: MetricsDep
 ) -> AvailabilityResponse:
     """Mark items unavailable (``available: false``: never recommended, whatever their scores; the
     memories that name them say so in explanations) or available again. Every id must be known (the
     model's, or registered from /interactions): otherwise a 422 names them and nothing changes. Once it
-    returns, this replica's answers reflect it; the others' within their replication lag."""
+    returns, this replica's answers reflect it; the others' within their replication lag. With two
+    model versions side by side both apply it (the primary's vocabulary decides what is known)."""
+    rt = versions.primary
     limit = rt.settings.max_events_per_batch
     if len(body.items) > limit:
         raise HTTPException(413, f"the request holds {len(body.items)} items; the limit is {limit}")
     ids = await rt.items.known(body.items, "items")
-    changed = await rt.store.set_available(ids, body.available)
+    with versions.writes.write():
+        changed = await rt.store.set_available(ids, body.available)
+        for other in versions.runtimes[1:]:
+            await other.store.set_available(await other.items.those_known(body.items), body.available)
     unavailable = int((await rt.store.unavailable_items()).size)
     metrics.unavailable_items.set(unavailable)
     return AvailabilityResponse(items=len(set(ids)), changed=changed, unavailable=unavailable)

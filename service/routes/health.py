@@ -9,7 +9,8 @@ from fastapi.responses import JSONResponse
 
 from service.errors import store_errors
 from service.schemas import ReadyResponse
-from service.state import MetricsDep, Runtime
+from service.state import MetricsDep
+from service.versions import Versions
 
 router = APIRouter(tags=["health"])
 
@@ -24,17 +25,24 @@ async def livez() -> dict[str, str]:
 
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
 async def readyz(request: Request, metrics: MetricsDep) -> JSONResponse:
-    """Ready when the model is loaded, the memory bank is in the store and the store answers."""
-    rt: Runtime | None = getattr(request.app.state, "runtime", None)
-    checks = {"model": "ok" if rt is not None else "not loaded"}
-    if rt is not None:
+    """Ready when the model is loaded, the memory bank is in the store and the store answers; with two
+    model versions side by side, both (the second's checks end in ``_b``)."""
+    versions: Versions | None = getattr(request.app.state, "versions", None)
+    checks = {"model": "ok" if versions is not None else "not loaded"}
+    for rt, suffix in zip(versions.serving if versions else (), ("", "_b"), strict=False):
         try:
             stats = await asyncio.wait_for(rt.store.stats(), READY_TIMEOUT_S)
-            metrics.observe_store(stats)
-            checks["store"] = "ok"
-            checks["index"] = f"ok ({stats.index_size} memories, {stats.index_kind})"
+            if not suffix:
+                metrics.observe_store(stats)
+            checks["store" + suffix] = "ok"
+            checks["index" + suffix] = f"ok ({stats.index_size} memories, {stats.index_kind})"
         except store_errors() as exc:
-            checks["store"] = f"unavailable: {exc}"
+            checks["store" + suffix] = f"unavailable: {exc}"
     ready = all(v.startswith("ok") for v in checks.values())
-    body = ReadyResponse(ready=ready, checks=checks, model_version=rt.model_version if rt else None)
+    body = ReadyResponse(
+        ready=ready,
+        checks=checks,
+        model_version=versions.primary.model_version if versions else None,
+        model_versions=versions.names if versions else [],
+    )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

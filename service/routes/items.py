@@ -90,6 +90,12 @@ class ItemIds:
             raise unknown_items_error(unknown, field)
         return [self._id(names, e) for e in externals]
 
+    async def those_known(self, externals: Sequence[str]) -> list[int]:
+        """Internal ids of the items of ``externals`` this version knows, the others skipped (another
+        model version side by side may know items this one never saw)."""
+        names = await self.names()
+        return [i for e in externals if (i := names.internal(e)) is not None]
+
     async def read(self, externals: Sequence[str], field: str) -> list[int]:
         """Internal ids for a read (a request's history or exclusions): unknown items are skipped in
         ``accept`` mode, a 422 in ``reject`` mode."""
@@ -98,12 +104,13 @@ class ItemIds:
         names = await self.names()
         return [i for e in externals if (i := names.internal(e)) is not None]
 
-    async def write(self, externals: Sequence[str], field: str) -> list[int]:
+    async def write(self, externals: Sequence[str], field: str, accept: bool | None = None) -> list[int]:
         """Internal ids for stored events: unknown items are registered in ``accept`` mode (one id per
-        item whichever replica registers it first), a 422 in ``reject`` mode (nothing is stored)."""
+        item whichever replica registers it first), a 422 in ``reject`` mode (nothing is stored).
+        ``accept`` overrides the mode (a version being moved to takes what the serving one took)."""
         names = await self.names()
         unknown = names.unknown(externals)
-        if unknown and not self.accept_new:
+        if unknown and not (self.accept_new if accept is None else accept):
             raise unknown_items_error(unknown, field)
         fresh = dict(zip(unknown, await self.store.register_items(unknown), strict=True)) if unknown else {}
         return [fresh[e] if e in fresh else self._id(names, e) for e in externals]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ from service.pipeline import Answer, Query, Why
 from service.responses import OrjsonResponse
 from service.routes.items import ItemNames
 from service.schemas import Problem, RecommendRequest, RecommendResponse
-from service.state import RuntimeDep
+from service.state import MetricsDep, OutcomesDep, VersionsDep
 
 router = APIRouter(tags=["recommend"])
 
@@ -23,13 +24,18 @@ router = APIRouter(tags=["recommend"])
     response_class=OrjsonResponse,
     responses={422: {"model": Problem}, 503: {"model": Problem}},
 )
-async def recommend(body: RecommendRequest, rt: RuntimeDep) -> OrjsonResponse:
+async def recommend(
+    body: RecommendRequest, versions: VersionsDep, metrics: MetricsDep, outcomes: OutcomesDep
+) -> OrjsonResponse:
     """Top-n items for a user: stored history (+ ``history``) → encode → retrieve → fuse → rank.
     A user without any history gets the most popular items of the training data (``strategy`` popular).
     While the store is unreachable the answer is ``degraded``: the request's own ``history`` (or the
     popular items) with this replica's index, instead of an error. Items marked unavailable are never
     returned. Item ids unknown to the service are skipped in ``history`` and ``exclude_items``
-    (``MEMREC_NEW_ITEMS=accept``) or a 422 (``reject``)."""
+    (``MEMREC_NEW_ITEMS=accept``) or a 422 (``reject``). With two model versions served side by side the
+    user's version answers (``model_version``), always the same one for the same user."""
+    t0 = time.perf_counter()
+    rt = versions.for_user(body.user_id)
     cap = rt.settings.max_request_items
     for name, values in (("history", body.history), ("exclude_items", body.exclude_items)):
         if values is not None and len(values) > cap:
@@ -49,6 +55,9 @@ async def recommend(body: RecommendRequest, rt: RuntimeDep) -> OrjsonResponse:
     out = answer_json(body.user_id, answer, rt.model_version, names)
     if body.explain:
         out["memories"] = _memories(answer, names, await rt.store.unavailable_items())
+    outcomes.answered(body.user_id, rt.model_version, [item["item_id"] for item in out["items"]])
+    metrics.recommendations.labels(rt.model_version, answer.strategy).inc()
+    metrics.recommend_latency.labels(rt.model_version).observe(time.perf_counter() - t0)
     return OrjsonResponse(out)
 
 

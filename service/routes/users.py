@@ -15,7 +15,8 @@ from fastapi import APIRouter
 from fastapi import Path as PathParam
 
 from service.schemas import ErasureResponse, Problem, UserId
-from service.state import MetricsDep, RuntimeDep
+from service.state import MetricsDep, OutcomesDep, VersionsDep
+from service.swap import SwapperDep
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["users"])
@@ -27,13 +28,19 @@ router = APIRouter(tags=["users"])
     responses={422: {"model": Problem}, 503: {"model": Problem}},
 )
 async def erase_user(
-    rt: RuntimeDep,
+    versions: VersionsDep,
     metrics: MetricsDep,
+    outcomes: OutcomesDep,
+    swapper: SwapperDep,
     user_id: Annotated[UserId, PathParam(min_length=1, max_length=256)],
 ) -> ErasureResponse:
     """Erase everything stored about the user and answer what was removed. Once it returns, this
-    replica's answers hold nothing of them; the others' within their replication lag."""
-    erased = await rt.store.erase_user(user_id)
+    replica's answers hold nothing of them; the others' within their replication lag. With two model
+    versions side by side both erase them (the primary's counts are answered)."""
+    with versions.writes.write():
+        erased = [await rt.store.erase_user(user_id) for rt in versions.runtimes][0]
+    outcomes.forget(user_id)
+    swapper.erased(user_id)
     metrics.erasures.inc()
     log.info("erased a user: %d history items, %d memories", erased.history, erased.memories)
     return ErasureResponse(
@@ -42,4 +49,5 @@ async def erase_user(
         memories=erased.memories,
         user_memories=erased.user_memories,
         event_ids=erased.event_ids,
+        interactions=erased.interactions,
     )
