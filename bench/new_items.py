@@ -27,6 +27,7 @@ import os
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,16 +94,36 @@ async def replay(model: Path, later: list[tuple[str, str, float]], arm: str) -> 
     return {"hit": hit, "gain": gain, "refused": refused}
 
 
-def run_new_items(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DriftSetup:
+    """A time-cut replay's inputs: the later events and the model trained on the earlier part."""
+
+    work: Path  # artifacts/drift/cut<percent>
+    later: list[tuple[str, str, float]]  # (user, item, timestamp) in time order
+    known: set[str]  # the items the earlier part holds (the model's vocabulary)
+    model: Path
+    train: list[str]  # the command that trained it
+    flags: list[str]  # its training flags (data and output apart)
+
+
+def drift_setup(args: argparse.Namespace) -> DriftSetup:
+    """Split ml-100k at ``args.cut`` and train the model (once per cut: the replays share it)."""
     data_dir = Path(args.data_dir or os.environ.get("MEMREC_DATA_DIR") or "../shared/data")
     work = ROOT / "artifacts" / "drift" / f"cut{round(args.cut * 100)}"
     work.mkdir(parents=True, exist_ok=True)
     early, later, known = split_by_time(data_dir / "ml-100k" / "ml-100k.inter", args.cut, work)
     later = later[: args.events] if args.events else later
     model = work / "model-vote-transitions"
-    train = [*TRAIN, "--dataset", str(early), "--out", str(model), *train_flags(args.epochs, args.ft_epochs)]
+    flags = train_flags(args.epochs, args.ft_epochs)
+    train = [*TRAIN, "--dataset", str(early), "--out", str(model), *flags]
     if not (model / "config.json").is_file():
         subprocess.run(train, check=True, capture_output=True)
+    return DriftSetup(work, later, known, model, train, flags)
+
+
+def run_new_items(args: argparse.Namespace) -> dict[str, Any]:
+    setup = drift_setup(args)
+    later, known, model, train = setup.later, setup.known, setup.model, setup.train
     is_new = np.array([i not in known for _, i, _ in later])
     users = [u for u, _, _ in later]
     arms: dict[str, dict[str, Any]] = {}

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import logging
 import math
-import os
 import shlex
 import subprocess
 import time
@@ -33,19 +32,13 @@ from typing import Any
 import numpy as np
 
 from bench.common import ROOT
-from bench.drift import paired, split_by_time
-from bench.new_items import TRAIN, train_flags
+from bench.drift import paired
+from bench.new_items import TRAIN, drift_setup
 from bench.serving import flush, model_card
+from bench.swap import point
 
 RETRAIN_REDIS_URL = "redis://127.0.0.1:6379/15"
 Event = tuple[str, str, float]
-
-
-def point(link: Path, target: Path) -> None:
-    tmp = link.with_name(link.name + ".next")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target.resolve())
-    tmp.replace(link)
 
 
 async def replay(
@@ -107,16 +100,8 @@ async def retrain(settings: Any, client: Any, work: Path, flags: list[str], expo
 
 
 def run_retrain(args: argparse.Namespace) -> dict[str, Any]:
-    data_dir = Path(args.data_dir or os.environ.get("MEMREC_DATA_DIR") or "../shared/data")
-    work = ROOT / "artifacts" / "drift" / f"cut{round(args.cut * 100)}"
-    work.mkdir(parents=True, exist_ok=True)
-    early, later, _ = split_by_time(data_dir / "ml-100k" / "ml-100k.inter", args.cut, work)
-    later = later[: args.events] if args.events else later
-    model = work / "model-vote-transitions"  # the new-items replay's model: trained once for both
-    flags = train_flags(args.epochs, args.ft_epochs)
-    train = [*TRAIN, "--dataset", str(early), "--out", str(model), *flags]
-    if not (model / "config.json").is_file():
-        subprocess.run(train, check=True, capture_output=True)
+    setup = drift_setup(args)  # the new-items replay's model: trained once for both
+    work, later, model, train, flags = setup.work, setup.later, setup.model, setup.train, setup.flags
     half = len(later) // 2
     arms: dict[str, dict[str, Any]] = {}
     for arm, at in (("live", None), ("retrained", half)):
