@@ -16,14 +16,11 @@ a different user, so the index is read from memory as in serving). Writes ``repo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shlex
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +28,7 @@ import faiss
 import numpy as np
 import torch
 
-from bench.common import REPORTS, machine, machine_label
+from bench.common import write_report
 from memory_store import IndexParams, MemoryBatch, SearchResult
 from memory_store.index import MemoryIndex
 from memory_store.transitions import Followers
@@ -208,13 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run(args)
-    result["command"] = shlex.join(
-        ["python", "-m", "bench.ann", *(argv if argv is not None else sys.argv[1:])]
-    )
-    result["machine"] = machine_label(machine())
-    result["date"] = datetime.now(UTC).isoformat(timespec="seconds")
-    (REPORTS / "ann.json").write_text(json.dumps(result, indent=2) + "\n")
-    (REPORTS / "ann.md").write_text(markdown(result))
+    write_report("ann", "bench.ann", argv, result, markdown)
     return 0
 
 

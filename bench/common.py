@@ -100,6 +100,19 @@ def evaluate_cli(model_dir: Path, *, device: str | None, data_dir: str | None) -
     return out
 
 
+def write_report(
+    name: str, module: str, argv: Sequence[str] | None, result: dict[str, Any], markdown: Callable[..., str]
+) -> None:
+    """``reports/{name}.json`` and ``.md`` of one run of ``python -m {module}``: the result with its
+    command (``argv``, default the process's), machine and date."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    result["command"] = shlex.join(["python", "-m", module, *args])
+    result["machine"] = machine_label(machine())
+    result["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    (REPORTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (REPORTS / f"{name}.md").write_text(markdown(result))
+
+
 def write_result(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # A record that carries its own machine (a result trained elsewhere, evaluated here) keeps it.

@@ -34,14 +34,12 @@ import json
 import logging
 import os
 import resource
-import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +49,7 @@ import redis
 import torch
 
 from bench import ann
-from bench.common import REPORTS, machine, machine_label
+from bench.common import write_report
 from bench.walks import TransitionWalker, walk_memories
 from memory_store import IndexParams, MemoryBatch, SearchResult, StoreConfig, open_store
 from memory_store.config import INDEX_KINDS
@@ -655,13 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run(args)
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    result["command"] = shlex.join(
-        ["python", "-m", "bench.index_scale", *(argv if argv is not None else sys.argv[1:])]
-    )
-    result["machine"] = machine_label(machine())
-    result["date"] = datetime.now(UTC).isoformat(timespec="seconds")
-    (REPORTS / "index_scale.json").write_text(json.dumps(result, indent=2) + "\n")
-    (REPORTS / "index_scale.md").write_text(markdown(result))
+    write_report("index_scale", "bench.index_scale", argv, result, markdown)
     return 0
 
 

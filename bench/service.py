@@ -155,6 +155,15 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def replay_args(parser: argparse.ArgumentParser, cut: float) -> None:
+    """The options every time-split replay of ml-100k takes (bench.new_items.drift_setup reads them)."""
+    parser.add_argument("--data-dir")
+    parser.add_argument("--cut", type=float, default=cut)
+    parser.add_argument("--events", type=int, help="replay only the first N later events (default: all)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--ft-epochs", type=int, default=5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,27 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     lp.add_argument("--batch-wait-ms", type=float, default=3.0, help="the server's micro-batch wait")
     lp.add_argument("--section", default="load", help="report key (e.g. a second model's sweep)")
     dp = sub.add_parser("drift", help="time-split replay, live versus frozen memory")
-    dp.add_argument("--data-dir")
-    dp.add_argument("--cut", type=float, default=0.9)
-    dp.add_argument("--events", type=int, help="replay only the first N later events (default: all)")
-    dp.add_argument("--epochs", type=int, default=20)
-    dp.add_argument("--ft-epochs", type=int, default=5)
+    replay_args(dp, cut=0.9)
     dp.add_argument("--vote", action="store_true", help="tune the memory vote (report section drift_vote)")
     dp.add_argument(
         "--transitions", action="store_true", help="tune the transition channel (section drift_*transitions)"
     )
     np_ = sub.add_parser("new-items", help="time-split replay with new items: frozen, refused, accepted")
-    np_.add_argument("--data-dir")
-    np_.add_argument("--cut", type=float, default=0.5)
-    np_.add_argument("--events", type=int, help="replay only the first N later events (default: all)")
-    np_.add_argument("--epochs", type=int, default=20)
-    np_.add_argument("--ft-epochs", type=int, default=5)
+    replay_args(np_, cut=0.5)
     rp = sub.add_parser("retrain", help="drift replay with export, warm retrain and hot swap at the midpoint")
-    rp.add_argument("--data-dir")
-    rp.add_argument("--cut", type=float, default=0.5)
-    rp.add_argument("--events", type=int, help="replay only the first N later events (default: all)")
-    rp.add_argument("--epochs", type=int, default=20)
-    rp.add_argument("--ft-epochs", type=int, default=5)
+    replay_args(rp, cut=0.5)
     sp = sub.add_parser("swap", help="a hot model swap under open-loop load")
     sp.add_argument("--model", default="artifacts/beauty")
     sp.add_argument("--rate", type=float, default=300.0)

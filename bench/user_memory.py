@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.common import REPORTS, display_path, machine, machine_label
+from bench.common import display_path, write_report
 from model import artifact
 from model.data import IntArray, Samples, leave_one_out, load_dataset, seen_csr
 from model.evaluate import evaluate
@@ -241,13 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     result["access_top"] = args.access_top
     result["fused"] = fused_rows(args.fused)
-    result["command"] = shlex.join(
-        ["python", "-m", "bench.user_memory", *(argv if argv is not None else sys.argv[1:])]
-    )
-    result["machine"] = machine_label(machine())
-    result["date"] = datetime.now(UTC).isoformat(timespec="seconds")
-    (REPORTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (REPORTS / f"{args.out}.md").write_text(markdown(result))
+    write_report(args.out, "bench.user_memory", argv, result, markdown)
     return 0
 
 

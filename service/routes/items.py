@@ -101,8 +101,7 @@ class ItemIds:
         ``accept`` mode, a 422 in ``reject`` mode."""
         if not self.accept_new:
             return await self.known(externals, field)
-        names = await self.names()
-        return [i for e in externals if (i := names.internal(e)) is not None]
+        return await self.those_known(externals)
 
     async def write(self, externals: Sequence[str], field: str, accept: bool | None = None) -> list[int]:
         """Internal ids for stored events: unknown items are registered in ``accept`` mode (one id per
