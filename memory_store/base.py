@@ -10,10 +10,10 @@ transitions (``memory_store.transitions``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -471,12 +471,13 @@ def check_k(k: int) -> None:
         raise ValueError(f"k must be >= 1, got {k}")
 
 
-def check_log_page(after: str, count: int) -> None:
-    """A read of the interaction log: ``after`` a position or "", ``count`` >= 1; ValueError otherwise."""
+def check_log_page(after: str, count: int, parse: Callable[[str], Any] | None = None) -> None:
+    """A read of the interaction log: ``after`` a position ("" or what ``parse``, the backend's reader of
+    its row positions, accepts; default :func:`parse_position`), ``count`` >= 1; ValueError otherwise."""
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     if after:
-        parse_position(after)
+        (parse or parse_position)(after)
 
 
 def memory_batch_for_events(

@@ -34,6 +34,10 @@ IndexChoice = Literal["auto", "ivf_flat", "ivf_fp16", "ivf_sq8"]
 INDEX_CHOICES: tuple[str, ...] = get_args(IndexChoice)
 _AUTO_KINDS = ("ivf_flat", "ivf_sq8")
 
+# Hash-tag groups of a namespace on Redis Cluster: enough that the groups spread over every master of a
+# cluster of a few, few enough that a replica tails each group's log stream with a connection of its own.
+CLUSTER_SLOT_GROUPS = 16
+
 
 @dataclass(frozen=True, slots=True)
 class IndexParams:
@@ -119,6 +123,15 @@ class StoreConfig:
     # ``rediss://`` URLs (TLS) to verify the server.
     redis_password: str | None = field(default=None, repr=False)
     redis_tls_ca_file: Path | None = None
+    # Redis Cluster: the URL names one node (redis-py's cluster client finds the rest). The namespace's
+    # keys are spread over ``slot_groups`` hash tags (memory_store.redis_store.groups); None: one group
+    # on a single Redis, ``CLUSTER_SLOT_GROUPS`` on a cluster. Fixed for a namespace's lifetime.
+    redis_cluster: bool = False
+    slot_groups: int | None = None
+    # Redis: after each write, wait until this many Redis replicas acknowledged it (WAIT); 0 does not
+    # wait. Without it a failover can lose writes the store had already acknowledged.
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 1000
     data_dir: Path | None = None
     capacity: int | None = None
     user_capacity: int | None = None
@@ -162,10 +175,25 @@ class StoreConfig:
             raise ValueError(f"state_window ({self.state_window}) exceeds history_len ({self.history_len})")
         if self.redis_tls_ca_file is not None and not (self.redis_url or "").startswith("rediss://"):
             raise ValueError("redis_tls_ca_file needs a rediss:// URL (TLS)")
+        _check_cluster(self)
         if self.redis_url is None and self.data_dir is None:
             raise ValueError("the embedded backend (no redis_url) needs a data_dir")
         _check_retention(self.log_retention_s)
         _check_retention(self.max_age_s, "max_age_s")
+
+    @property
+    def groups(self) -> int:
+        """The namespace's hash-tag groups: ``slot_groups``, or its default for the deployment."""
+        if self.slot_groups is not None:
+            return self.slot_groups
+        return CLUSTER_SLOT_GROUPS if self.redis_cluster else 1
+
+
+def _check_cluster(config: StoreConfig) -> None:
+    if config.slot_groups is not None and not 1 <= config.slot_groups <= 256:
+        raise ValueError(f"slot_groups must be in 1..256 or None, got {config.slot_groups}")
+    if config.redis_wait_replicas < 0 or config.redis_wait_timeout_ms < 0:
+        raise ValueError("redis_wait_replicas and redis_wait_timeout_ms must be >= 0")
 
 
 def _check_retention(seconds: float | None, name: str = "log_retention_s") -> None:

@@ -69,6 +69,13 @@ class UserStates:
         rows = sorted(last.values())
         return UserStates(tuple(self.users[i] for i in rows), a[rows], tuple(self.windows[i] for i in rows))
 
+    def select(self, rows: np.ndarray) -> UserStates:
+        """The users at ``rows`` (an int index array), in that order."""
+        picked = rows.tolist()
+        return UserStates(
+            tuple(self.users[i] for i in picked), self.states[rows], tuple(self.windows[i] for i in picked)
+        )
+
     def take(self, start: int, stop: int) -> UserStates:
         """The users ``start:stop``."""
         return UserStates(self.users[start:stop], self.states[start:stop], self.windows[start:stop])

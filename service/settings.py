@@ -24,6 +24,18 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, description="Redis URL; unset: the embedded store")
     redis_password: SecretStr | None = Field(default=None, description="Redis password (wins over the URL's)")
     redis_tls_ca_file: Path | None = Field(default=None, description="CA bundle for a rediss:// (TLS) URL")
+    redis_cluster: bool = Field(
+        default=False, description="redis_url names a node of a Redis Cluster (keys spread over its masters)"
+    )
+    redis_slot_groups: int | None = Field(
+        default=None, ge=1, le=256, description="hash-tag groups of a namespace; default 1, 16 on a cluster"
+    )
+    redis_wait_replicas: int = Field(
+        default=0, ge=0, description="a write is acknowledged once this many Redis replicas hold it (WAIT)"
+    )
+    redis_wait_timeout_ms: int = Field(
+        default=1_000, ge=0, description="how long a write waits for those replicas before a 503"
+    )
     store_dir: Path = Field(default=Path("var/store"), description="embedded store's data folder")
     namespace: str | None = Field(default=None, description="store namespace; default: the model version")
     model_dir_b: Path | None = Field(
@@ -131,6 +143,8 @@ class Settings(BaseSettings):
             raise ValueError(f"model_dir_b {self.model_dir_b} holds no config.json (a `memrec train` output)")
         if self.share_b > 0 and self.model_dir_b is None:
             raise ValueError("share_b > 0 needs model_dir_b: the second model version to answer that share")
+        if (self.redis_cluster or self.redis_wait_replicas) and self.redis_url is None:
+            raise ValueError("redis_cluster and redis_wait_replicas need redis_url")
         if self.workers > 1 and self.redis_url is None:
             raise ValueError("workers > 1 needs redis_url: the embedded store belongs to one process")
         return self

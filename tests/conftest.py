@@ -7,6 +7,12 @@ the PATH) on a free loopback port the first time a test asks for Redis, and stop
 session; it never relies on whatever answers on 6379. Each purpose keeps its own database number on
 that server (store tests 9, service tests 11), flushed around every test that uses it. Tests of the
 embedded backend never ask for Redis.
+
+Redis Cluster (tests/redis_cluster.py): unless ``MEMREC_TEST_REDIS_CLUSTER_URL`` names one, a private
+3-master cluster (``redis-server`` and ``redis-cli`` from the PATH) starts the first time a test asks for
+it and stops at the end of the session, its masters flushed around every test (``cluster_redis_url``).
+Tests that kill nodes get clusters of their own (``redis_cluster``). Without the two binaries those tests
+skip, and fail under CI.
 """
 
 from __future__ import annotations
@@ -20,18 +26,24 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
+
+if TYPE_CHECKING:
+    from redis_cluster import RedisClusterNodes
 
 log = logging.getLogger("memrec.tests")
 
 REDIS_URL_ENV = "MEMREC_TEST_REDIS_URL"
+REDIS_CLUSTER_URL_ENV = "MEMREC_TEST_REDIS_CLUSTER_URL"
 STORE_REDIS_DB = 9
 DATA_DIR = Path(os.environ.get("MEMREC_DATA_DIR", "../shared/data"))
-_started_redis: list[str] = []  # what the session's own redis-server listens on, for the summary line
+_started_redis: list[str] = []  # the session's own redis-server and cluster, for the summary line
 
 
 # ----------------------------------------------------------------------------- required or skipped
@@ -163,7 +175,7 @@ def suite_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"), ("--appendonly", "no"))
     server.start()
-    _started_redis.append(f"127.0.0.1:{server.port}")
+    _started_redis.append(f"redis-server on 127.0.0.1:{server.port}")
     log.info("memrec tests: started redis-server on 127.0.0.1:%d", server.port)
     try:
         yield server.url
@@ -171,16 +183,23 @@ def suite_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.kill()  # nothing to keep: it saves nothing to disk
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> list[str]:
     external = os.environ.get(REDIS_URL_ENV, "").strip()
     if external:
-        return f"memrec tests: Redis at {_safe(external)} ({REDIS_URL_ENV})"
-    return "memrec tests: a private redis-server starts on a free loopback port when a test needs Redis"
+        lines = [f"memrec tests: Redis at {_safe(external)} ({REDIS_URL_ENV})"]
+    else:
+        lines = [
+            "memrec tests: a private redis-server starts on a free loopback port when a test needs Redis"
+        ]
+    cluster = os.environ.get(REDIS_CLUSTER_URL_ENV, "").strip()
+    if cluster:
+        lines.append(f"memrec tests: Redis Cluster at {_safe(cluster)} ({REDIS_CLUSTER_URL_ENV})")
+    return lines
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for where in _started_redis:
-        terminalreporter.write_line(f"memrec tests: started redis-server on {where} (stopped at the end)")
+    for what in _started_redis:
+        terminalreporter.write_line(f"memrec tests: started {what} (stopped at the end)")
 
 
 @pytest.fixture
@@ -202,6 +221,93 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
         server.kill()
 
 
+# ----------------------------------------------------------------------------------- Redis Cluster
+
+
+def require_cluster_tools(alternative: str = "") -> None:
+    """Skip (fail under CI) a test that needs a private Redis Cluster where ``redis-server`` or
+    ``redis-cli`` is not on the PATH."""
+    missing = [tool for tool in ("redis-server", "redis-cli") if shutil.which(tool) is None]
+    if missing:
+        reason = (
+            f"{' and '.join(missing)} not on the PATH, needed for a private Redis Cluster: install Redis "
+            "(Debian/Ubuntu: apt-get install redis-server redis-tools; macOS: brew install redis)"
+        )
+        skip_or_fail(reason + alternative, under_ci())
+
+
+def flush_cluster(url: str) -> None:
+    """FLUSHALL on every master of the Redis Cluster at ``url``. A new client each time: it reads the
+    cluster's current masters, whatever happened to the slot map since the last flush."""
+    try:
+        client = RedisCluster.from_url(url)
+    except (redis.RedisError, RedisClusterException) as exc:
+        pytest.fail(f"the cluster tests cannot reach a Redis Cluster at {_safe(url)}: {exc}")
+    try:
+        client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def suite_redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Redis Cluster of this test session (a start-up URL: a cluster client finds the other nodes).
+
+    ``MEMREC_TEST_REDIS_CLUSTER_URL`` names an external one; otherwise a private 3-master cluster (no
+    replicas) starts here, on the first test that needs it (~2 s, most of it Redis' own delay before a
+    new master takes writes), and is stopped when the session ends. Tests that kill nodes must use
+    :func:`redis_cluster` instead."""
+    external = os.environ.get(REDIS_CLUSTER_URL_ENV, "").strip()
+    if external:
+        yield external
+        return
+    require_cluster_tools(f", or set {REDIS_CLUSTER_URL_ENV} to a Redis Cluster the tests may flush")
+    from redis_cluster import RedisClusterNodes  # here, not at the top: it imports this module
+
+    nodes = RedisClusterNodes(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        nodes.start()
+        where = ",".join(str(port) for port in nodes.ports)
+        _started_redis.append(f"a {nodes.masters}-master Redis Cluster on 127.0.0.1:{where}")
+        yield nodes.url
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture
+def cluster_redis_url(suite_redis_cluster_url: str) -> Iterator[str]:
+    """The session's Redis Cluster, every master flushed before and after each test."""
+    flush_cluster(suite_redis_cluster_url)
+    yield suite_redis_cluster_url
+    flush_cluster(suite_redis_cluster_url)
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[Callable[..., RedisClusterNodes]]:
+    """``redis_cluster(masters=3, replicas=1)`` starts a private Redis Cluster of the test's own (the
+    replicas follow the first master; with ``spread_replicas=True`` the masters in turn), for tests that
+    kill nodes; all are stopped after the test."""
+    require_cluster_tools()
+    from redis_cluster import RedisClusterNodes  # here, not at the top: it imports this module
+
+    clusters: list[RedisClusterNodes] = []
+
+    def start(masters: int = 3, replicas: int = 1, spread_replicas: bool = False) -> RedisClusterNodes:
+        nodes = RedisClusterNodes(
+            tmp_path / f"cluster{len(clusters)}", masters, replicas, spread_replicas=spread_replicas
+        )
+        clusters.append(nodes)  # before start(): a half-started cluster is stopped too
+        nodes.start()
+        return nodes
+
+    yield start
+    for nodes in clusters:
+        nodes.stop()
+
+
+# ------------------------------------------------------------------------------------ store fixtures
+
+
 @pytest.fixture
 def store_redis_url(suite_redis_url: str) -> Iterator[str]:
     """The store tests' Redis database (9), flushed before and after each test."""
@@ -210,17 +316,23 @@ def store_redis_url(suite_redis_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Any]:
-    """``store_config(backend, **overrides)`` -> StoreConfig for "redis" or "embedded" (dim 8 by default).
-    Redis is asked for only when a "redis" config is made: the embedded tests run without one."""
+    """``store_config(backend, **overrides)`` -> StoreConfig for "redis", "embedded" or "cluster" (a Redis
+    Cluster, its namespace in 16 slot groups; dim 8 by default). Redis is asked for only when a "redis"
+    or "cluster" config is made: the embedded tests run without one."""
     from memory_store import IndexParams, StoreConfig
     from model.transitions import MAX_ORDER
 
     def make(backend: str, **overrides: Any) -> StoreConfig:
-        redis_url = str(request.getfixturevalue("store_redis_url")) if backend == "redis" else None
+        redis_url = None
+        if backend == "redis":
+            redis_url = str(request.getfixturevalue("store_redis_url"))
+        elif backend == "cluster":
+            redis_url = str(request.getfixturevalue("cluster_redis_url"))
         base = StoreConfig(
             dim=8,
             namespace="test",
             redis_url=redis_url,
+            redis_cluster=backend == "cluster",
             data_dir=tmp_path / "store",
             index=IndexParams(exact_threshold=10_000, min_nlist=8),
             recent_width=MAX_ORDER,  # the service's width: the model's transition order
@@ -230,7 +342,7 @@ def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[...
     return make
 
 
-@pytest.fixture(params=["redis", "embedded"])
+@pytest.fixture(params=["redis", "embedded", "cluster"])
 def store_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

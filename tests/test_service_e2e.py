@@ -1,5 +1,5 @@
-"""End to end: ``memrec serve`` in subprocesses (uvicorn) against the real Redis (database 11), two
-replicas sharing it. Every endpoint, error cases included."""
+"""End to end: ``memrec serve`` in subprocesses (uvicorn) against the real Redis (database 11), and
+against a real 3-master Redis Cluster, two replicas sharing it. Every endpoint, error cases included."""
 
 from __future__ import annotations
 
@@ -20,11 +20,17 @@ from test_service_support import (  # noqa: F401  (fixtures)
 )
 
 
-@pytest.fixture
-def two_replicas(model_dir: Path, service_redis: str, tmp_path: Path) -> Iterator[list[str]]:  # noqa: F811
+@pytest.fixture(params=["redis", "cluster"])
+def two_replicas(
+    request: pytest.FixtureRequest, model_dir: Path, tmp_path: Path  # noqa: F811
+) -> Iterator[list[str]]:
+    """Two servers on one Redis, or on one Redis Cluster (the namespace spread over its masters)."""
+    cluster = request.param == "cluster"
+    url = str(request.getfixturevalue("cluster_redis_url" if cluster else "service_redis"))
+    env = {"redis_cluster": "true"} if cluster else {}
     ports = [free_port(), free_port()]
     logs = [tmp_path / f"replica{i}.log" for i in range(2)]
-    procs = [start_server(model_dir, service_redis, p, lg) for p, lg in zip(ports, logs, strict=True)]
+    procs = [start_server(model_dir, url, p, lg, **env) for p, lg in zip(ports, logs, strict=True)]
     bases = [f"http://127.0.0.1:{p}" for p in ports]
     try:
         for base, proc, lg in zip(bases, procs, logs, strict=True):

@@ -55,10 +55,11 @@ async def test_search_returns_exact_neighbour_with_metadata(store: MemoryStore) 
         keys, [11, 12, 13, 14], ["a", "b", "c", "d"], [1.0, 2.0, 3.0, 4.0], [0, 1, 2, 3], DIM
     )
     res = await store.add_memories(batch)
-    assert res.accepted == 4 and res.memory_ids.tolist() == [1, 2, 3, 4]
+    ids = res.memory_ids.tolist()  # distinct and positive (1..4 with one slot group)
+    assert res.accepted == 4 and len(set(ids)) == 4 and min(ids) >= 1
     query = unit(2) * 0.9 + unit(0) * 0.1
     out = await store.search(query[None, :], 2)
-    assert out.ids.tolist() == [[3, 1]]
+    assert out.ids.tolist() == [[ids[2], ids[0]]]
     expected = query / np.linalg.norm(query)
     np.testing.assert_allclose(out.scores[0], [expected[2], expected[0]], rtol=1e-5)
     assert out.items.tolist() == [[13, 11]]
@@ -69,19 +70,19 @@ async def test_search_returns_exact_neighbour_with_metadata(store: MemoryStore) 
 
 async def test_store_normalises_keys_and_queries(store: MemoryStore) -> None:
     raw = np.array([[3.0, 4.0] + [0.0] * (DIM - 2)], np.float32)
-    await store.add_memories(MemoryBatch.create(raw, [5], ["u"], [0.0], [1], DIM))
+    (mid,) = (await store.add_memories(MemoryBatch.create(raw, [5], ["u"], [0.0], [1], DIM))).memory_ids
     out = await store.search(raw * 10.0, 1)
-    assert out.ids.tolist() == [[1]]
+    assert out.ids.tolist() == [[mid]]
     assert out.scores[0, 0] == pytest.approx(1.0, abs=1e-6)
 
 
 async def test_search_pads_when_fewer_memories_than_k(store: MemoryStore) -> None:
     empty = await store.search(unit(0)[None], 2)
     assert empty.ids.tolist() == [[-1, -1]] and empty.users.tolist() == [["", ""]]
-    await store.add_memories(MemoryBatch.create(unit(0)[None], [7], ["u"], [0.0], [0], DIM))
+    added = await store.add_memories(MemoryBatch.create(unit(0)[None], [7], ["u"], [0.0], [0], DIM))
     out = await store.search(np.stack([unit(0), unit(1)]), 3)
     assert out.ids.shape == (2, 3)
-    assert out.ids[:, 0].tolist() == [1, 1]
+    assert out.ids[:, 0].tolist() == [added.memory_ids[0]] * 2
     assert (out.ids[:, 1:] == -1).all() and np.isneginf(out.scores[:, 1:]).all()
     assert (out.items[:, 1:] == 0).all() and (out.users[:, 1:] == "").all()
     assert (out.prefix_lens[:, 1:] == -1).all()
@@ -170,15 +171,18 @@ async def test_ingest_writes_interaction_and_memory_together(store: MemoryStore)
     events = [Interaction("u1", 10, 100.0, "a"), Interaction("u2", 20, 200.0, "b")]
     keys = np.stack([unit(0), unit(1)])
     res = await store.ingest(events, keys, [4, 7])
-    assert res.accepted == 2 and res.memory_ids.tolist() == [1, 2] and res.position
+    first = res.memory_ids.tolist()
+    assert res.accepted == 2 and len(set(first)) == 2 and min(first) >= 1 and res.position
     dup = await store.ingest(
         [events[0], Interaction("u1", 11, 101.0, "c")], np.stack([unit(2), unit(3)]), [5, 5]
     )
     assert (dup.accepted, dup.duplicates) == (1, 1)
-    assert dup.memory_ids.tolist() == [-1, 3]
+    new = int(dup.memory_ids[1])
+    assert dup.memory_ids[0] == -1 and new >= 1 and new not in first
     assert await store.histories(["u1", "u2"], 5) == [[10, 11], [20]]
     out = await store.search(np.stack([unit(0), unit(2), unit(3)]), 1)
-    assert out.ids[:, 0].tolist() == [1, 1, 3]  # the duplicate's key (unit 2) was never stored
+    assert out.ids[[0, 2], 0].tolist() == [first[0], new]
+    assert out.scores[1, 0] < 0.5  # the duplicate's key (unit 2) was never stored
     assert out.items[0, 0] == 10 and out.users[0, 0] == "u1" and out.prefix_lens[0, 0] == 4
     assert out.timestamps[0, 0] == 100.0
 
@@ -186,7 +190,8 @@ async def test_ingest_writes_interaction_and_memory_together(store: MemoryStore)
 async def test_global_capacity_evicts_oldest_and_leaves_the_index(
     store_backend: str, store_config: Callable[..., Any]
 ) -> None:
-    store = await open_store(store_config(store_backend, capacity=50))
+    # one slot group: the whole namespace's oldest go (several groups: each group's, see the next test)
+    store = await open_store(store_config(store_backend, capacity=50, slot_groups=1))
     try:
         first = (await store.add_memories(random_batch(40, seed=4))).memory_ids
         assert await store.remove_memories([int(first[25])]) == 1
@@ -358,7 +363,7 @@ async def test_transitions_count_each_memorys_prefix_by_lag(store: MemoryStore) 
 async def test_transitions_follow_removal_eviction_and_duplicates(
     store_backend: str, store_config: Callable[..., Any]
 ) -> None:
-    store = await open_store(store_config(store_backend, capacity=3))
+    store = await open_store(store_config(store_backend, capacity=3, slot_groups=1))
     try:
 
         def ev(i: int) -> Interaction:
@@ -424,6 +429,18 @@ async def test_bad_recent_items_raise_and_store_nothing(store: MemoryStore, rece
     assert (await store.stats()).memories == 0
 
 
+def log_order(position: str) -> tuple[int, int, int]:
+    """A row position's place in the log: its stream id and slot group ("ms-seq" or "ms-seq@g")."""
+    head, _, group = position.partition("@")
+    return (*parse_position(head), int(group or 0))
+
+
+def per_user(rows: list[tuple[str, int, float, str | None]]) -> list[tuple[str, int, float, str | None]]:
+    """The rows grouped by user, each user's in log order: the order the log keeps (across users it is
+    the order of acceptance with one slot group, not between groups)."""
+    return sorted(rows, key=lambda row: row[0])
+
+
 async def read_log(store: MemoryStore, page: int = 10_000) -> list[tuple[str, int, float, str | None]]:
     """Every row of the interaction log, page by page: (user, item, timestamp, event id)."""
     rows: list[tuple[str, int, float, str | None]] = []
@@ -432,7 +449,7 @@ async def read_log(store: MemoryStore, page: int = 10_000) -> list[tuple[str, in
         rows += zip(
             chunk.users, chunk.items.tolist(), chunk.timestamps.tolist(), chunk.event_ids, strict=True
         )
-        assert not after or parse_position(chunk.position) > parse_position(after)
+        assert not after or log_order(chunk.position) > log_order(after)
         assert np.all(np.diff(chunk.accepted_at) >= 0)
         after = chunk.position
     return rows
@@ -442,7 +459,7 @@ async def test_the_interaction_log_holds_each_accepted_interaction_once(store: M
     t0 = 1_700_000_000.0
     first = [Interaction("a", 5, t0, "e1"), Interaction("b", 6, t0 + 1, None), Interaction("a", 5, t0, "e1")]
     assert (await store.append_interactions(first)).accepted == 2  # a duplicate within the batch
-    keyed = [Interaction("a", 7, t0 + 2, "e2"), Interaction("b", 8, t0 + 3, "e1")]  # e1: a retry
+    keyed = [Interaction("a", 7, t0 + 2, "e2"), Interaction("a", 8, t0 + 3, "e1")]  # e1: a retry
     res = await store.ingest(keyed, np.stack([unit(0), unit(1)]), [1, 1])
     assert (res.accepted, res.duplicates) == (1, 1)
     # rows that are no traffic (the memory bank's) are not logged; memories alone are no interactions
@@ -450,8 +467,9 @@ async def test_the_interaction_log_holds_each_accepted_interaction_once(store: M
     await store.append_interactions([Interaction("c", 4, 0.0, "bank:first:0")], logged=False)
     await store.add_memories(random_batch(3, seed=1))
     expected = [("a", 5, t0, "e1"), ("b", 6, t0 + 1, None), ("a", 7, t0 + 2, "e2")]
-    assert await read_log(store) == expected
-    assert await read_log(store, page=1) == expected  # pages of one row: each position once, in order
+    assert per_user(await read_log(store)) == per_user(expected)
+    # pages of one row: each position once, in order
+    assert per_user(await read_log(store, page=1)) == per_user(expected)
     page = await store.interactions()
     assert (await store.interactions(page.position)).position == ""  # the end: an empty page
     assert page.accepted_at.shape == (3,) and abs(page.accepted_at[-1] - time.time()) < 60

@@ -130,7 +130,7 @@ async def test_a_restart_from_an_older_snapshot_replays_the_erasure(
 async def test_erasure_under_capacities_keeps_the_other_users_bounds(
     store_backend: str, store_config: Callable[..., Any]
 ) -> None:
-    store = await open_store(store_config(store_backend, user_capacity=2, capacity=4))
+    store = await open_store(store_config(store_backend, user_capacity=2, capacity=4, slot_groups=1))
     try:
         await populate(store)  # GONE's first memory was evicted by the per-user capacity
         assert (await store.erase_user(GONE)).memories == 2

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from memory_store import Interaction, MemoryStore, StoreConfig, open_store
 from memory_store.redis_store import layout
+from memory_store.redis_store.groups import SlotGroups
 
 
 def events(user: str, items: list[int], tag: str) -> list[Interaction]:
@@ -72,11 +74,12 @@ async def test_rows_past_the_retention_are_never_read_and_dropped_on_write(
         assert await logged(store) == [("x", 4, "new0")]
         assert (await store.erase_user("y")).interactions == 0  # theirs went with the retention
         if config.redis_url is not None:  # trimmed from Redis by the write, the users' lists with it
-            client = redis.Redis.from_url(config.redis_url)
-            p = layout.key_prefix(config.namespace)
-            assert client.xlen(p + layout.INTERACTIONS) == 1
-            assert client.llen(p + layout.USER_INTERACTIONS + "x") == 1
-            assert not client.exists(p + layout.USER_INTERACTIONS + "y")  # expired with the retention
+            client: Any = (RedisCluster if config.redis_cluster else redis.Redis).from_url(config.redis_url)
+            groups = SlotGroups.of(config.namespace, config.groups)
+            assert sum(client.xlen(p + layout.INTERACTIONS) for p in groups.prefixes) == 1
+            x, y = (groups.prefix(groups.of_user(u)) + layout.USER_INTERACTIONS + u for u in "xy")
+            assert client.llen(x) == 1
+            assert not client.exists(y)  # expired with the retention
             client.close()
     finally:
         await store.close()

@@ -29,18 +29,21 @@ def write_args(
     events: Sequence[Interaction],
     batch: MemoryBatch | None,
     states: UserStates | None = None,
+    group: int = 0,
 ) -> list[Any]:
-    """ARGV of one write-script call: the header, the packed columns of ``batch`` (empty without
-    memories) and of ``states`` (checked), then per record its event id ('' for none), user, item,
-    timestamp and prefix length, then the states' users."""
+    """ARGV of one write-script call into ``group`` (every row's user is of that group): the header,
+    the packed columns of ``batch`` (empty without memories) and of ``states`` (checked), then per
+    record its event id ('' for none), user, item, timestamp and prefix length, then the states' users.
+    The global capacity is the group's share of it (``groups``)."""
     n = len(batch) if batch is not None else len(events)
+    groups = config.groups
     head: list[Any] = [
         prefix,
         n,
         config.dim * 4,
         config.dedup_ttl_s,
         config.history_len,
-        config.capacity or 0,
+        -(-config.capacity // groups) if config.capacity else 0,
         config.user_capacity or 0,
         config.stream_maxlen,
         mode,
@@ -57,7 +60,7 @@ def write_args(
         head += [b"", b"", b"", b"", b""]
     packed = states.packed() if states is not None else []
     head += [config.state_window, len(packed), b"".join(packed), FINGERPRINT_BYTES + 4 * config.dim]
-    head.append(retention_ms(config))
+    head += [retention_ms(config), groups, group]
     rows: list[Any] = []
     for i in range(n):
         ev = events[i] if events else None
@@ -86,8 +89,9 @@ def put_states_args(prefix: str, config: StoreConfig, states: UserStates) -> lis
 
 
 def decode_add(fields: dict[bytes, bytes], dim: int, recent_width: int) -> Rows:
-    """(ids (n,), batch) of an ``op=add`` log entry."""
-    n, id0 = int(fields[b"n"]), int(fields[b"id0"])
+    """(ids (n,), batch) of an ``op=add`` log entry: ids ``id0, id0 + step, ...`` (``step`` the
+    namespace's groups, absent with one)."""
+    n, id0, step = int(fields[b"n"]), int(fields[b"id0"]), int(fields.get(b"step", 1))
     batch = MemoryBatch(
         keys=np.frombuffer(fields[b"vec"], "<f4").reshape(n, dim),
         items=np.frombuffer(fields[b"item"], "<i8"),
@@ -96,7 +100,7 @@ def decode_add(fields: dict[bytes, bytes], dim: int, recent_width: int) -> Rows:
         prefix_lens=np.frombuffer(fields[b"len"], "<i4"),
         recent=decode_recent(fields.get(b"rec"), n, recent_width),
     )
-    return np.arange(id0, id0 + n, dtype=np.int64), batch
+    return np.arange(id0, id0 + n * step, step, dtype=np.int64), batch
 
 
 def decode_recent(blob: bytes | None, n: int, recent_width: int) -> np.ndarray:
@@ -148,8 +152,11 @@ def decode_registered(fields: dict[bytes, bytes]) -> dict[str, int]:
     return dict(zip(names, (int(i) for i in fields[b"ids"].split(b",")), strict=True))
 
 
-def decode_interactions(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> LoggedInteractions:
-    """The rows of ``interactions`` stream entries (XRANGE's (id, fields) pairs), in their order."""
+def decode_interactions(
+    entries: list[tuple[bytes, dict[bytes, bytes]]], positions: list[str] | None = None
+) -> LoggedInteractions:
+    """The rows of ``interactions`` stream entries (XRANGE's (id, fields) pairs), in their order;
+    ``positions`` names each row (default: its stream id)."""
     if not entries:
         return LoggedInteractions.empty()
     ids = [entry_id.decode() for entry_id, _ in entries]
@@ -160,5 +167,5 @@ def decode_interactions(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> Logg
         timestamps=np.asarray([float(r[b"t"]) for r in rows], np.float64),
         event_ids=tuple(r[b"e"].decode() or None for r in rows),
         accepted_at=np.asarray([int(i.partition("-")[0]) / 1000.0 for i in ids], np.float64),
-        positions=tuple(ids),
+        positions=tuple(positions if positions is not None else ids),
     )

@@ -1,7 +1,15 @@
 """Redis key layout and the Lua scripts that write it. Everything else talks to Redis through these names.
 
-All keys of a namespace share the prefix ``memrec:{ns}:`` whose braces are a Redis Cluster hash tag, so a
-namespace lives in one slot and the multi-key scripts below stay valid on a cluster.
+A namespace's keys are split into slot groups (``groups``): each group's keys share a prefix
+``memrec:{tag}:`` whose braces are a Redis Cluster hash tag, so each group lives in one slot. With one
+group (a single Redis) the prefix is ``memrec:{ns}:``. The table below is one group's; a user's keys are
+all in their group, the catalogue, epoch, group count and holder keys in group 0, and every group has its
+own ``log``, ``interactions``, ``mem:seq``, ``mem:count`` and ``mem:low``. Memory ids are
+``seq * G + g`` (G groups, g the group, seq the group's ``mem:seq``): plain 1, 2, 3, ... with one group.
+
+Every script starts with a ``#!lua`` shebang and takes its group's ``log`` key as KEYS[1]: the key routes
+the call to the master of the group's slot, and with the shebang Redis refuses any key the script touches
+in another slot (the other keys are named from the prefix in ARGV[1]; all carry the group's tag).
 
 =======================  ======  ==================================================================
 key (after the prefix)   type    content
@@ -40,6 +48,7 @@ key (after the prefix)   type    content
 ``epoch``                STRING  random token set once (SET NX) when a replica first opens the
                                  namespace; a snapshot records it, so one taken before the namespace
                                  was emptied (FLUSHDB, a restart without persistence) is never restored
+``groups``               STRING  the namespace's slot groups (``groups``), set when it is first opened
 ``holder:{id}``          STRING  present while a process has the namespace open (each open store sets
                                  its own every HOLD_S / 3 seconds, expiring after HOLD_S): ``drop``
                                  deletes the namespace only when no other process holds it
@@ -47,7 +56,8 @@ key (after the prefix)   type    content
 
 Log entries (all binary little-endian):
 
-* ``op=add id0 n vec item ts len rec user``: memories ``id0 .. id0+n-1``; ``vec`` (n, dim) float32,
+* ``op=add id0 n vec item ts len rec user [step]``: memories ``id0, id0 + step, ...`` (n of them; ``step``
+  is G, absent with one group); ``vec`` (n, dim) float32,
   ``item`` (n,) int64, ``ts`` (n,) float64, ``len`` (n,) int32, ``rec`` (n, w) int64, ``user`` a
   JSON list of n strings. The width w is the writer's ``recent_width`` (``len(rec) / (8 n)``; a reader
   fits it to its own). Entries and hashes written before ``rec`` existed lack it (no items known).
@@ -93,20 +103,22 @@ LOG = "log"
 INTERACTIONS = "interactions"
 USER_INTERACTIONS = "interactions:"
 EPOCH = "epoch"
+GROUPS = "groups"
 HOLDER = "holder:"
 HOLD_S = 30  # a holder key outlives its process by at most this
 
 # Fields of one memory hash.
 MEM_FIELDS = (b"v", b"item", b"user", b"ts", b"len", b"rec")
 
-# ARGV: prefix, n, vector stride, dedup ttl, history_len, capacity, user capacity (0: none), stream
-# maxlen, mode ('i' history, 'm' memory, 'im' both; with 'l' the accepted interactions are logged),
-# the packed vec/item/ts/len/rec blobs, the state window (0: no states), the number of states s, their
-# packed values (``STATE`` values, s of them) and the stride of one, the interaction log's retention in
-# ms (0: for ever; 19 so far), then per record: event id ('' for none), user, item, ts, prefix
-# length; then the s users of the states. Returns {add id, del id, first memory id, accepted record
-# indices (1-based)}.
-WRITE_SCRIPT = """
+# KEYS: the group's log. ARGV: prefix, n, vector stride, dedup ttl, history_len, capacity (the group's
+# share; 0: none), user capacity (0: none), stream maxlen, mode ('i' history, 'm' memory, 'im' both; with
+# 'l' the accepted interactions are logged), the packed vec/item/ts/len/rec blobs, the state window (0: no
+# states), the number of states s, their packed values (``STATE`` values, s of them) and the stride of
+# one, the interaction log's retention in ms (0: for ever), the groups G and this group g (21 so far),
+# then per record: event id ('' for none), user, item, ts, prefix length; then the s users of the
+# states. Every user is of group g. Returns {add id, del id, first memory id (the next are G apart),
+# accepted record indices (1-based)}.
+WRITE_SCRIPT = """#!lua
 local p = ARGV[1]
 local n, stride, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local hlen, cap, ucap, maxlen = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
@@ -114,7 +126,8 @@ local mode = ARGV[9]
 local vecs, items, tss, lens, recs = ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14]
 local swin, ns, sblobs, sstride = tonumber(ARGV[15]), tonumber(ARGV[16]), ARGV[17], tonumber(ARGV[18])
 local keep = tonumber(ARGV[19])
-local H, W = 19, 5
+local G, g = tonumber(ARGV[20]), tonumber(ARGV[21])
+local H, W = 21, 5
 local rstride = string.len(recs) / n
 local with_hist = string.find(mode, 'i', 1, true) ~= nil
 local with_mem = string.find(mode, 'm', 1, true) ~= nil
@@ -210,7 +223,7 @@ local first = last - m + 1
 local users, v, it, t, l, r = {}, {}, {}, {}, {}, {}
 for j, i in ipairs(acc) do
   local b = H + (i - 1) * W
-  local id = first + j - 1
+  local id = (first + j - 1) * G + g
   local vec = string.sub(vecs, (i - 1) * stride + 1, i * stride)
   local rec = string.sub(recs, (i - 1) * rstride + 1, i * rstride)
   redis.call('HSET', p .. 'mem:' .. id, 'v', vec, 'item', ARGV[b + 3], 'user', ARGV[b + 2],
@@ -230,9 +243,10 @@ if m < n then
   recs = table.concat(r)
 end
 local count = redis.call('INCRBY', p .. 'mem:count', m)
-local add_id = redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'add', 'id0', first,
-                          'n', m, 'vec', vecs, 'item', items, 'ts', tss, 'len', lens,
-                          'rec', recs, 'user', cjson.encode(users))
+local entry = {'op', 'add', 'id0', first * G + g, 'n', m, 'vec', vecs, 'item', items, 'ts', tss,
+               'len', lens, 'rec', recs, 'user', cjson.encode(users)}
+if G > 1 then entry[#entry + 1] = 'step'; entry[#entry + 1] = G end
+local add_id = redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', unpack(entry))
 
 -- 4. evictions: per-user capacity first, then the global capacity (oldest ids first)
 local evicted = {}
@@ -259,7 +273,7 @@ count = count - #evicted
 if cap > 0 and count > cap then
   local low = tonumber(redis.call('GET', p .. 'mem:low') or '1')
   while count > cap and low <= last do
-    if evict(low) then count = count - 1 end
+    if evict(low * G + g) then count = count - 1 end
     low = low + 1
   end
   redis.call('SET', p .. 'mem:low', low)
@@ -270,14 +284,14 @@ if #evicted > 0 then
   del_id = redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'del',
                       'ids', table.concat(evicted, ','))
 end
-return {add_id, del_id, first, acc}
+return {add_id, del_id, first * G + g, acc}
 """
 
 # ARGV: prefix, items to read per history, user ids. Returns per user {their last items, oldest first;
 # their packed state or ''}: a micro-batch's read in one call (a pipeline of two commands per user cost
 # the client several times the CPU of one script call). Reads only; the caller checks each state's
 # fingerprint against the items read.
-READ_SCRIPT = """
+READ_SCRIPT = """#!lua
 local p, n = ARGV[1], tonumber(ARGV[2])
 local out = {}
 for i = 3, #ARGV do
@@ -290,7 +304,7 @@ return out
 # ARGV: prefix, state window, stride of one packed state, the packed states, then their users. A state
 # is kept only where its window is the user's history's last items (never for a user without history,
 # e.g. one erased since it was encoded). Returns how many were kept.
-PUT_STATES_SCRIPT = """
+PUT_STATES_SCRIPT = """#!lua
 local p, swin, stride, blobs = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local kept = 0
 for s = 5, #ARGV do
@@ -305,7 +319,7 @@ return kept
 """
 
 # ARGV: prefix, stream maxlen, memory ids. Returns {'ok', log id} or {'missing', the first unknown id}.
-REMOVE_SCRIPT = """
+REMOVE_SCRIPT = """#!lua
 local p, maxlen = ARGV[1], ARGV[2]
 for i = 3, #ARGV do
   if redis.call('EXISTS', p .. 'mem:' .. ARGV[i]) == 0 then return {'missing', ARGV[i]} end
@@ -325,7 +339,7 @@ return {'ok', redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', '
 
 # ARGV: prefix, stream maxlen, '1' (available again) or '0' (unavailable), item ids. Only the items
 # whose state changes go into the log entry. Returns {changed count, log id or ''}.
-AVAILABILITY_SCRIPT = """
+AVAILABILITY_SCRIPT = """#!lua
 local p, maxlen, on = ARGV[1], ARGV[2], ARGV[3]
 local key = p .. 'unavailable'
 local changed = {}
@@ -342,7 +356,7 @@ return {#changed, redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op
 # ARGV: prefix, stream maxlen, first_new_item, external ids. Unknown ids get the next internal ids
 # (never below first_new_item), all in one atomic call, so replicas registering at once agree.
 # Returns {log id or '', internal id per external id}.
-REGISTER_SCRIPT = """
+REGISTER_SCRIPT = """#!lua
 local p, maxlen, first = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local hk, sk = p .. 'items:new', p .. 'items:seq'
 local ids, names, fresh = {}, {}, {}
@@ -369,7 +383,7 @@ return {redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'items'
 # the dedup markers, the interaction log rows (the log trimmed to the retention first: the rows the
 # user's list no longer names are past it) and the lists that name them.
 # Returns {history items, memories, per-user memories, dedup markers, log id or '', log rows}.
-ERASE_SCRIPT = """
+ERASE_SCRIPT = """#!lua
 local p, maxlen, keep, user = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local history = redis.call('LLEN', p .. 'hist:' .. user)
 redis.call('DEL', p .. 'hist:' .. user, p .. 'state:' .. user)
@@ -414,7 +428,7 @@ return {history, #ids, umem, markers, redis.call('XADD', p .. 'log', 'MAXLEN', '
 # each one still held whose timestamp is before the cutoff (checked here: replicas sweep concurrently,
 # each from its own applied log), as REMOVE_SCRIPT does, in one ``del`` log entry (retention by age,
 # memory_store.retention). Returns {memories removed, log id or ''}.
-EXPIRE_SCRIPT = """
+EXPIRE_SCRIPT = """#!lua
 local p, maxlen, cutoff = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ids = {}
 for i = 4, #ARGV do

@@ -15,6 +15,7 @@ from memory_store import user_memory as um
 from memory_store.base import check_observations, check_user_id
 from memory_store.config import StoreConfig
 from memory_store.redis_store import layout
+from memory_store.redis_store.groups import SlotGroups
 
 WATCH_ATTEMPTS = 20
 R = TypeVar("R")
@@ -25,18 +26,22 @@ Change = Callable[[um.UserMemories], tuple[um.UserMemories | None, R]]
 class UserMemoryHashes:
     """The user-memory part of the Redis ``MemoryStore`` API."""
 
-    def __init__(self, config: StoreConfig, client: aioredis.Redis) -> None:
+    def __init__(self, config: StoreConfig, groups: SlotGroups, client: aioredis.Redis) -> None:
         self.config = config
         self._r = client
-        self._p = layout.key_prefix(config.namespace)
+        self._groups = groups
+
+    def _key(self, user_id: str) -> str:
+        """The user's hash, in the user's slot group (with their other keys)."""
+        return self._groups.prefix(self._groups.of_user(user_id)) + layout.USER_MEM + user_id
 
     async def _read(self, client: Any, user_id: str) -> um.UserMemories:
-        raw: dict[bytes, bytes] = await client.hgetall(self._p + layout.USER_MEM + user_id)
+        raw: dict[bytes, bytes] = await client.hgetall(self._key(user_id))
         return um.unpack(user_id, self.config.dim, [int(i) for i in raw], list(raw.values()))
 
     async def _rewrite(self, user_id: str, change: Change[R]) -> R:
         """Optimistic read-modify-write of one user's hash: WATCH, compute, MULTI/EXEC; bounded retries."""
-        key = self._p + layout.USER_MEM + user_id
+        key = self._key(user_id)
         async with self._r.pipeline(transaction=True) as pipe:
             for _ in range(WATCH_ATTEMPTS):
                 try:
@@ -77,7 +82,7 @@ class UserMemoryHashes:
         pipe = self._r.pipeline(transaction=False)
         for user in user_ids:
             check_user_id(user)
-            pipe.hgetall(self._p + layout.USER_MEM + user)
+            pipe.hgetall(self._key(user))
         return [
             um.unpack(user, self.config.dim, [int(i) for i in raw], list(raw.values()))
             for user, raw in zip(user_ids, await pipe.execute(), strict=True)
