@@ -89,10 +89,22 @@ class MemoryColumns:
             self._names_arr = np.array(self.user_names + [""], dtype=object)
         return codes
 
+    def _grow_down(self, min_id: int) -> None:
+        """Move ``base`` down to ``min_id``: ids of a namespace's slot groups are ``seq * G + g``, so a
+        group that wrote little since the oldest memories left can add ids below the base."""
+        shift = self.base - min_id
+        for name in COLUMNS:
+            old = getattr(self, name)
+            grown = np.zeros((old.shape[0] + shift, *old.shape[1:]), old.dtype)
+            grown[shift:] = old
+            setattr(self, name, grown)
+        self.base = min_id
+        self._low += shift
+
     def put(self, ids: np.ndarray, batch: MemoryBatch) -> None:
         """Set the rows of ``ids``; ``batch.recent`` must have this table's width (MemoryBatch.fitted)."""
         if ids.min() < self.base:
-            raise ValueError(f"memory id {int(ids.min())} is below the index base {self.base}")
+            self._grow_down(int(ids.min()))
         self._grow(int(ids.max()))
         rows = ids - self.base
         self.alive[rows] = True

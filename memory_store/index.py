@@ -196,7 +196,7 @@ class MemoryIndex:
         """Add memories; ids already present are skipped (replay is idempotent). Returns the number added."""
         ids, batch = np.asarray(ids, np.int64), batch.fitted(self.recent_width)
         with self.lock.write():
-            fresh = ~self._meta.is_alive(ids) & (ids >= self._meta.base)
+            fresh = ~self._meta.is_alive(ids)
             if not fresh.all():
                 rows = np.flatnonzero(fresh)
                 ids, batch = ids[rows], batch.take(rows)

@@ -131,7 +131,6 @@ def test_metadata_compaction_after_old_memories_leave() -> None:
         15_001.0,
         20_000.0,
     ]
-    assert index.add(ids[:5], b.take(np.arange(5))) == 0  # ids below the compacted base stay gone
 
 
 def test_add_is_idempotent_and_remove_ignores_absent_ids() -> None:
@@ -448,3 +447,19 @@ def test_a_snapshot_of_the_previous_format_is_read(tmp_path: Path) -> None:
     more = np.arange(3_001, 3_011, dtype=np.int64)
     loaded.add(more, kind_batch(more, keys[:10]))
     assert loaded.remove(more) == 10 and len(loaded) == 2_990
+
+
+def test_ids_below_the_base_are_added_after_the_oldest_left() -> None:
+    """Slot groups number memories ``seq * G + g``: a group that wrote little adds ids below those that
+    already left the others, after the columns moved their base past them."""
+    rng = np.random.default_rng(5)
+    index = MemoryIndex(DIM, IndexParams(exact_threshold=100_000), recent_width=0)
+    index.add(np.arange(1, 10_001), batch(np.arange(1, 10_001), rng))
+    index.remove(np.arange(1, 9_001))  # the oldest leave: the columns move their base up
+    late = np.array([40, 41], np.int64)  # a lagging group's next ids
+    late_batch = batch(late, rng)
+    assert index.add(late, late_batch) == 2
+    assert len(index) == 1_002 and index.contains(late).all()
+    found = index.search(late_batch.keys, 1)
+    assert found.ids[:, 0].tolist() == [40, 41]
+    assert index.remove(late) == 2 and len(index) == 1_000
