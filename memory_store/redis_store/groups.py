@@ -71,8 +71,10 @@ class SlotGroups:
 
     @property
     def patterns(self) -> list[str]:
-        """SCAN patterns that match every key of the namespace (the groups' prefixes, ``*`` after)."""
-        return [p + "*" for p in self.prefixes]
+        """SCAN patterns that match every key of the namespace and no other ("/" ends a namespace)."""
+        if self.count == 1:
+            return [self.prefixes[0] + "*"]
+        return [key_prefix(f"{self.namespace}/")[:-2] + "*"]
 
     def of_user(self, user: str) -> int:
         return zlib.crc32(user.encode()) % self.count if self.count > 1 else 0
