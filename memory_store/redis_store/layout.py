@@ -36,6 +36,8 @@ key (after the prefix)   type    content
 ``items:seq``            STRING  last internal id given to a new item (starts at first_new_item - 1)
 ``bank:loaded``          STRING  set once the start-up bulk load of the memory bank completed
 ``log``                  STREAM  replication log, one entry per write (see below)
+``log:seq``              STRING  the number of the group's last log entry: each entry carries the next
+                                 (``seq``), so a replica sees entries that went missing
 ``interactions``         STREAM  the interaction log: one entry per accepted interaction, fields u (user),
                                  i (item id), t (its timestamp), e (event id, '' for none); entry ids
                                  are the time Redis accepted it, so each write trims the rows past the
@@ -54,7 +56,10 @@ key (after the prefix)   type    content
                                  deletes the namespace only when no other process holds it
 =======================  ======  ==================================================================
 
-Log entries (all binary little-endian):
+Log entries (all binary little-endian), each with ``seq``, its number in the group's log (1, 2, 3, ...;
+absent in entries written before it existed). A replica that reads a number other than the next one has
+missed entries or applied some that are gone (writes lost in a failover: the promoted replica counts on
+from where it stood) and rebuilds its index from the hashes:
 
 * ``op=add id0 n vec item ts len rec user [step]``: memories ``id0, id0 + step, ...`` (n of them; ``step``
   is G, absent with one group); ``vec`` (n, dim) float32,
@@ -107,6 +112,20 @@ GROUPS = "groups"
 HOLDER = "holder:"
 HOLD_S = 30  # a holder key outlives its process by at most this
 
+# Every script's first lines: the shebang (Redis then refuses keys outside the declared key's slot) and
+# log_add, the one way an entry goes into the group's replication log: numbered (``log:seq``), trimmed.
+_PRELUDE = """#!lua
+local function log_add(p, maxlen, ...)
+  local seq = redis.call('INCR', p .. 'log:seq')
+  return redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'seq', seq, ...)
+end
+"""
+
+
+def _script(body: str) -> str:
+    return _PRELUDE + body
+
+
 # Fields of one memory hash.
 MEM_FIELDS = (b"v", b"item", b"user", b"ts", b"len", b"rec")
 
@@ -118,7 +137,7 @@ MEM_FIELDS = (b"v", b"item", b"user", b"ts", b"len", b"rec")
 # then per record: event id ('' for none), user, item, ts, prefix length; then the s users of the
 # states. Every user is of group g. Returns {add id, del id, first memory id (the next are G apart),
 # accepted record indices (1-based)}.
-WRITE_SCRIPT = """#!lua
+WRITE_SCRIPT = _script("""
 local p = ARGV[1]
 local n, stride, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local hlen, cap, ucap, maxlen = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
@@ -246,7 +265,7 @@ local count = redis.call('INCRBY', p .. 'mem:count', m)
 local entry = {'op', 'add', 'id0', first * G + g, 'n', m, 'vec', vecs, 'item', items, 'ts', tss,
                'len', lens, 'rec', recs, 'user', cjson.encode(users)}
 if G > 1 then entry[#entry + 1] = 'step'; entry[#entry + 1] = G end
-local add_id = redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', unpack(entry))
+local add_id = log_add(p, maxlen, unpack(entry))
 
 -- 4. evictions: per-user capacity first, then the global capacity (oldest ids first)
 local evicted = {}
@@ -281,17 +300,17 @@ end
 local del_id = ''
 if #evicted > 0 then
   redis.call('SET', p .. 'mem:count', count)
-  del_id = redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'del',
+  del_id = log_add(p, maxlen, 'op', 'del',
                       'ids', table.concat(evicted, ','))
 end
 return {add_id, del_id, first * G + g, acc}
-"""
+""")
 
 # ARGV: prefix, items to read per history, user ids. Returns per user {their last items, oldest first;
 # their packed state or ''}: a micro-batch's read in one call (a pipeline of two commands per user cost
 # the client several times the CPU of one script call). Reads only; the caller checks each state's
 # fingerprint against the items read.
-READ_SCRIPT = """#!lua
+READ_SCRIPT = _script("""
 local p, n = ARGV[1], tonumber(ARGV[2])
 local out = {}
 for i = 3, #ARGV do
@@ -299,12 +318,12 @@ for i = 3, #ARGV do
   out[#out + 1] = redis.call('GET', p .. 'state:' .. ARGV[i]) or ''
 end
 return out
-"""
+""")
 
 # ARGV: prefix, state window, stride of one packed state, the packed states, then their users. A state
 # is kept only where its window is the user's history's last items (never for a user without history,
 # e.g. one erased since it was encoded). Returns how many were kept.
-PUT_STATES_SCRIPT = """#!lua
+PUT_STATES_SCRIPT = _script("""
 local p, swin, stride, blobs = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local kept = 0
 for s = 5, #ARGV do
@@ -316,10 +335,10 @@ for s = 5, #ARGV do
   end
 end
 return kept
-"""
+""")
 
 # ARGV: prefix, stream maxlen, memory ids. Returns {'ok', log id} or {'missing', the first unknown id}.
-REMOVE_SCRIPT = """#!lua
+REMOVE_SCRIPT = _script("""
 local p, maxlen = ARGV[1], ARGV[2]
 for i = 3, #ARGV do
   if redis.call('EXISTS', p .. 'mem:' .. ARGV[i]) == 0 then return {'missing', ARGV[i]} end
@@ -333,13 +352,13 @@ end
 redis.call('DECRBY', p .. 'mem:count', #ARGV - 2)
 local ids = {}
 for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
-return {'ok', redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'del',
+return {'ok', log_add(p, maxlen, 'op', 'del',
                          'ids', table.concat(ids, ','))}
-"""
+""")
 
 # ARGV: prefix, stream maxlen, '1' (available again) or '0' (unavailable), item ids. Only the items
 # whose state changes go into the log entry. Returns {changed count, log id or ''}.
-AVAILABILITY_SCRIPT = """#!lua
+AVAILABILITY_SCRIPT = _script("""
 local p, maxlen, on = ARGV[1], ARGV[2], ARGV[3]
 local key = p .. 'unavailable'
 local changed = {}
@@ -349,14 +368,14 @@ for i = 4, #ARGV do
   if n == 1 then changed[#changed + 1] = ARGV[i] end
 end
 if #changed == 0 then return {0, ''} end
-return {#changed, redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'avail', 'on', on,
+return {#changed, log_add(p, maxlen, 'op', 'avail', 'on', on,
                              'items', table.concat(changed, ','))}
-"""
+""")
 
 # ARGV: prefix, stream maxlen, first_new_item, external ids. Unknown ids get the next internal ids
 # (never below first_new_item), all in one atomic call, so replicas registering at once agree.
 # Returns {log id or '', internal id per external id}.
-REGISTER_SCRIPT = """#!lua
+REGISTER_SCRIPT = _script("""
 local p, maxlen, first = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local hk, sk = p .. 'items:new', p .. 'items:seq'
 local ids, names, fresh = {}, {}, {}
@@ -372,9 +391,9 @@ for i = 4, #ARGV do
   ids[#ids + 1] = tonumber(id)
 end
 if #names == 0 then return {'', ids} end
-return {redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'items',
+return {log_add(p, maxlen, 'op', 'items',
                    'names', cjson.encode(names), 'ids', table.concat(fresh, ',')), ids}
-"""
+""")
 
 # ARGV: prefix, stream maxlen, the interaction log's retention in ms (0: for ever), user id, then memory
 # ids the replica's index holds for the user (those written before ``byuser`` was kept for every
@@ -383,7 +402,7 @@ return {redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'items'
 # the dedup markers, the interaction log rows (the log trimmed to the retention first: the rows the
 # user's list no longer names are past it) and the lists that name them.
 # Returns {history items, memories, per-user memories, dedup markers, log id or '', log rows}.
-ERASE_SCRIPT = """#!lua
+ERASE_SCRIPT = _script("""
 local p, maxlen, keep, user = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local history = redis.call('LLEN', p .. 'hist:' .. user)
 redis.call('DEL', p .. 'hist:' .. user, p .. 'state:' .. user)
@@ -420,15 +439,15 @@ end
 redis.call('DEL', uk)
 if #ids == 0 then return {history, 0, umem, markers, '', logged} end
 redis.call('DECRBY', p .. 'mem:count', #ids)
-return {history, #ids, umem, markers, redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*',
+return {history, #ids, umem, markers, log_add(p, maxlen,
                                                  'op', 'del', 'ids', table.concat(ids, ',')), logged}
-"""
+""")
 
 # ARGV: prefix, stream maxlen, cutoff (unix seconds), memory ids found old by a replica's index. Removes
 # each one still held whose timestamp is before the cutoff (checked here: replicas sweep concurrently,
 # each from its own applied log), as REMOVE_SCRIPT does, in one ``del`` log entry (retention by age,
 # memory_store.retention). Returns {memories removed, log id or ''}.
-EXPIRE_SCRIPT = """#!lua
+EXPIRE_SCRIPT = _script("""
 local p, maxlen, cutoff = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ids = {}
 for i = 4, #ARGV do
@@ -442,6 +461,6 @@ for i = 4, #ARGV do
 end
 if #ids == 0 then return {0, ''} end
 redis.call('DECRBY', p .. 'mem:count', #ids)
-return {#ids, redis.call('XADD', p .. 'log', 'MAXLEN', '~', maxlen, '*', 'op', 'del',
+return {#ids, log_add(p, maxlen, 'op', 'del',
                          'ids', table.concat(ids, ','))}
-"""
+""")

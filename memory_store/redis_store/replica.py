@@ -80,6 +80,7 @@ class Replica:
         self.catalogue = Catalogue()  # replaced by a restore or a rebuild, as the index
         self._applied = [ZERO] * groups.count  # per group, the stream id the index reflects
         self._generation = 0  # counts rebuilds: a batch read before one is not applied after it
+        self._seq = [0] * groups.count  # per group, the ``seq`` of the last entry applied (0: not known)
         self._epoch = ""  # the namespace's epoch token the index was built against (set by restore)
         self._applied_cond = asyncio.Condition()
         self._apply_lock = asyncio.Lock()  # held while log entries are applied or a snapshot is taken
@@ -142,10 +143,14 @@ class Replica:
         async with self._apply_lock:
             if generation != self._generation:  # rebuilt meanwhile: read again from the new position
                 return 0
+            last = _continued(self._seq[group], entries)
+            if last is None:
+                raise LogDiscontinuity(f"group {group}'s log does not continue from {self._applied[group]}")
             if len(entries) <= INLINE_APPLY_MAX:  # the live trickle: cheaper here than a thread hop
                 self._apply_entries(entries)
             else:  # a catch-up or bulk load: keep the event loop free meanwhile
                 await asyncio.to_thread(self._apply_entries, entries)
+            self._seq[group] = last
             await self._set_applied(group, entries[-1][0].decode())
         return len(entries)
 
@@ -164,6 +169,9 @@ class Replica:
                     checked = time.monotonic()
                     await self._check_epoch()
                 backoff = 0.1
+            except LogDiscontinuity as exc:
+                log.error("%s (entries lost in a failover, or trimmed); rebuilding from Redis", exc)
+                await self._rebuild_from_hashes()
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if stop.is_set():
                     return
@@ -180,8 +188,13 @@ class Replica:
     async def _catch_up(self) -> int:
         applied = 0
         for group in range(self._groups.count):
-            while n := await self._pump(group, None):
-                applied += n
+            try:
+                while n := await self._pump(group, None):
+                    applied += n
+            except LogDiscontinuity as exc:  # the snapshot's log lost entries: start from the hashes
+                log.error("%s; rebuilding from Redis", exc)
+                await self._rebuild_from_hashes()
+                return await self._catch_up()
         return applied
 
     async def wait_applied(self, position: str, timeout_s: float | None = None) -> bool:
@@ -397,6 +410,7 @@ class Replica:
         async with self._apply_lock:
             self.index = index
             self._generation += 1
+            self._seq = [0] * self._groups.count
             await self._set_position(position)
         log.info("rebuilt %d memories from Redis hashes (%d groups)", len(index), self._groups.count)
         await self._load_catalogue()
@@ -435,6 +449,23 @@ class Replica:
         for task in tasks:
             if task.done() and not task.cancelled():
                 task.result()
+
+
+class LogDiscontinuity(Exception):
+    """A group's log entries do not number on from the last one applied."""
+
+
+def _continued(last: int, entries: list[Entry]) -> int | None:
+    """The ``seq`` of the last of ``entries`` when they number on from ``last`` (0: not known; entries
+    without one are not checked), else None."""
+    for _, fields in entries:
+        seq = fields.get(b"seq")
+        if seq is None:
+            continue
+        if last and int(seq) != last + 1:
+            return None
+        last = int(seq)
+    return last
 
 
 def _stream_id(value: Any) -> tuple[int, int]:

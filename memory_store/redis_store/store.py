@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import AskError, MovedError, NoScriptError, RedisError
 
 from memory_store import user_memory as um
 from memory_store.base import (
@@ -226,12 +226,12 @@ class RedisMemoryStore:
         out: list[Any] = []
         try:
             for s in range(0, len(calls), PIPELINE_DEPTH):
-                pipe = client.pipeline(transaction=False)
-                for args in calls[s : s + PIPELINE_DEPTH]:
-                    await script(keys=keys, args=args, client=pipe)
-                if wait:
-                    pipe.wait(wait, self.config.redis_wait_timeout_ms)
-                replies = await pipe.execute()
+                async with client.pipeline(transaction=False) as pipe:  # released on every path
+                    for args in calls[s : s + PIPELINE_DEPTH]:
+                        await script(keys=keys, args=args, client=pipe)
+                    if wait:
+                        pipe.wait(wait, self.config.redis_wait_timeout_ms)
+                    replies = await pipe.execute()
                 if wait and (acked := int(replies.pop())) < wait:
                     raise ReplicationTimeout(
                         f"a write reached {acked} of {wait} Redis replicas within "
@@ -241,7 +241,7 @@ class RedisMemoryStore:
         except (RedisError, OSError) as exc:
             if self.config.redis_cluster:  # a failover or a moved slot: learn the map again
                 self._forget_nodes()
-                if "MOVED" in str(exc) or "ASK" in str(exc):
+                if isinstance(exc, (MovedError, AskError)):
                     raise ConnectionError(f"the cluster's slots moved during a write: {exc}") from exc
             raise
         return out
