@@ -246,10 +246,11 @@ class Replica:
     async def _log_went_back(self) -> bool:
         """True when a group's log ends before what this index applied from it: the entries after its
         end were lost (a failover to a replica that had not received them: asynchronous replication)."""
+        applied = list(self._applied)  # before the reads: other groups' tails apply meanwhile
         for group in range(self._groups.count):
             info = await self._stream_info(group)
             end = _stream_id(info["last-generated-id"]) if info is not None else (0, 0)
-            if end < parse_position(self._applied[group]):
+            if end < parse_position(applied[group]):
                 return True
         return False
 
