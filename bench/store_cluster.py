@@ -50,7 +50,7 @@ def flush_cluster(url: str) -> None:
 
 def cluster_masters(url: str) -> int:
     client = RedisCluster.from_url(url)
-    masters = len(client.get_primaries())
+    masters = len(client.get_primaries())  # type: ignore[no-untyped-call]
     client.close()
     return masters
 

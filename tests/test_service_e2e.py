@@ -22,7 +22,9 @@ from test_service_support import (  # noqa: F401  (fixtures)
 
 @pytest.fixture(params=["redis", "cluster"])
 def two_replicas(
-    request: pytest.FixtureRequest, model_dir: Path, tmp_path: Path  # noqa: F811
+    request: pytest.FixtureRequest,
+    model_dir: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> Iterator[list[str]]:
     """Two servers on one Redis, or on one Redis Cluster (the namespace spread over its masters)."""
     cluster = request.param == "cluster"

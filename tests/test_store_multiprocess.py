@@ -116,12 +116,16 @@ async def held_items(store: MemoryStore) -> np.ndarray:
     return np.sort(res.items[0][res.ids[0] >= 0])
 
 
-async def test_write_on_a_is_searchable_on_b(store_config: Callable[..., StoreConfig], spawn: Any) -> None:
-    config_b = store_config("redis", dim=DIM, data_dir=None)
+@pytest.mark.parametrize("backend", ["redis", "cluster"])
+async def test_write_on_a_is_searchable_on_b(
+    backend: str, store_config: Callable[..., StoreConfig], spawn: Any
+) -> None:
+    """On one Redis, and on a Redis Cluster (a position of 16 groups' log ids)."""
+    config_b = store_config(backend, dim=DIM, data_dir=None)
     commands, replies = CTX.Queue(), CTX.Queue()
     spawn(replica_process, config_b, commands, replies)
     assert replies.get(timeout=STEP_TIMEOUT_S) == "ready"
-    store_a = await open_store(store_config("redis", dim=DIM, data_dir=None))
+    store_a = await open_store(store_config(backend, dim=DIM, data_dir=None))
     lags = []
     try:
         for i in range(1, 41):

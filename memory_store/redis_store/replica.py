@@ -126,10 +126,12 @@ class Replica:
             self._applied_cond.notify_all()
 
     async def _set_position(self, position: str) -> None:
-        """Every group's applied id at once (a snapshot's or a rebuild's position)."""
+        """Every group's applied id at once (a snapshot's or a rebuild's position). The entries' numbers
+        there are not known: the next entry read of each group is taken as it comes."""
         ids = [f"{ms}-{seq}" for ms, seq in self._groups.parse(position)]
         async with self._applied_cond:
             self._applied = ids
+            self._seq = [0] * self._groups.count
             self._applied_cond.notify_all()
 
     async def _pump(self, group: int, block_ms: int | None) -> int:
@@ -170,8 +172,9 @@ class Replica:
                     await self._check_epoch()
                 backoff = 0.1
             except LogDiscontinuity as exc:
-                log.error("%s (entries lost in a failover, or trimmed); rebuilding from Redis", exc)
-                await self._rebuild_from_hashes()
+                if not await self._check_epoch():  # an emptied namespace numbers from 1 again
+                    log.error("%s (entries lost in a failover, or trimmed); rebuilding from Redis", exc)
+                    await self._rebuild_from_hashes()
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if stop.is_set():
                     return
@@ -367,18 +370,21 @@ class Replica:
             return False
         return True
 
-    async def _check_epoch(self) -> None:
+    async def _check_epoch(self) -> bool:
         """Rebuild when the namespace was emptied while this replica ran (FLUSHDB, a Redis restart
         without persistence): memory ids restart at 1 there, and the log's new adds would be skipped as
-        ids the index already holds."""
+        ids the index already holds. Also when a log ends before what this index applied. Returns
+        whether it rebuilt."""
         epoch = await self._namespace_epoch()
         if epoch != self._epoch:
             log.error("the namespace was emptied or recreated in Redis; rebuilding the index from it")
             self._epoch = epoch
-            await self._rebuild_from_hashes()
         elif await self._log_went_back():
             log.error("the log lost entries this replica applied (a failover); rebuilding from Redis")
-            await self._rebuild_from_hashes()
+        else:
+            return False
+        await self._rebuild_from_hashes()
+        return True
 
     async def _namespace_epoch(self) -> str:
         """The namespace's epoch token, created by the first replica to ask (SET NX: one wins)."""
@@ -411,7 +417,6 @@ class Replica:
         async with self._apply_lock:
             self.index = index
             self._generation += 1
-            self._seq = [0] * self._groups.count
             await self._set_position(position)
         log.info("rebuilt %d memories from Redis hashes (%d groups)", len(index), self._groups.count)
         await self._load_catalogue()
