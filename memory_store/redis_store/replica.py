@@ -162,8 +162,13 @@ class Replica:
         swallowed the task's cancellation: checked at least every ``BLOCK_MS``)."""
         backoff = 0.1
         checked = time.monotonic()
+        discontinued = False  # a rebuild is due (retried until it succeeds)
         while not stop.is_set():
             try:
+                if discontinued:
+                    if not await self._check_epoch():  # an emptied namespace numbers from 1 again
+                        await self._rebuild_from_hashes()
+                    discontinued = False
                 if await self._pump(group, BLOCK_MS) == READ_COUNT and await self._log_gap(group):
                     log.error("replica fell behind the trimmed log; rebuilding from Redis")
                     await self._rebuild_from_hashes()
@@ -172,9 +177,8 @@ class Replica:
                     await self._check_epoch()
                 backoff = 0.1
             except LogDiscontinuity as exc:
-                if not await self._check_epoch():  # an emptied namespace numbers from 1 again
-                    log.error("%s (entries lost in a failover, or trimmed); rebuilding from Redis", exc)
-                    await self._rebuild_from_hashes()
+                log.error("%s (emptied, entries lost in a failover, or trimmed); rebuilding", exc)
+                discontinued = True
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if stop.is_set():
                     return
