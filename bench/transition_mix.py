@@ -5,12 +5,14 @@
 The product's transition channel (``model.transitions``) on the plain encoder, without fusion or vote:
 what the channel adds by itself. The memory bank's pairs, read as item transitions, give every query a
 distribution over next items; the encoder's softmax is mixed with it, (1 − λ) · p_encoder + λ ·
-p_transition, λ chosen on validation (best NDCG@10, λ = 0 among the candidates; no HR guard or z rule
-here, unlike ``memrec train``). Transitions come from the training pairs for validation and also from
-the validation pairs for test, as the memory bank holds them; never from a test target. One result file
-per (run, seed) in ``reports/transition_mix_runs/``; the report aggregates what exists
-(``--report-only``: nothing is computed), with the parameter-free baselines of each run's dataset
-(``bench.baselines``, reports/baselines.json) on the same test queries.
+p_transition, chosen on validation (best NDCG@10, λ = 0 among the candidates; no HR guard or z rule
+here, unlike ``memrec train``): λ alone at order 5 (the query's last five items, the channel before
+its order was tuned: the ``mixed`` arm), and the order (1 … 5) with λ (``tuned``), as ``memrec train``
+now chooses them. Transitions come from the training pairs for validation and also from the validation
+pairs for test, as the memory bank holds them; never from a test target. One result file per (run,
+seed) in ``reports/transition_mix_runs/``; the report aggregates what exists (``--report-only``:
+nothing is computed), with the parameter-free baselines of each run's dataset (``bench.baselines``,
+reports/baselines.json) on the same test queries.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ log = logging.getLogger("bench.transition_mix")
 
 RESULTS = REPORTS / "transition_mix_runs"
 WEIGHTS = (0.0, *tr.WEIGHTS)  # λ candidates
+OFF = f"{tr.MAX_ORDER}/0"  # the encoder alone
+
+
+def key(order: int, weight: float) -> str:
+    return f"{order}/{weight:g}"
 
 
 @torch.inference_mode()
@@ -48,10 +55,11 @@ def mixed_ranks(
     seen: tuple[IntArray, IntArray],
     rows: Mapping[int, tr.Row],
     batch: int = 512,
-) -> dict[float, dict[str, np.ndarray]]:
-    """Per λ and protocol (unmasked, masked): the target's rank of every sample (N,); ``rows`` are the
-    bank's follower rows (model.transitions.follower_rows)."""
-    out = {w: {p: np.zeros(len(samples), np.int64) for p in ("unmasked", "masked")} for w in WEIGHTS}
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per "order/λ" and protocol (unmasked, masked): the target's rank of every sample (N,); ``rows``
+    are the bank's follower rows (model.transitions.follower_rows)."""
+    keys = [OFF, *(key(o, w) for o in tr.ORDERS for w in WEIGHTS if w)]
+    out = {k: {p: np.zeros(len(samples), np.int64) for p in ("unmasked", "masked")} for k in keys}
     n_ids = art.encoder.cfg.n_items + 1  # ids 1..n_items, 0 = padding
     recent = tr.recent_items(samples.inputs, samples.lengths)
     for start in range(0, len(samples), batch):
@@ -59,13 +67,15 @@ def mixed_ranks(
         t = int(samples.lengths[idx].max())
         x, n = torch.from_numpy(samples.inputs[idx, :t]), torch.from_numpy(samples.lengths[idx])
         logits = art.encoder.scores(art.encoder.encode(x, n))  # (B, V), column 0 = -inf
-        shares = tr.shares_from_rows(recent[idx], wanted(rows, recent[idx]), n_ids)
+        near = wanted(rows, recent[idx])
+        shares = {o: tr.shares_from_rows(recent[idx], near, n_ids, o) for o in tr.ORDERS}
         y = torch.from_numpy(samples.targets[idx])
-        for w in WEIGHTS:
-            s = tr.mix(logits, shares, tr.TransitionMix(w)).clone()
-            out[w]["unmasked"][idx] = target_ranks(s, y).numpy()
+        for k in keys:
+            order, weight = int(k.split("/")[0]), float(k.split("/")[1])
+            s = tr.mix(logits, shares[order], tr.TransitionMix(weight, order)).clone()
+            out[k]["unmasked"][idx] = target_ranks(s, y).numpy()
             mask_seen(s, idx, seen)
-            out[w]["masked"][idx] = target_ranks(s, y).numpy()
+            out[k]["masked"][idx] = target_ranks(s, y).numpy()
     return out
 
 
@@ -93,17 +103,23 @@ def run_one(name: str, seed: int, data_dir: str | None) -> dict[str, Any]:
         items = np.concatenate([p.targets for p in pairs[which]])
         recent = np.concatenate([tr.recent_items(p.inputs, p.lengths) for p in pairs[which]])
         ranks = mixed_ranks(art, samples, seen, tr.follower_rows(items, recent))
-        per_split[which] = {
-            f"{w:g}": {p: metrics_from_ranks(r) for p, r in d.items()} for w, d in ranks.items()
-        }
-    best = max(WEIGHTS, key=lambda w: per_split["valid"][f"{w:g}"]["unmasked"]["ndcg@10"])
+        per_split[which] = {k: {p: metrics_from_ranks(r) for p, r in d.items()} for k, d in ranks.items()}
+
+    def best(keys: list[str]) -> str:  # the first of the best by validation NDCG@10
+        return max(keys, key=lambda k: (per_split["valid"][k]["unmasked"]["ndcg@10"], -keys.index(k)))
+
+    at_five = best([OFF, *(key(tr.MAX_ORDER, w) for w in WEIGHTS if w)])
+    tuned = best(list(per_split["valid"]))
     return {
         "run": name,
         "seed": seed,
-        "weight": best,
-        "encoder": per_split["test"]["0"],
-        "mixed": per_split["test"][f"{best:g}"],
-        "valid_ndcg@10": {w: r["unmasked"]["ndcg@10"] for w, r in per_split["valid"].items()},
+        "weight": float(at_five.split("/")[1]),
+        "tuned_order": int(tuned.split("/")[0]) if tuned != OFF else None,
+        "tuned_weight": float(tuned.split("/")[1]),
+        "encoder": per_split["test"][OFF],
+        "mixed": per_split["test"][at_five],
+        "tuned": per_split["test"][tuned],
+        "valid_ndcg@10": {k: r["unmasked"]["ndcg@10"] for k, r in per_split["valid"].items()},
     }
 
 
@@ -112,17 +128,20 @@ def render(report: dict[str, Any]) -> str:
         "# Transition channel on the plain archived encoders",
         "",
         f"`{report['command']}`, {report['date']}, {report['machine']}. Test NDCG@10 and HR@10, "
-        "mean ± std over seeds; λ chosen per seed on validation NDCG@10 (unmasked). The product's channel "
-        "(model.transitions) on the encoder alone, without fusion or vote: what it adds by itself.",
+        "mean ± std over seeds, chosen per seed on validation NDCG@10 (unmasked). The product's channel "
+        "(model.transitions) on the encoder alone, without fusion or vote: what it adds by itself; "
+        "*order 5*: λ alone tuned, over the query's last five items; *tuned*: the order (1 … 5) and λ "
+        "tuned, as `memrec train` chooses them.",
         "",
-        "| run | seeds | λ per seed | protocol | encoder NDCG@10 | mixed NDCG@10 | encoder HR@10 "
-        "| mixed HR@10 |",
-        "|---|---:|---|---|---|---|---|---|",
+        "| run | seeds | λ per seed (order 5) | order/λ per seed (tuned) | protocol | encoder NDCG@10 "
+        "| order 5 NDCG@10 | tuned NDCG@10 | encoder HR@10 | order 5 HR@10 | tuned HR@10 |",
+        "|---|---:|---|---|---|---|---|---|---|---|---|",
     ]
+    arms = ("encoder", "mixed", "tuned")
     for name, r in report["runs"].items():
         for p in ("unmasked", "masked"):
-            cells = [str(r["seeds"]), ", ".join(f"{w:g}" for w in r["weights"]), p]
-            cells += [fmt(r[p][arm][m]) for m in ("ndcg@10", "hr@10") for arm in ("encoder", "mixed")]
+            cells = [str(r["seeds"]), ", ".join(f"{w:g}" for w in r["weights"]), ", ".join(r["tuned"]), p]
+            cells += [fmt(r[p][arm][m]) for m in ("ndcg@10", "hr@10") for arm in arms]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join([*lines, *baseline_table(report.get("baselines", {}))]) + "\n"
 
@@ -177,11 +196,15 @@ def aggregate(command: str | None = None) -> dict[str, Any]:
         command = shlex.join(["python", "-m", "bench.transition_mix", *args])
     out: dict[str, Any] = {}
     for name, recs in runs.items():
+        recs = [r for r in recs if "tuned" in r]  # files from before the order was tuned are rerun
+        if not recs:
+            continue
         out[name] = {"seeds": len(recs), "weights": [r["weight"] for r in recs]}
+        out[name]["tuned"] = [f"{r['tuned_order'] or '-'}/{r['tuned_weight']:g}" for r in recs]
         for p in ("unmasked", "masked"):
             out[name][p] = {
                 arm: {m: stat([r[arm][p][m] for r in recs]) for m in ("ndcg@10", "hr@10")}
-                for arm in ("encoder", "mixed")
+                for arm in ("encoder", "mixed", "tuned")
             }
     dates = [datetime.fromisoformat(r["date"]) for r in recs_all if "date" in r]
     when = (max(dates) if dates else datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
@@ -212,11 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in [] if args.report_only else args.runs:
         for seed in args.seeds:
             path = RESULTS / f"{name}.seed{seed}.json"
-            if not path.is_file():
+            if not path.is_file() or "tuned" not in json.loads(path.read_text(encoding="utf-8")):
                 rec = run_one(name, seed, args.data_dir)
                 write_result(path, rec)  # with the machine and the date
-                ndcg = [rec[arm]["unmasked"]["ndcg@10"] for arm in ("encoder", "mixed")]
-                log.info("%s seed %d: λ %g, test NDCG@10 %.4f → %.4f", name, seed, rec["weight"], *ndcg)
+                ndcg = [rec[arm]["unmasked"]["ndcg@10"] for arm in ("encoder", "mixed", "tuned")]
+                log.info(
+                    "%s seed %d: order 5 λ %g, tuned order %s λ %g; test NDCG@10 %.4f → %.4f → %.4f",
+                    *(name, seed, rec["weight"], rec["tuned_order"], rec["tuned_weight"], *ndcg),
+                )
     command = shlex.join(
         ["python", "-m", "bench.transition_mix", *(argv if argv is not None else sys.argv[1:])]
     )

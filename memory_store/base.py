@@ -335,6 +335,12 @@ class MemoryStore(Protocol):
 
     async def user_memories(self, user_ids: Sequence[str]) -> list[UserMemories]: ...
 
+    async def put_user_memories(self, memories: Sequence[UserMemories]) -> int:
+        """Write each user's memories as given (a bulk load: entries replayed elsewhere by the same
+        rules), only where that user holds none yet, so that a repeated or resumed load, or one racing
+        live updates, overwrites nothing; returns how many users were written."""
+        ...
+
     async def set_available(self, items: Sequence[int] | np.ndarray, available: bool) -> int:
         """Mark items (ids >= 1) unavailable (``available=False``) or available again, for every replica;
         returns how many changed state. Once it returns, this replica's ``unavailable_items`` shows it."""
@@ -520,6 +526,18 @@ def check_observations(
     if ts.shape != (v.shape[0],) or not np.isfinite(ts).all():
         raise ValueError(f"timestamps must be {v.shape[0]} finite numbers")
     return it, v, ts
+
+
+def check_user_memories(entries: UserMemories, dim: int) -> None:
+    """ValueError unless ``entries`` is one user's well-formed memories of ``dim``-vectors."""
+    check_user_id(entries.user_id)
+    n = len(entries)
+    columns = (entries.freq, entries.access_count, entries.last_access, entries.first_seen)
+    who = f"user memories of {entries.user_id!r}"
+    if entries.vectors.shape != (n, dim) or any(c.shape != (n,) for c in columns):
+        raise ValueError(f"{who}: columns of {n} rows and vectors of {dim} needed")
+    if not np.isfinite(entries.vectors).all() or (entries.items < 1).any():
+        raise ValueError(f"{who}: finite vectors and item ids >= 1 needed")
 
 
 def _int_column(values: Sequence[int] | np.ndarray, n: int, name: str, minimum: int) -> np.ndarray:

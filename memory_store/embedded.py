@@ -61,6 +61,7 @@ from memory_store.base import (
     check_log_page,
     check_observations,
     check_user_id,
+    check_user_memories,
     memory_batch_for_events,
     normalise_rows,
 )
@@ -434,6 +435,12 @@ class EmbeddedMemoryStore:
         self._user_memory_commit(merged)
         return evicted
 
+    def _put_user_memories(self, memories: Sequence[um.UserMemories]) -> int:
+        fresh = [m for m in memories if len(m) and not len(self._umem.get(m.user_id, ()))]
+        for entries in fresh:
+            self._user_memory_commit(entries)
+        return len(fresh)
+
     def _record_access(self, user_id: str, items: Sequence[int], ts: float) -> int:
         current = self._umem.get(user_id)
         if current is None:
@@ -544,6 +551,12 @@ class EmbeddedMemoryStore:
             lambda: [self._umem.get(u) or um.UserMemories.empty(u, self.dim) for u in users]
         )
         return out
+
+    async def put_user_memories(self, memories: Sequence[um.UserMemories]) -> int:
+        for entries in memories:
+            check_user_memories(entries, self.dim)
+        written: int = await self._locked(self._put_user_memories, list(memories))
+        return written
 
     async def record_user_memory_access(self, user_id: str, items: Sequence[int], ts: float) -> int:
         check_user_id(user_id)

@@ -171,7 +171,7 @@ def finetune(
         voting = Predictor(encoder, fusion, chosen)
         if chosen.vote.on:  # the chosen vote's voters, over the same states
             valid_q = replace(valid_q, voters=offline.nearest(voting, bank, valid_q.plan, chosen.vote.depth))
-        rows = offline.bank_rows(bank, chosen.transitions.order)
+        rows = offline.bank_rows(bank, max(tr.ORDERS))  # every order tuning tries reads them
         result.transitions = tuning.tune_transitions(voting, valid_q, split.valid, rows, vote_min_z)
         chosen = replace(chosen, transitions=result.transitions.best)
     return replace(model, predictor=Predictor(encoder, fusion, chosen)), result

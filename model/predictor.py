@@ -407,10 +407,12 @@ class Predictor:
             scores = tr.mix(scores, shares, self.cfg.transitions)
         return Scored(scores, logits, mem, vote_in, shares)
 
-    def shares(self, recent: IntArray, rows: Mapping[int, tr.Row], width: int | None = None) -> tr.Shares:
+    def shares(
+        self, recent: IntArray, rows: Mapping[int, tr.Row], width: int | None = None, order: int | None = None
+    ) -> tr.Shares:
         """The transition shares of queries whose last items are ``recent`` (B, MAX_ORDER), over the
-        first ``width`` ids (default: the model's vocabulary)."""
-        order = self.cfg.transitions.order
+        first ``width`` ids (default: the model's vocabulary), at ``order`` (default: the model's)."""
+        order = order or self.cfg.transitions.order
         return tr.shares_from_rows(recent, rows, width or self.n_ids, order)
 
     @torch.inference_mode()
@@ -423,15 +425,17 @@ class Predictor:
         n: Sequence[int],
         explain: Sequence[bool] = (),
         new_items: Tensor | None = None,
+        user_items: IntArray | None = None,
     ) -> list[Ranked]:
         """Each query's top ``n[i]`` items, ``masks[i]`` removed; cold rows get the popular items.
-        ``new_items``: the embeddings of the items registered since training (:meth:`score`)."""
+        ``new_items``: the embeddings of the items registered since training; ``user_items`` (W, C): the
+        warm rows' own memories when the model fuses them (:meth:`score`)."""
         is_warm = np.zeros(plan.rows, dtype=bool)
         is_warm[plan.warm] = True
         out = [self.cold_start(masks[i], n[i]) if not is_warm[i] else _UNSET for i in range(plan.rows)]
         if not len(plan.warm):
             return out
-        scored = self.score(plan, hits, rows, new_items=new_items)
+        scored = self.score(plan, hits, rows, user_items=user_items, new_items=new_items)
         warm = plan.warm.tolist()
         explained = any(explain[i] for i in warm if i < len(explain))
         ranked = scored.scores.clone() if explained and scored.scores is scored.logits else scored.scores

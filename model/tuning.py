@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -69,23 +69,24 @@ def tune_transitions(
     rows: Mapping[int, tr.Row],
     min_z: float = 2.0,
     batch_size: int = BATCH,
+    orders: Sequence[int] = tr.ORDERS,
 ) -> tr.TuneResult:
-    """λ of the transition channel on ``samples`` (validation) over the predictor's scores with its
-    vote, ``rows`` being the follower rows of the training pairs. ``result.best`` is the channel to
-    serve."""
+    """The order and λ of the transition channel on ``samples`` (validation) over the predictor's
+    scores with its vote, ``rows`` being the follower rows of the training pairs (at the largest of
+    ``orders``). ``result.best`` is the channel to serve."""
     t0 = time.perf_counter()
     dev = predictor.encoder.item_emb.weight.device
-    order = predictor.cfg.transitions.order
 
     def batches() -> Iterator[tr.Batch]:
         for idx in _batches(samples, batch_size):
             q = queries.batch(idx)
             scores = predictor.score(q.plan, q.hits, None, q.voters, q.user_items).scores
-            shares = predictor.shares(q.plan.recent, offline.wanted_rows(rows, q.plan)).to(dev)
+            wanted = offline.wanted_rows(rows, q.plan)
+            shares = {o: predictor.shares(q.plan.recent, wanted, order=o).to(dev) for o in orders}
             yield scores, shares, torch.from_numpy(samples.targets[idx]).to(dev)
 
     with torch.inference_mode():
-        result = tr.tune(batches(), order, min_z=min_z)
+        result = tr.tune(batches(), orders, min_z=min_z)
     _log_transitions(result, min_z, time.perf_counter() - t0)
     return result
 
@@ -116,19 +117,22 @@ def _log_vote(result: vt.TuneResult, grid: vt.VoteGrid, min_z: float, seconds: f
 
 
 def _log_transitions(result: tr.TuneResult, min_z: float, seconds: float) -> None:
-    off, chosen = result.table[0], next(r for r in result.table if r["weight"] == result.best.weight)
-    cand = result.candidate
+    best, cand = result.best, result.candidate
+    off = result.table[0]
+    chosen = next(r for r in result.table if (r["weight"], r["order"]) == (best.weight, best.order))
     if cand is None:
         verdict = "none beat off"
-    elif not result.best.on:
-        verdict = f"refused λ {cand.weight:g}: gain {result.z:.1f} standard errors, needs {min_z:.1f}"
+    elif not best.on:
+        verdict = f"refused λ {cand.weight:g} order {cand.order}: gain {result.z:.1f} standard errors, "
+        verdict += f"needs {min_z:.1f}"
     else:
-        verdict = f"kept λ {result.best.weight:g}: gain {result.z:.1f} standard errors, needs {min_z:.1f}"
-        if cand != result.best:
-            verdict += f"; λ {cand.weight:g} won validation without a significant gain"
+        verdict = f"kept: gain {result.z:.1f} standard errors, needs {min_z:.1f}"
+        if cand != best:
+            verdict += f"; λ {cand.weight:g} order {cand.order} won validation without a significant gain"
     log.info(
-        "transition channel: λ %g; valid ndcg@10 %.4f hr@10 %.4f (off: %.4f, %.4f; %s) in %.0fs",
-        result.best.weight,
+        "transition channel: λ %g order %d; valid ndcg@10 %.4f hr@10 %.4f (off: %.4f, %.4f; %s) in %.0fs",
+        best.weight,
+        best.order,
         chosen["ndcg@10"],
         chosen["hr@10"],
         off["ndcg@10"],

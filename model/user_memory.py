@@ -14,13 +14,15 @@ every user's sequence through that very code:
   only items at positions < p, so never the target or the future.
 
 A :class:`UserMemoryTable` holds one snapshot per (user, prefix length) of the whole split, so the
-training, validation and test samples (or any subset) look theirs up by key.
+training, validation and test samples (or any subset) look theirs up by key. The service replays the
+users of a model's memory bank through :func:`replay_users` too, to start them with the memories their
+test samples read (service.bank).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -111,6 +113,17 @@ def split_samples(split: Split) -> Samples:
     return Samples(*(np.concatenate([getattr(p, f) for p in parts]) for f in Samples.__dataclass_fields__))
 
 
+@dataclass(frozen=True)
+class Steps:
+    """What a replay reads of each (prefix → target) step, row by row: the user, the prefix length p
+    (the clock), the target merged after it and the query state h_p that accesses before."""
+
+    users: IntArray  # (N,)
+    prefix_lens: IntArray  # (N,)
+    targets: IntArray  # (N,)
+    states: FloatArray  # (N, D) raw encoder states (the bank's keys), normalised here
+
+
 def replay(
     item_emb: FloatArray, samples: Samples, states: FloatArray, cfg: UserMemoryConfig, rules: MemoryRules
 ) -> UserMemoryTable:
@@ -120,34 +133,71 @@ def replay(
     split with its query state in ``states`` (len(samples), D). Each user's samples must cover prefix
     lengths 1 … n-1 (leave-one-out does).
     """
-    quality = rules.quality(cfg.quality, cfg.half_life)
-    unit_states = l2_normalise(states)
     firsts = _first_items(samples)
-    order = np.lexsort((samples.prefix_lens, samples.users))  # by user, then position
-    users_sorted = samples.users[order]
-    bounds = np.flatnonzero(np.diff(users_sorted)) + 1
     out = np.zeros((len(samples), cfg.capacity), dtype=np.int64)
     stats = ReplayStats()
+    steps = Steps(samples.users, samples.prefix_lens, samples.targets, states)
+    users = replay_users(item_emb, steps, firsts, cfg, rules, out, stats)
+    for _ in tqdm(users, total=len(firsts), desc="user memories", leave=False, mininterval=2.0):
+        pass
+    return UserMemoryTable(samples.users, samples.prefix_lens, out, stats)
+
+
+def accessed(vectors: FloatArray, unit_state: FloatArray, top: int) -> IntArray:
+    """The rows of the ``top`` entries (vectors (n, D)) most similar to a query's unit state (D,) by
+    cosine, most similar first, ties in entry order: what a live retrieval touches."""
+    unit = l2_normalise(vectors)
+    out: IntArray = np.argsort(-(unit @ unit_state), kind="stable")[:top]
+    return out
+
+
+def replay_users(
+    item_emb: FloatArray,
+    steps: Steps,
+    firsts: Mapping[int, int],
+    cfg: UserMemoryConfig,
+    rules: MemoryRules,
+    snapshots: IntArray | None = None,
+    stats: ReplayStats | None = None,
+) -> Iterator[tuple[int, Any]]:
+    """Each user of ``firsts`` (user → item at position 0), in id order, with the entries held after
+    every step of theirs: the first item merged at clock 0, then per step p, by p, ``access_top``
+    entries accessed by h_p and the target merged at clock p. ``snapshots`` (len(steps), C), when
+    given, gets what each step sees (items in entry order, 0 = empty); a user without steps holds their
+    first item alone. The offline tables (:func:`replay`) and the service's start-up load (the memories
+    of the users of a model's bank) both replay through this."""
+    quality = rules.quality(cfg.quality, cfg.half_life)
+    unit_states = l2_normalise(steps.states)
+    order = np.lexsort((steps.prefix_lens, steps.users))  # by user, then position
+    users_sorted = steps.users[order]
+    stats = stats if stats is not None else ReplayStats()
     dim = item_emb.shape[1]
-    for rows in tqdm(np.split(order, bounds), desc="user memories", leave=False, mininterval=2.0):
-        user = int(samples.users[rows[0]])
+    for user in sorted(firsts):
+        rows = order[np.searchsorted(users_sorted, user) : np.searchsorted(users_sorted, user, "right")]
         mem = rules.empty(str(user), dim)
         first = firsts[user]
         mem, _ = rules.merge(mem, [first], item_emb[[first]], [0.0], cfg.capacity, quality)
         for i in rows:
-            p = float(samples.prefix_lens[i])
+            p = float(steps.prefix_lens[i])
             if cfg.access_top and len(mem):
-                unit = l2_normalise(mem.vectors)
-                top = np.argsort(-(unit @ unit_states[i]), kind="stable")[: cfg.access_top]
+                top = accessed(mem.vectors, unit_states[i], cfg.access_top)
                 mem, touched = rules.access(mem, mem.items[top].tolist(), p)
                 stats.accesses += touched
-            out[i, : len(mem)] = mem.items
-            target = int(samples.targets[i])
+            if snapshots is not None:
+                snapshots[i, : len(mem)] = mem.items
+            target = int(steps.targets[i])
             before = len(mem)
             mem, evicted = rules.merge(mem, [target], item_emb[[target]], [p], cfg.capacity, quality)
             stats.evictions += len(evicted)
             stats.merges += int(len(mem) == before and not evicted)
-    return UserMemoryTable(samples.users, samples.prefix_lens, out, stats)
+        yield user, mem
+
+
+def item_table(encoder: SASRec) -> FloatArray:
+    """The frozen item embeddings (N_items + 1, D) float32: what a user memory merges, per item."""
+    with torch.no_grad():
+        out: FloatArray = encoder.item_emb.weight.detach().float().cpu().numpy()
+    return out
 
 
 def build_table(
@@ -156,9 +206,7 @@ def build_table(
     """Encode every sample of the split with the frozen encoder and replay the users' memories."""
     samples = split_samples(split)
     states = encode_samples(encoder, samples, device)
-    with torch.no_grad():
-        item_emb = encoder.item_emb.weight.detach().float().cpu().numpy()
-    table = replay(item_emb, samples, states, cfg, rules)
+    table = replay(item_table(encoder), samples, states, cfg, rules)
     log.info(
         "user memories (C=%d, %s): %d evictions, %d merges, %d accesses",
         cfg.capacity,

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from service.settings import Settings
 from service.state import Runtime
 from service.states import fill_states
 from service.swap import Swapper
+from service.user_memories import UserMemorySetup, user_memory_setup
 from service.versions import Outcomes, Versions
 
 log = logging.getLogger(__name__)
@@ -51,11 +53,17 @@ DOCS_CSP = "img-src 'self' data:; font-src 'self' data:; connect-src 'self'"
 
 
 def store_config(
-    settings: Settings, dim: int, model_version: str, n_items: int, second: bool = False
+    settings: Settings,
+    dim: int,
+    model_version: str,
+    n_items: int,
+    second: bool = False,
+    user_memories: UserMemorySetup | None = None,
 ) -> StoreConfig:
     """The store of a model: ``dim`` its state size, ``n_items`` its vocabulary (new items come after);
-    ``second``: the second of two versions served side by side (its own namespace)."""
-    return StoreConfig(
+    ``second``: the second of two versions served side by side (its own namespace); ``user_memories``:
+    the model's per-user memories, whose capacity and eviction order the store keeps."""
+    config = StoreConfig(
         dim=dim,
         namespace=settings.store_namespace(model_version, second),
         redis_url=settings.redis_url,
@@ -81,6 +89,9 @@ def store_config(
             threads=settings.torch_threads,
         ),
     )
+    if user_memories is None:
+        return config
+    return replace(config, user_memory_capacity=user_memories.cfg.capacity, quality=user_memories.quality)
 
 
 async def build_runtime(
@@ -92,12 +103,14 @@ async def build_runtime(
     faiss.omp_set_num_threads(settings.torch_threads)
     model_dir = (model_dir or settings.model_dir).resolve()
     art = await asyncio.to_thread(artifact.load, model_dir, settings.device)
-    config = store_config(settings, art.encoder.cfg.dim, art.model_version, art.vocab.n_items, second)
     rec = await asyncio.to_thread(serving_predictor, art, settings.frozen_graphs)
+    umem = user_memory_setup(art)
+    dim, version, n_items = art.encoder.cfg.dim, art.model_version, art.vocab.n_items
+    config = store_config(settings, dim, version, n_items, second, umem)
     store: MemoryStore = await open_store(config)
     try:
         if settings.load_bank and art.bank is not None:
-            await load_bank(store, art.bank, art.vocab, art.first_items)
+            await load_bank(store, art.bank, art.vocab, art.first_items, user_memories=umem)
             t0 = time.perf_counter()
             written = await fill_states(store, rec, art.vocab.users, settings.history_len)
             log.info("encoder states of %d known users written in %.1f s", written, time.perf_counter() - t0)
@@ -113,8 +126,11 @@ async def build_runtime(
         mask_len=config.history_len,
         max_batch=settings.batch_max_size,
         max_wait_s=settings.batch_max_wait_ms / 1000.0,
+        user_memories=umem,
     )
-    ingestor = Ingestor(rec, store, metrics, settings.history_len, settings.frozen_memory)
+    ingestor = Ingestor(
+        rec, store, metrics, settings.history_len, settings.frozen_memory, umem, config.history_len
+    )
     log.info(
         "serving %s (%s, retrieval %s, %s graphs) from namespace %s",
         art.model_version,

@@ -8,6 +8,10 @@ starts the history (no memory); so do the events whose history holds no item the
 training are stored like any other: as a memory's next item and among its prefix items. In
 frozen-memory mode no memory is written at all.
 
+A model that fuses per-user (RAMRec) memories has each accepted event's item merged into its user's
+memories, after the write, at the event's position in the user's sequence: the clock of the offline
+replay (service.user_memories).
+
 Each user's history after the batch is encoded too, in the same encoder pass as the memory keys, and
 its state goes into the store's write that appends the user's last event (service.states): the user's
 next /recommend reads it with the history and runs no encoder pass. The key of a user's first event
@@ -29,6 +33,7 @@ from model.predictor import Predictor
 from model.transitions import last_items
 from service.metrics import Metrics
 from service.states import encode_states, user_states
+from service.user_memories import UserMemorySetup, merge_events
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ class Prefixes:
     before: list[list[int]]
     states: list[np.ndarray | None]  # (D,) the stored state: a user's first event of the batch only
     after: dict[str, list[int]]
+    positions: list[int]  # per event, the items held of its user before it: its user-memory clock
 
 
 class Ingestor:
@@ -53,29 +59,38 @@ class Ingestor:
         metrics: Metrics,
         history_len: int = 50,
         frozen_memory: bool = False,
+        user_memories: UserMemorySetup | None = None,
+        held_len: int = 0,
     ) -> None:
         self.predictor = predictor
         self.store = store
         self.metrics = metrics
         self.history_len = history_len
         self.frozen_memory = frozen_memory
+        self.user_memories = user_memories  # the model's per-user memories (service.user_memories)
+        # history items read per user: the encoder's, or all the store keeps (``held_len``, its
+        # history_len) where the user-memory clock counts them
+        self.read_len = max(history_len, held_len if user_memories is not None else 0)
 
     async def prefixes(self, events: Sequence[Interaction]) -> Prefixes:
         """The history before each event, earlier events of the batch included (oldest first), with the
         stored state that encodes it (a user's first event of the batch only), and each user's last
         ``history_len`` items after the batch (what their new state encodes)."""
         users = sorted({ev.user_id for ev in events})
-        stored = await self.store.histories_with_states(users, self.history_len)
+        stored = await self.store.histories_with_states(users, self.read_len)
         running = dict(zip(users, stored.histories, strict=True))
         unused = dict(zip(users, stored.states, strict=True))  # each encodes its user's stored window
         before: list[list[int]] = []
         states: list[np.ndarray | None] = []
+        positions: list[int] = []
         for ev in events:
             h = running[ev.user_id]
             before.append(list(h[-self.history_len :]))
             states.append(unused.pop(ev.user_id, None))
+            positions.append(len(h))
             h.append(ev.item_id)
-        return Prefixes(before, states, {u: h[-self.history_len :] for u, h in running.items()})
+        after = {u: h[-self.history_len :] for u, h in running.items()}
+        return Prefixes(before, states, after, positions)
 
     async def ingest(self, events: Sequence[Interaction], logged: bool = True) -> tuple[int, int]:
         """Store the events (and their memories, and the users' states); returns (accepted, duplicates).
@@ -97,12 +112,14 @@ class Ingestor:
         # A user's state goes with the write of their last event: the keyed one when they have one.
         last_keyed = {events[i].user_id for i in with_memory}
         accepted = duplicates = 0
+        taken: list[int] = []  # the events known accepted
         # A user's unkeyed events come before their keyed ones (a prefix only grows): they go first, so
         # every history keeps the batch order.
         if first:
             put = _pick(users, windows, states, lambda u: u not in last_keyed)
             res = await self.store.append_interactions([events[i] for i in first], put, logged)
             accepted, duplicates = res.accepted, res.duplicates
+            taken += first if not res.duplicates else []  # the store does not say which were duplicates
         if with_memory:
             put = _pick(users, windows, states, lambda u: u in last_keyed)
             lens = np.array([len(pre.before[i]) for i in with_memory], dtype=np.int32)
@@ -112,7 +129,25 @@ class Ingestor:
                 [events[i] for i in with_memory], key_rows, lens, recent, put, logged
             )
             accepted, duplicates = accepted + res.accepted, duplicates + res.duplicates
+            taken += [i for i, mem_id in zip(with_memory, res.memory_ids, strict=True) if mem_id >= 0]
+        if self.user_memories is not None and taken:
+            await self._merge_user_memories(events, pre.positions, sorted(taken))
         return self._count(accepted, duplicates)
+
+    async def _merge_user_memories(
+        self, events: Sequence[Interaction], positions: list[int], rows: list[int]
+    ) -> None:
+        """Merge the accepted events ``rows`` into their users' memories at their positions (the
+        user-memory clock). An event whose write held any duplicate without saying which is not merged:
+        a retried event is never merged twice."""
+        assert self.user_memories is not None
+        await merge_events(
+            self.store,
+            self.user_memories,
+            [events[i].user_id for i in rows],
+            [events[i].item_id for i in rows],
+            [positions[i] for i in rows],
+        )
 
     async def _encode(
         self, events: Sequence[Interaction], histories: list[list[int]]

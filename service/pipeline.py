@@ -5,7 +5,9 @@ module reads the store around it. Concurrent requests are queued and served in m
 history read (the store's only round trip: the users' encoder states come with their histories), one
 encoder pass over the rows without a stored state (a request history, or a state missing or stale,
 which is then written back: service.states), one search with the follower rows beside it (both in this
-replica's index) and one scoring pass per batch. The benchmark drives it without a server.
+replica's index) and one scoring pass per batch. A model that fuses per-user memories reads the batch's
+users' memories too, in a second store call beside the search (service.user_memories). The benchmark
+drives it without a server.
 
 The model work of a batch runs in the event-loop thread itself. A micro-batch costs a few milliseconds
 of CPU that holds the GIL for most of it anyway; handing it to worker threads added a thread hop per
@@ -35,6 +37,7 @@ from model.predictor import Plan, Predictor, Ranked
 from service.errors import store_errors
 from service.metrics import Metrics
 from service.states import WriteBack, user_states
+from service.user_memories import AccessRecorder, UserMemorySetup, accesses, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,7 @@ class Pipeline:
         mask_len: int = 200,
         max_batch: int = 64,
         max_wait_s: float = 0.003,
+        user_memories: UserMemorySetup | None = None,
     ) -> None:
         self.predictor = predictor
         self.store = store
@@ -119,6 +123,8 @@ class Pipeline:
         self._worker: asyncio.Task[None] | None = None
         self.new_items = NewItemEmbeddings(predictor, store)
         self.write_back = WriteBack(store)
+        self.user_memories = user_memories  # the model's per-user memories (service.user_memories)
+        self.accesses = AccessRecorder(store)
 
     @property
     def running(self) -> bool:
@@ -137,6 +143,7 @@ class Pipeline:
                 pass
             self._worker = None
         await self.write_back.drain()
+        await self.accesses.drain()
 
     async def recommend(self, query: Query) -> Answer:
         """Queue one request and wait for its batch."""
@@ -199,11 +206,23 @@ class Pipeline:
             plan = self.predictor.prepare(histories, [q.user_id for q in queries], given)
         if not degraded:
             self._keep_encoded(queries, histories, given, plan)
-        hits, rows = await self._fetch(plan)
+        if self.user_memories is None:
+            (hits, rows), user_items = await self._fetch(plan), None
+        else:  # the users' own memories, read beside the search
+            (hits, rows), user_items = await asyncio.gather(
+                self._fetch(plan), self._user_items(queries, plan, stored.histories, degraded)
+            )
         new_items = await self.new_items.current()
         with self._stage("score"):
             ranked = self.predictor.finish(
-                plan, hits, rows, masks, [q.n for q in queries], [q.explain for q in queries], new_items
+                plan,
+                hits,
+                rows,
+                masks,
+                [q.n for q in queries],
+                [q.explain for q in queries],
+                new_items,
+                user_items,
             )
         row_of = {int(i): j for j, i in enumerate(plan.warm)}  # batch row → its row among the searched
         out = [
@@ -243,6 +262,30 @@ class Pipeline:
             )
             if put is not None:
                 self.write_back.submit(put)
+
+    async def _user_items(
+        self, queries: list[Query], plan: Plan, held: list[list[int]], degraded: bool
+    ) -> IntArray | None:
+        """The warm rows' user memories (W, C) when the model fuses them, read in one store call: the
+        stored ones of the query's user, also for a request with its own history (which is not stored,
+        so it is no step of the user's sequence). Each query accesses its ``access_top`` entries at its
+        user's count (``held``: the stored histories), recorded in the background. All empty while the
+        store is unreachable (degraded: answered without them); None without a warm row."""
+        setup = self.user_memories
+        if setup is None or not len(plan.warm):
+            return None
+        warm = plan.warm.tolist()
+        users = [queries[i].user_id for i in warm]
+        try:
+            entries = [] if degraded else await self.store.user_memories(users)
+        except store_errors() as exc:
+            log.warning("user memories unreadable, answering %d requests without: %s", len(users), exc)
+            entries = []
+        if not entries:
+            return np.zeros((len(warm), setup.cfg.capacity), dtype=np.int64)
+        touched = accesses(entries, plan.states, setup.cfg.access_top)
+        self.accesses.submit([(users[j], items, float(len(held[warm[j]]))) for j, items in touched])
+        return snapshot(entries, setup.cfg.capacity)
 
     async def _fetch(self, plan: Plan) -> tuple[SearchResult | None, dict[int, tr.Row] | None]:
         """The plan's nearest memories and its follower rows, read from the store concurrently."""

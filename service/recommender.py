@@ -19,11 +19,11 @@ def serving_predictor(art: Artifact, frozen: bool = True) -> Predictor:
         )
     predictor = from_artifact(art, frozen)
     cfg = predictor.cfg
-    if predictor.fusion is not None and cfg.user_memories:
-        # Serving it without them would answer with a model other than the one evaluated.
+    if cfg.user_memories and art.first_items is None:
+        # Its users' memories are replayed from their first item on (service.bank.load_user_memories).
         raise ArtifactError(
-            f"model {art.model_version} fuses per-user memories (fine-tune flag --user-memories), "
-            "which the service does not read yet; serve a model trained without that flag"
+            f"model {art.model_version} fuses per-user memories but keeps no first items, from which "
+            "its users' memories are replayed; train it again"
         )
     if cfg.transitions.on and (art.bank is None or art.bank.recent is None):
         raise ArtifactError(

@@ -17,6 +17,7 @@ from model import artifact
 from service.app import store_config
 from service.bank import load_bank
 from service.settings import Settings
+from service.user_memories import user_memory_setup
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +26,14 @@ async def reindex(settings: Settings) -> dict[str, Any]:
     """Load ``settings.model_dir``'s bank into its store namespace and snapshot the index."""
     t0 = time.perf_counter()
     art = artifact.load(settings.model_dir, "cpu")
-    config = store_config(settings, art.encoder.cfg.dim, art.model_version, art.vocab.n_items)
+    umem = user_memory_setup(art)
+    config = store_config(settings, art.encoder.cfg.dim, art.model_version, art.vocab.n_items, False, umem)
     out: dict[str, Any] = {"model_version": art.model_version, "namespace": config.namespace}
     store = await open_store(config)
     try:
         written = 0
         if art.bank is not None:
-            written = await load_bank(store, art.bank, art.vocab, art.first_items)
+            written = await load_bank(store, art.bank, art.vocab, art.first_items, user_memories=umem)
         out["written"] = written
         out["bank_rows"] = len(art.bank) if art.bank is not None else 0
         snap = await store.snapshot()

@@ -163,3 +163,27 @@ def test_baseline_rows_join_the_retrieval_and_transition_mix_reports(
     assert list(rows) == ["beauty"]
     table = "\n".join(transition_mix.baseline_table(rows))
     assert "| beauty | transitions alone (no encoder) | masked | 0.2500 | 0.2500 |" in table
+
+
+def test_the_tuned_order_is_the_one_validation_needs() -> None:
+    """Every user's item at t repeats their item at t − 2 shifted by one (1 → 2 → 3 …, every other
+    step); the steps between are random. The last item alone (order 1) says nothing about the next one:
+    validation chooses order 2 or more, and at that order the test targets rank first."""
+    rng = np.random.default_rng(0)
+    n_items, seqs = 60, []  # the pattern's items 1..25, the random ones 31..60
+    for _ in range(60):
+        seq = [int(rng.integers(1, 21)), int(rng.integers(31, n_items + 1))]
+        for t in range(2, 9):
+            seq.append(seq[t - 2] + 1 if t % 2 == 0 else int(rng.integers(31, n_items + 1)))
+        seqs.append(np.array(seq[:8] + [seq[6] + 1], np.int64))  # the test target follows the pattern
+    users = [f"u{i}" for i in range(len(seqs))]
+    data = Interactions("toy", Vocab(users, [f"i{i}" for i in range(1, n_items + 1)]), seqs)
+    split = leave_one_out(data, max_len=50)
+    n_ids = n_items + 1
+    order = baselines.tuned_order(split, "ties_against", n_ids)
+    assert order >= 2
+    counts = baselines.bank_counts(split, n_ids)
+    args = (split.test, split.test_seen, counts, n_ids)
+    tuned = baselines.evaluate_baseline("transitions_tuned", "ties_against", *args, order=order)
+    markov = baselines.evaluate_baseline("last_item_markov", "ties_against", *args)
+    assert tuned["unmasked"]["hr@10"] > 0.9 > markov["unmasked"]["hr@10"]

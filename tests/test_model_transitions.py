@@ -125,15 +125,30 @@ def _batches(n: int, informative: bool, seed: int) -> list[tr.Batch]:
     dense[np.arange(n), hot] = 5.0
     dense[:, 1:] += rng.integers(0, 2, (n, n_ids - 1))
     rows, cols = np.nonzero(dense)
-    return [(scores, tr._pack(rows, cols, dense[rows, cols], n), targets)]
+    shares = tr._pack(rows, cols, dense[rows, cols], n)
+    return [(scores, dict.fromkeys(tr.ORDERS, shares), targets)]
 
 
 def test_tune_keeps_a_channel_that_wins_and_refuses_one_that_does_not() -> None:
     won = tr.tune(_batches(400, informative=True, seed=1))
     assert won.best.on and won.z >= 2.0 and won.candidate == won.best
-    assert won.table[0]["weight"] == 0.0 and len(won.table) == 1 + len(tr.WEIGHTS)
+    assert won.table[0]["weight"] == 0.0 and len(won.table) == 1 + len(tr.WEIGHTS) * len(tr.ORDERS)
     lost = tr.tune(_batches(400, informative=False, seed=2))
     assert not lost.best.on
+
+
+def test_tune_chooses_the_order_whose_shares_point_at_the_targets() -> None:
+    [(scores, _, targets)] = _batches(400, informative=True, seed=3)
+    [(_, noise, _)] = _batches(400, informative=False, seed=4)
+    informative = _batches(400, informative=True, seed=3)[0][1][1]
+    for good in (2, 4):  # the shares at one order point at the targets, at every other order at noise
+        shares = {o: informative if o == good else noise[o] for o in tr.ORDERS}
+        result = tr.tune([(scores, shares, targets)])
+        assert result.best.on and result.best.order == good
+        by_order = {r["order"]: r["ndcg@10"] for r in result.table[1:] if r["weight"] == result.best.weight}
+        assert by_order[good] > max(v for o, v in by_order.items() if o != good)
+    only = tr.tune([(scores, {5: informative}, targets)], orders=(5,))  # one order: λ alone is tuned
+    assert only.best.order == 5 and len(only.table) == 1 + len(tr.WEIGHTS)
 
 
 def test_follower_rows_of_the_split_count_every_transition_but_the_evaluation_targets() -> None:

@@ -163,9 +163,13 @@ def test_cli_user_memory_model_reloads_and_reproduces_its_test_metrics(
     got = json.loads(capsys.readouterr().out)
     assert got["unmasked"] == saved["metrics"]["test"]["unmasked"]
     assert got["masked"] == saved["metrics"]["test"]["masked"]
-    # The service does not read user memories yet: it refuses the model rather than serve another one.
-    with pytest.raises(ArtifactError, match="user-memories"):
-        serving_predictor(artifact.load(out))
+    # The service serves it with its users' memories (tests/test_service_user_memories.py), which it
+    # replays from their first items: a model directory without them is refused.
+    art = artifact.load(out)
+    assert serving_predictor(art).cfg.user_memories
+    art.first_items = None
+    with pytest.raises(ArtifactError, match="first items"):
+        serving_predictor(art)
 
 
 def test_bench_memory_measures_on_a_hand_made_case() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -13,11 +14,12 @@ from memory_store import (
     Interaction,
     MemoryBatch,
     MemoryStore,
+    UserMemories,
     fewest_accesses_quality,
     open_store,
 )
 from memory_store.base import parse_position
-from memory_store.user_memory import merge_weight
+from memory_store.user_memory import merge_observations, merge_weight, record_access
 
 DIM = 8
 
@@ -230,6 +232,28 @@ async def test_user_memories_merge_by_moving_average(store: MemoryStore) -> None
     assert mem.last_access.tolist() == [3.0, 2.0] and mem.first_seen.tolist() == [1.0, 2.0]
     [empty] = await store.user_memories(["nobody"])
     assert len(empty) == 0 and empty.vectors.shape == (0, DIM)
+
+
+async def test_user_memories_are_put_only_where_none_are_held(store: MemoryStore) -> None:
+    held, _ = merge_observations(
+        UserMemories.empty("a", DIM), [3, 4, 3], np.stack([unit(0), unit(1), unit(2)]), [0.0, 1.0, 2.0], 8,
+        fewest_accesses_quality,
+    )  # fmt: skip
+    held, _ = record_access(held, [4], 2.0)
+    await store.update_user_memories("b", [9], unit(3)[None], [5.0])
+    other = replace(held, user_id="b")
+    assert await store.put_user_memories([held, other, UserMemories.empty("c", DIM)]) == 1  # b holds some
+    [a, b, c] = await store.user_memories(["a", "b", "c"])
+    order = np.argsort(a.items)  # a backend may give the rows in another order
+    np.testing.assert_array_equal(a.items[order], held.items[np.argsort(held.items)])
+    np.testing.assert_array_equal(a.vectors[order], held.vectors[np.argsort(held.items)])
+    assert a.freq[order].tolist() == [2, 1] and a.access_count[order].tolist() == [0, 1]
+    assert a.last_access[order].tolist() == [2.0, 2.0] and a.first_seen[order].tolist() == [0.0, 1.0]
+    assert b.items.tolist() == [9] and len(c) == 0
+    assert await store.put_user_memories([held]) == 0  # a repeated load writes nothing
+    with pytest.raises(ValueError):
+        await store.put_user_memories([replace(held, user_id="d", vectors=held.vectors[:, :2])])
+    assert (await store.erase_user("a")).user_memories == 2
 
 
 async def test_user_memories_evict_lowest_quality(

@@ -541,6 +541,9 @@ class RedisMemoryStore:
     async def user_memories(self, user_ids: Sequence[str]) -> list[um.UserMemories]:
         return await self._user_memories.read(user_ids)
 
+    async def put_user_memories(self, memories: Sequence[um.UserMemories]) -> int:
+        return await self._user_memories.put(memories)
+
     async def record_user_memory_access(self, user_id: str, items: Sequence[int], ts: float) -> int:
         return await self._user_memories.record_access(user_id, items, ts)
 

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from memory_store import user_memory as um
-from memory_store.base import check_observations, check_user_id
+from memory_store.base import check_observations, check_user_id, check_user_memories
 from memory_store.config import StoreConfig
 from memory_store.redis_store import layout
 from memory_store.redis_store.groups import SlotGroups
@@ -78,6 +78,16 @@ class UserMemoryHashes:
 
         return await self._rewrite(user_id, change)
 
+    async def put(self, memories: Sequence[um.UserMemories]) -> int:
+        """Write each user's memories where the user holds none yet; returns how many were written."""
+        for entries in memories:
+            check_user_memories(entries, self.config.dim)
+        written = 0
+        for entries in memories:
+            if len(entries):
+                written += await self._rewrite(entries.user_id, _unless_held(entries))
+        return written
+
     async def read(self, user_ids: Sequence[str]) -> list[um.UserMemories]:
         pipe = self._r.pipeline(transaction=False)
         for user in user_ids:
@@ -96,3 +106,12 @@ class UserMemoryHashes:
             return (new if hits else None), hits
 
         return await self._rewrite(user_id, change)
+
+
+def _unless_held(entries: um.UserMemories) -> Change[int]:
+    """The change that writes ``entries`` over none (1) and leaves memories already held alone (0)."""
+
+    def change(cur: um.UserMemories) -> tuple[um.UserMemories | None, int]:
+        return (None, 0) if len(cur) else (entries, 1)
+
+    return change
