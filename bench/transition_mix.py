@@ -58,7 +58,8 @@ def mixed_ranks(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per "order/λ" and protocol (unmasked, masked): the target's rank of every sample (N,); ``rows``
     are the bank's follower rows (model.transitions.follower_rows)."""
-    keys = [OFF, *(key(o, w) for o in tr.ORDERS for w in WEIGHTS if w)]
+    mixes = [tr.TransitionMix(0.0), *(tr.TransitionMix(w, o) for o in tr.ORDERS for w in WEIGHTS if w)]
+    keys = {key(m.order, m.weight): m for m in mixes}  # OFF first
     out = {k: {p: np.zeros(len(samples), np.int64) for p in ("unmasked", "masked")} for k in keys}
     n_ids = art.encoder.cfg.n_items + 1  # ids 1..n_items, 0 = padding
     recent = tr.recent_items(samples.inputs, samples.lengths)
@@ -70,9 +71,8 @@ def mixed_ranks(
         near = wanted(rows, recent[idx])
         shares = {o: tr.shares_from_rows(recent[idx], near, n_ids, o) for o in tr.ORDERS}
         y = torch.from_numpy(samples.targets[idx])
-        for k in keys:
-            order, weight = int(k.split("/")[0]), float(k.split("/")[1])
-            s = tr.mix(logits, shares[order], tr.TransitionMix(weight, order)).clone()
+        for k, m in keys.items():
+            s = tr.mix(logits, shares[m.order], m).clone()
             out[k]["unmasked"][idx] = target_ranks(s, y).numpy()
             mask_seen(s, idx, seen)
             out[k]["masked"][idx] = target_ranks(s, y).numpy()

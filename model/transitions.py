@@ -222,9 +222,8 @@ def tune(
     cands = [TransitionMix(0.0, max(orders)), *(TransitionMix(w, o) for o in orders for w in weights)]
     ranks: list[list[np.ndarray]] = [[] for _ in cands]
     for scores, shares, targets in batches:
-        for j, c in enumerate(cands):
-            mixed = mix(scores, shares[c.order], c) if c.on else scores
-            ranks[j].append(target_ranks(mixed, targets).cpu().numpy())
+        for j, c in enumerate(cands):  # off (order max(orders)) comes back as the scores themselves
+            ranks[j].append(target_ranks(mix(scores, shares[c.order], c), targets).cpu().numpy())
     flat = [np.concatenate(r) if r else np.zeros(0, np.int64) for r in ranks]
     table = [{**c.to_json(), **metrics_from_ranks(r, ks)} for c, r in zip(cands, flat, strict=True)]
     z = [0.0] + [paired_z(flat[j], flat[0], metric) for j in range(1, len(cands))]
