@@ -2,19 +2,22 @@
 
 Train on the ml-100k interactions before a time cut (the product default: fusion, vote and transition
 channel chosen on validation), then replay the later ones in time order through the API, asking
-/recommend (top 10) before each one and posting it after, in three arms over the very same events:
+/recommend (top 10) before each one and posting it after, in four arms over the very same events:
 
 * ``frozen``: the bank as trained; the events only extend histories, new items are refused;
 * ``live, new items refused``: every accepted event adds a memory; an event with an item the model
   does not know is refused (422), as memrec did before it had a catalogue of its own;
 * ``live, new items accepted``: unknown items are registered by the store and their events stored like
   any other, so they can come back through the transition channel, the vote and their derived
-  embeddings.
+  embeddings (the service's defaults);
+* ``live, new items accepted, weighted``: the same with new items' transition counts weighted
+  ``WEIGHTED`` times (``MEMREC_NEW_ITEM_WEIGHT``: their counts cover only the time since they first
+  appeared).
 
 Reported: the share of later events whose item is new, HR@10 and NDCG@10 on all later events and on the
 new-item events, and paired differences with 95 % intervals (users resampled).
 
-    python -m bench.service new-items --cut 0.5 --events 20000
+    python -m bench.service new-items --cut 0.5 [--events N] [--redis-url URL]
 """
 
 from __future__ import annotations
@@ -36,16 +39,36 @@ import numpy as np
 from bench.common import ROOT
 from bench.drift import paired, split_by_time
 from bench.serving import flush, model_card
+from service.settings import Settings
+
+log = logging.getLogger("bench.new_items")
 
 NEW_ITEMS_REDIS_URL = "redis://127.0.0.1:6379/14"
+DEFAULT_WEIGHT: float = Settings.model_fields["new_item_weight"].default  # the service's
 NewItems = Literal["accept", "reject"]
-ARMS: dict[
-    str, tuple[bool, NewItems]
-] = {  # arm → (frozen memory, what /interactions does with an unknown item)
-    "frozen": (True, "reject"),
-    "live_reject": (False, "reject"),
-    "live_accept": (False, "accept"),
+
+
+@dataclass(frozen=True)
+class Arm:
+    frozen: bool  # no memory written
+    new_items: NewItems  # what /interactions does with an unknown item
+    weight: float | None = None  # MEMREC_NEW_ITEM_WEIGHT; None: the service's default
+
+
+WEIGHTED = 5.0  # the weighted arm's MEMREC_NEW_ITEM_WEIGHT
+ARMS = {
+    "frozen": Arm(True, "reject"),
+    "live_reject": Arm(False, "reject"),
+    "live_accept": Arm(False, "accept"),
+    "live_accept_weighted": Arm(False, "accept", WEIGHTED),
 }
+COMPARISONS = (
+    ("live_accept", "live_reject"),
+    ("live_accept_weighted", "live_reject"),
+    ("live_accept_weighted", "live_accept"),
+    ("live_accept_weighted", "frozen"),
+    ("live_reject", "frozen"),
+)
 
 
 TRAIN = [sys.executable, "-m", "service.cli", "train"]
@@ -57,21 +80,23 @@ def train_flags(epochs: int, ft_epochs: int) -> list[str]:
             str(ft_epochs), "--device", "cpu", "--threads", "1", "--vote", "--transitions"]  # fmt: skip
 
 
-async def replay(model: Path, later: list[tuple[str, str, float]], arm: str) -> dict[str, Any]:
+async def replay(
+    model: Path, later: list[tuple[str, str, float]], arm: str, redis_url: str = NEW_ITEMS_REDIS_URL
+) -> dict[str, Any]:
     """Per event: ``hit`` (its item in the top 10 asked just before it) and ``gain`` (its NDCG@10)."""
     import httpx
 
     from service.app import create_app
-    from service.settings import Settings
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    frozen, new_items = ARMS[arm]
+    spec = ARMS[arm]
     settings = Settings(
         model_dir=model,
-        redis_url=NEW_ITEMS_REDIS_URL,
+        redis_url=redis_url,
         namespace=f"new-items-{arm}",
-        frozen_memory=frozen,
-        new_items=new_items,
+        frozen_memory=spec.frozen,
+        new_items=spec.new_items,
+        new_item_weight=DEFAULT_WEIGHT if spec.weight is None else spec.weight,
     )
     app = create_app(settings)
     hit, gain = np.zeros(len(later)), np.zeros(len(later))
@@ -87,7 +112,7 @@ async def replay(model: Path, later: list[tuple[str, str, float]], arm: str) -> 
                 r = await client.post(
                     "/interactions", json={"events": [{"user_id": u, "item_id": i, "timestamp": t}]}
                 )
-                if r.status_code == 422 and new_items == "reject":
+                if r.status_code == 422 and spec.new_items == "reject":
                     refused += 1  # an unknown item, refused as asked
                 else:
                     r.raise_for_status()
@@ -126,11 +151,13 @@ def run_new_items(args: argparse.Namespace) -> dict[str, Any]:
     later, known, model, train = setup.later, setup.known, setup.model, setup.train
     is_new = np.array([i not in known for _, i, _ in later])
     users = [u for u, _, _ in later]
+    redis_url = args.redis_url or NEW_ITEMS_REDIS_URL
     arms: dict[str, dict[str, Any]] = {}
     for arm in ARMS:
-        flush(NEW_ITEMS_REDIS_URL)
-        arms[arm] = asyncio.run(replay(model, later, arm))
-    flush(NEW_ITEMS_REDIS_URL)
+        flush(redis_url)
+        log.info("new-items replay, arm %s: %d events", arm, len(later))
+        arms[arm] = asyncio.run(replay(model, later, arm, redis_url))
+    flush(redis_url)
     result: dict[str, Any] = {
         "dataset": "ml-100k",
         "cut_quantile": args.cut,
@@ -139,11 +166,13 @@ def run_new_items(args: argparse.Namespace) -> dict[str, Any]:
         "new_item_share": float(is_new.mean()),
         "new_items": len({i for (_, i, _), n in zip(later, is_new, strict=True) if n}),
         "model": model_card(model),
+        "new_item_weight": DEFAULT_WEIGHT,
+        "weighted_new_item_weight": WEIGHTED,
         "train_command": shlex.join(["memrec", *train[3:]]).replace(str(ROOT) + "/", ""),
         "arms": {arm: _metrics(r, is_new) for arm, r in arms.items()},
         "paired": {},
     }
-    for a, b in (("live_accept", "live_reject"), ("live_accept", "frozen"), ("live_reject", "frozen")):
+    for a, b in COMPARISONS:
         result["paired"][f"{a} - {b}"] = {
             f"{metric}@10 {scope}": paired(
                 arms[a][key][m], arms[b][key][m], [u for u, k in zip(users, m, strict=True) if k]
@@ -173,7 +202,7 @@ def new_items_md(key: str, r: dict[str, Any]) -> list[str]:
         f"weight {r['model']['vote']['weight']:g}, transition λ {r['model']['transition_weight']:g}). The "
         f"first {r['events']} later interactions replayed in time order, /recommend (top 10) asked before "
         f"each: {r['new_item_events']} of them ({r['new_item_share']:.1%}) are with one of "
-        f"{r['new_items']} items the model never saw.",
+        f"{r['new_items']} items the model never saw.{_weights(r)}",
         "",
         "| arm | HR@10 all | NDCG@10 all | HR@10 new items | NDCG@10 new items | events refused |",
         "|---|---:|---:|---:|---:|---:|",
@@ -192,3 +221,13 @@ def new_items_md(key: str, r: dict[str, Any]) -> list[str]:
                 f"| {name} | {metric} | {p['mean']:+.4f} | [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] |"
             )
     return [*lines, ""]
+
+
+def _weights(r: dict[str, Any]) -> str:
+    """How the accepted arms weighed new items' counts (records from before the weight: nothing)."""
+    if "weighted_new_item_weight" not in r:
+        return ""
+    return (
+        f" Accepted new items' transition counts weigh {r['new_item_weight']:g} (the default of "
+        f"`MEMREC_NEW_ITEM_WEIGHT`) or, *weighted*, {r['weighted_new_item_weight']:g}."
+    )

@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     np_ = sub.add_parser("new-items", help="time-split replay with new items: frozen, refused, accepted")
     replay_args(np_, cut=0.5)
+    np_.add_argument("--redis-url", help="a Redis database the replay may flush (default: db 14 on loopback)")
     rp = sub.add_parser("retrain", help="drift replay with export, warm retrain and hot swap at the midpoint")
     replay_args(rp, cut=0.5)
     sp = sub.add_parser("swap", help="a hot model swap under open-loop load")

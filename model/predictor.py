@@ -177,6 +177,7 @@ class Predictor:
         cfg: InferenceConfig,
         popular: IntArray | None = None,
         frozen: bool = False,
+        new_item_weight: float = 1.0,
     ) -> None:
         self.encoder = encoder.eval()
         self.fusion = fusion.eval() if fusion is not None else None
@@ -185,6 +186,9 @@ class Predictor:
         self.max_len = encoder.cfg.max_len
         # cold start: item ids, most frequent training targets first
         self.popular = popular if popular is not None else np.arange(1, self.n_ids, dtype=np.int64)
+        # how much the transition counts of an item registered after training weigh against a trained
+        # item's (model.transitions.weigh_from): a service setting, never met offline (no new items)
+        self.new_item_weight = new_item_weight
         self._encode: Encode = encoder.encode
         self._fuse: Callable[..., Tensor] | None = self.fusion
         self.frozen = False
@@ -226,10 +230,15 @@ class Predictor:
         """Histories (item ids ≥ 1, oldest first; empty: a cold user) → the encoded plan of the batch.
 
         Items the model was not trained on (ids past its vocabulary, registered by the store since) are
-        read by the transition channel but not by the encoder; a history without any item the encoder
-        knows is answered as a cold user's. ``states``: per row, the state (D,) of that very history
-        computed before (:meth:`encode` of its :meth:`window`: the service keeps one per user beside the
-        stored history) or None; only the rows without one are encoded."""
+        skipped: the encoder has no embedding to read, and the transition channel reads the query's last
+        items the model knows, so a new item takes no trained item's place among them (its few
+        followers stood for that place badly: on the time-split replay of ml-100k, reading new items
+        there lowered the other events' hit rate). A new item is still recommended through the channel
+        as a follower. A history without any item the encoder knows is answered as a cold user's.
+
+        ``states``: per row, the state (D,) of that very history computed before (:meth:`encode` of its
+        :meth:`window`: the service keeps one per user beside the stored history) or None; only the rows
+        without one are encoded."""
         known = [self.known(h) for h in histories]
         warm = np.asarray([i for i, h in enumerate(known) if len(h)], dtype=np.int64)
         windows = [known[i][-self.max_len :] for i in warm]
@@ -242,8 +251,7 @@ class Predictor:
             if state is not None:
                 out[j] = state
         who = None if users is None else np.asarray([users[i] for i in warm], dtype=object)
-        recent = tr.last_items([histories[i] for i in warm])  # new items included
-        return self.plan(out, windows, who, len(histories), warm, recent=recent)
+        return self.plan(out, windows, who, len(histories), warm)
 
     def known(self, history: Sequence[int] | IntArray) -> IntArray:
         """The items of ``history`` the encoder was trained on, in order."""
@@ -263,18 +271,16 @@ class Predictor:
         rows: int | None = None,
         warm: IntArray | None = None,
         prefix_lens: IntArray | None = None,
-        recent: IntArray | None = None,
     ) -> Plan:
         """The plan of already encoded queries: ``states`` (W, D) of the non-empty ``windows`` (their
-        last ≤ max_len items); offline, ``prefix_lens`` turns the leakage rule on. ``recent``: the
-        histories' last items when they hold items the windows do not (default: the windows')."""
+        last ≤ max_len items); offline, ``prefix_lens`` turns the leakage rule on."""
         n = len(windows)
         return Plan(
             rows=n if rows is None else rows,
             warm=np.arange(n, dtype=np.int64) if warm is None else warm,
             states=states,
             depths=self.depths(windows),  # over the whole set at once offline: one batching
-            recent=tr.last_items(windows) if recent is None else recent,
+            recent=tr.last_items(windows),
             users=users,
             prefix_lens=prefix_lens,
             fetch=self.fetch,
@@ -411,9 +417,11 @@ class Predictor:
         self, recent: IntArray, rows: Mapping[int, tr.Row], width: int | None = None, order: int | None = None
     ) -> tr.Shares:
         """The transition shares of queries whose last items are ``recent`` (B, MAX_ORDER), over the
-        first ``width`` ids (default: the model's vocabulary), at ``order`` (default: the model's)."""
+        first ``width`` ids (default: the model's vocabulary), at ``order`` (default: the model's); the
+        items past the vocabulary (registered since training) weighted by ``new_item_weight``."""
         order = order or self.cfg.transitions.order
-        return tr.shares_from_rows(recent, rows, width or self.n_ids, order)
+        shares = tr.shares_from_rows(recent, rows, width or self.n_ids, order)
+        return tr.weigh_from(shares, self.n_ids, self.new_item_weight)
 
     @torch.inference_mode()
     def finish(
@@ -496,8 +504,8 @@ def popularity(targets: IntArray, n_items: int) -> IntArray:
     return order
 
 
-def from_artifact(art: Artifact, frozen: bool = False) -> Predictor:
+def from_artifact(art: Artifact, frozen: bool = False, new_item_weight: float = 1.0) -> Predictor:
     """The predictor of a loaded model directory; ``frozen`` serves frozen graphs (the request path)."""
     n_items = art.encoder.cfg.n_items
     popular = popularity(art.bank.items, n_items) if art.bank is not None else None
-    return Predictor(art.encoder, art.fusion, inference_config(art), popular, frozen)
+    return Predictor(art.encoder, art.fusion, inference_config(art), popular, frozen, new_item_weight)

@@ -167,6 +167,17 @@ def shares_from_rows(
     return _pack(code[nonzero] // n_ids, code[nonzero] % n_ids, total[nonzero], len(query_recent))
 
 
+def weigh_from(shares: Shares, first: int, weight: float) -> Shares:
+    """The shares with the part of every item ≥ ``first`` multiplied by ``weight``: the service's items
+    registered after training (model.catalogue), whose counts cover only the time since they first
+    appeared while a trained item's cover the whole bank. Items below ``first`` keep their exact
+    shares; ``weight`` 1 returns ``shares`` itself."""
+    if weight == 1.0:
+        return shares
+    scale = torch.where(shares.items >= first, weight, 1.0).to(shares.values.dtype)
+    return Shares(shares.items, shares.values * scale)
+
+
 def mix(scores: Tensor, shares: Shares, transitions: TransitionMix) -> Tensor:
     """Model scores (B, n_ids) (column 0 = −inf) and the queries' shares → the log of the mixed
     distribution (B, n_ids) float32; the scores as they are when the channel is off. A row without any

@@ -103,7 +103,7 @@ async def build_runtime(
     faiss.omp_set_num_threads(settings.torch_threads)
     model_dir = (model_dir or settings.model_dir).resolve()
     art = await asyncio.to_thread(artifact.load, model_dir, settings.device)
-    rec = await asyncio.to_thread(serving_predictor, art, settings.frozen_graphs)
+    rec = await asyncio.to_thread(serving_predictor, art, settings.frozen_graphs, settings.new_item_weight)
     umem = user_memory_setup(art)
     dim, version, n_items = art.encoder.cfg.dim, art.model_version, art.vocab.n_items
     config = store_config(settings, dim, version, n_items, second, umem)

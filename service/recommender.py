@@ -7,8 +7,9 @@ from model.artifact import Artifact, ArtifactError
 from model.predictor import Predictor, from_artifact
 
 
-def serving_predictor(art: Artifact, frozen: bool = True) -> Predictor:
-    """The artifact's predictor, with frozen graphs when ``frozen``; a model the service would answer
+def serving_predictor(art: Artifact, frozen: bool = True, new_item_weight: float = 1.0) -> Predictor:
+    """The artifact's predictor, with frozen graphs when ``frozen`` and the transition counts of items
+    registered after training weighted ``new_item_weight``; a model the service would answer
     differently from its evaluation is refused with an :class:`ArtifactError` that says why."""
     retrieval = art.train_config.get("retrieval", "similarity")
     if retrieval != "similarity":
@@ -17,7 +18,7 @@ def serving_predictor(art: Artifact, frozen: bool = True) -> Predictor:
             f"model {art.model_version} is a benchmark control (memories retrieved: {retrieval}, "
             "python -m bench.controls), not a model to serve; serve a model trained by memrec train"
         )
-    predictor = from_artifact(art, frozen)
+    predictor = from_artifact(art, frozen, new_item_weight)
     cfg = predictor.cfg
     if cfg.user_memories and art.first_items is None:
         # Its users' memories are replayed from their first item on (service.bank.load_user_memories).

@@ -83,6 +83,13 @@ class Settings(BaseSettings):
         description="item ids the model was not trained on: 'accept' registers them from /interactions, "
         "'reject' answers 422",
     )
+    new_item_weight: float = Field(
+        default=1.0,  # 5 gained on the 80 % time cut of ml-100k's replay, lost on the longer 50 % one
+        gt=0.0,
+        le=100.0,
+        description="how much the transition counts of an item registered after training weigh against "
+        "a trained item's: its counts cover only the time since it first appeared (1 = the same)",
+    )
     log_retention_days: float | None = Field(
         default=None,
         ge=0.0,

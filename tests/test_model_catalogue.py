@@ -20,12 +20,12 @@ from model.vote import Vote
 N_ITEMS, D = 9, 8
 
 
-def predictor(vote: float = 0.0, transitions: float = 0.0) -> Predictor:
+def predictor(vote: float = 0.0, transitions: float = 0.0, new_item_weight: float = 1.0) -> Predictor:
     torch.manual_seed(0)
     encoder = SASRec(EncoderConfig(n_items=N_ITEMS, max_len=6, dim=D, n_heads=2, inner_dim=16))
     fusion = RetrievalFusion(FusionConfig(dim=D, n_heads=2, inner_dim=16))
     cfg = InferenceConfig(k=2, vote=Vote(vote, 0.1, 3), transitions=tr.TransitionMix(transitions))
-    return Predictor(encoder, fusion, cfg)
+    return Predictor(encoder, fusion, cfg, new_item_weight=new_item_weight)
 
 
 def hits(items: list[int]) -> SearchResult:
@@ -62,7 +62,7 @@ def test_a_history_with_new_items_is_encoded_from_its_known_items() -> None:
     plan = p.prepare([[1, new, 2, 3], [new], [1, 2, 3]])
     assert plan.warm.tolist() == [0, 2]  # only new items: answered as a cold user
     np.testing.assert_array_equal(plan.states[0], plan.states[1])  # the new item is skipped
-    assert plan.recent[0, :4].tolist() == [3, 2, new, 1]  # the channel reads it
+    assert plan.recent[0, :4].tolist() == [3, 2, 1, 0]  # the channel reads the known items alone
     ranked = p.finish(plan, None, None, [np.zeros(0, np.int64)] * 3, [3] * 3)
     assert ranked[1].strategy == "popular"
 
@@ -92,3 +92,36 @@ def test_new_items_come_through_the_channel_the_vote_and_their_embedding() -> No
     known = p.finish(plan, hits([3, 4]), None, [np.array([new])], [2], new_items=emb)[0]
     np.testing.assert_array_equal(known.items, base.items)
     np.testing.assert_array_equal(known.scores, base.scores)
+
+
+def test_a_new_items_transition_counts_weigh_new_item_weight_times_and_known_ones_are_untouched() -> None:
+    new = N_ITEMS + 1
+    # after item 2 came item 3 four times and the new item twice: weighted 3, the new item's share is 6
+    rows = {2: (np.array([3, new]), np.array([1, 1]), np.array([4, 2])), 1: (np.zeros(0, np.int64),) * 3}
+    recent = tr.last_items([[1, 2]])
+    plain, weighed = predictor(transitions=0.9), predictor(transitions=0.9, new_item_weight=3.0)
+    width, unit = new + 1, 60 * 60  # the last query item and lag 1 each weigh lcm(1..5) = 60 at order 5
+    np.testing.assert_array_equal(
+        plain.shares(recent, rows, width).dense(width)[0, [3, new]], [4 * unit, 2 * unit]
+    )
+    np.testing.assert_array_equal(
+        weighed.shares(recent, rows, width).dense(width)[0, [3, new]], [4 * unit, 6 * unit]
+    )
+    # the ranking follows: weighted, the new item overtakes item 3; unweighted it does not
+    none = [np.zeros(0, np.int64)]
+
+    def top(p: Predictor) -> list[int]:
+        plan = p.prepare([[1, 2]], ["me"])
+        out: list[int] = p.finish(plan, hits([4, 5]), rows, none, [1], new_items=torch.zeros(0, D))[
+            0
+        ].items.tolist()
+        return out
+
+    assert top(plain) == [3]
+    assert top(weighed) == [new]
+    # without new items in the rows the weight changes nothing, to the bit
+    known = {2: (np.array([3, 4]), np.array([1, 2]), np.array([4, 2])), 1: rows[1]}
+    a = plain.finish(plain.prepare([[1, 2]], ["me"]), hits([4, 5]), known, none, [5])[0]
+    b = weighed.finish(weighed.prepare([[1, 2]], ["me"]), hits([4, 5]), known, none, [5])[0]
+    np.testing.assert_array_equal(a.items, b.items)
+    np.testing.assert_array_equal(a.scores, b.scores)

@@ -13,7 +13,9 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from conftest import free_port
+from pydantic import ValidationError
 from test_service_support import (  # noqa: F401  (fixtures)
     N_ITEMS,
     model_dir,
@@ -24,6 +26,8 @@ from test_service_support import (  # noqa: F401  (fixtures)
     wait_ready,
     with_transitions,
 )
+
+from service.settings import Settings
 
 NEW = N_ITEMS + 1  # the toy vocabulary holds i0..i39: internal ids 1..40
 
@@ -113,6 +117,37 @@ async def test_recommend_reads_registered_ids_and_skips_unknown_ones(
             assert "sku-a" not in {it["item_id"] for it in r.json()["items"]}  # seen, or excluded
         w = (await client.post("/recommend", json={"user_id": "w", "n": 5})).json()
         assert w["strategy"] == "retrieval" and len(w["items"]) == 5  # stored history with a new item
+
+
+async def test_a_new_items_transition_counts_weigh_the_new_item_weight(
+    model_dir: Path,  # noqa: F811
+    toy_root: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Two users went from i3 to a new item: its place in a reader's ranking after i3 rises with
+    ``MEMREC_NEW_ITEM_WEIGHT``; a weight ≤ 0 is refused."""
+    model = with_transitions(model_dir, toy_root / "new-items-weight")
+    events = [
+        {"user_id": f"fan{k}", "item_id": item, "event_id": f"fan{k}-{j}"}
+        for k in range(2)
+        for j, item in enumerate(("i7", "i3", "sku-w"))
+    ]
+    ranked: dict[float, list[str]] = {}
+    for weight in (1.0, 50.0):
+        async with running_app(
+            model_dir=model, store_dir=tmp_path / f"w{weight:g}", new_item_weight=weight
+        ) as (app, client):
+            assert app.state.runtime.pipeline.predictor.new_item_weight == weight
+            assert (await client.post("/interactions", json={"events": events})).status_code == 200
+            body = {"user_id": "reader", "history": ["i1", "i3"], "n": 40}
+            ranked[weight] = [
+                it["item_id"] for it in (await client.post("/recommend", json=body)).json()["items"]
+            ]
+    light, heavy = ranked[1.0], ranked[50.0]
+    assert heavy[0] == "sku-w" and light.index("sku-w") > 2  # fifth or so unweighted, first at 50
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValidationError, match="new_item_weight"):
+            Settings(model_dir=model, new_item_weight=bad)
 
 
 async def test_replicas_agree_on_new_item_ids(
