@@ -112,9 +112,8 @@ def test_a_new_items_transition_counts_weigh_new_item_weight_times_and_known_one
 
     def top(p: Predictor) -> list[int]:
         plan = p.prepare([[1, 2]], ["me"])
-        out: list[int] = p.finish(plan, hits([4, 5]), rows, none, [1], new_items=torch.zeros(0, D))[
-            0
-        ].items.tolist()
+        ranked = p.finish(plan, hits([4, 5]), rows, none, [1], new_items=torch.zeros(0, D))
+        out: list[int] = ranked[0].items.tolist()
         return out
 
     assert top(plain) == [3]
