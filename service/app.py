@@ -23,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 
 from memory_store import IndexParams, MemoryStore, StoreConfig, open_store
 from model import artifact
+from model.predictor import Predictor
 from model.transitions import MAX_ORDER
 from service.auth import require_api_key
 from service.bank import load_bank
@@ -94,6 +95,14 @@ def store_config(
     return replace(config, user_memory_capacity=user_memories.cfg.capacity, quality=user_memories.quality)
 
 
+def derives_new_items(settings: Settings, predictor: Predictor) -> bool:
+    """Whether new items get derived embeddings (``MEMREC_NEW_ITEM_EMBEDDINGS``): by default only where
+    the model has neither the vote nor the transition channel to rank them by."""
+    if settings.new_item_embeddings != "auto":
+        return settings.new_item_embeddings == "on"
+    return not (predictor.cfg.vote.on or predictor.cfg.transitions.on)
+
+
 async def build_runtime(
     settings: Settings, metrics: Metrics, model_dir: Path | None = None, second: bool = False
 ) -> Runtime:
@@ -127,6 +136,7 @@ async def build_runtime(
         max_batch=settings.batch_max_size,
         max_wait_s=settings.batch_max_wait_ms / 1000.0,
         user_memories=umem,
+        new_item_embeddings=derives_new_items(settings, rec),
     )
     ingestor = Ingestor(
         rec, store, metrics, settings.history_len, settings.frozen_memory, umem, config.history_len

@@ -5,8 +5,10 @@ includes the earlier events of the same batch; the memory also keeps that histor
 which the store counts item transitions. A user's first ever event has no history, so it only
 starts the history (no memory); so do the events whose history holds no item the encoder knows yet
 (only items registered after training: there is nothing to encode a key from). Items registered after
-training are stored like any other: as a memory's next item and among its prefix items. In
-frozen-memory mode no memory is written at all.
+training are stored in histories and as a memory's next item like any other, but not among a
+memory's prefix items: those are the last items of the encoder's window, the very items a query's
+transition channel reads (Predictor.prepare), so that the counts at each lag mean the same on both
+sides. In frozen-memory mode no memory is written at all.
 
 A model that fuses per-user (RAMRec) memories has each accepted event's item merged into its user's
 memories, after the write, at the event's position in the user's sequence: the clock of the offline
@@ -123,7 +125,9 @@ class Ingestor:
         if with_memory:
             put = _pick(users, windows, states, lambda u: u in last_keyed)
             lens = np.array([len(pre.before[i]) for i in with_memory], dtype=np.int32)
-            recent = last_items([pre.before[i] for i in with_memory])
+            # the prefix items counted are the ones a query reads (its window's last items): a new
+            # item keeps no trained item from its lag, here as there (Predictor.prepare)
+            recent = last_items([self.predictor.window(pre.before[i]) for i in with_memory])
             key_rows = np.stack([_key(pre.states[i], keys.get(i)) for i in with_memory])  # (n, D)
             res = await self.store.ingest(
                 [events[i] for i in with_memory], key_rows, lens, recent, put, logged

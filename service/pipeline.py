@@ -110,6 +110,7 @@ class Pipeline:
         max_batch: int = 64,
         max_wait_s: float = 0.003,
         user_memories: UserMemorySetup | None = None,
+        new_item_embeddings: bool = True,
     ) -> None:
         self.predictor = predictor
         self.store = store
@@ -121,7 +122,7 @@ class Pipeline:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._filling: asyncio.Future[None] | None = None  # resolved when the batch collected is full
         self._worker: asyncio.Task[None] | None = None
-        self.new_items = NewItemEmbeddings(predictor, store)
+        self.new_items = NewItemEmbeddings(predictor, store, derive=new_item_embeddings)
         self.write_back = WriteBack(store)
         self.user_memories = user_memories  # the model's per-user memories (service.user_memories)
         self.accesses = AccessRecorder(store)
@@ -307,14 +308,24 @@ class Pipeline:
 class NewItemEmbeddings:
     """The derived embeddings of the items registered after training (model.catalogue), from the
     memories this replica holds; re-derived at most every ``refresh_s``, so that the encoder's side
-    follows the counts as they grow. The vote and the transition channel read a new item at once."""
+    follows the counts as they grow. The vote and the transition channel read a new item at once.
+
+    Without ``derive`` every new item's row is NaN: the encoder and the fusion give new items no
+    probability, and only the vote and the channel rank them. On the time-split replays of ml-100k the
+    derived embeddings brought new items back no more often and took probability from the known items
+    (see ``new_item_embeddings`` in service.settings)."""
 
     def __init__(
-        self, predictor: Predictor, store: MemoryStore, refresh_s: float = NEW_ITEM_REFRESH_S
+        self,
+        predictor: Predictor,
+        store: MemoryStore,
+        refresh_s: float = NEW_ITEM_REFRESH_S,
+        derive: bool = True,
     ) -> None:
         self.predictor = predictor
         self.store = store
         self.refresh_s = refresh_s
+        self.derive = derive
         self._at = -math.inf
         self._value: torch.Tensor | None = None
 
@@ -331,9 +342,11 @@ class NewItemEmbeddings:
         if not rows:
             return None
         first = self.predictor.n_ids
+        table = self.predictor.encoder.item_emb.weight.detach()
+        if not self.derive:
+            return torch.full((max(rows) + 1 - first, table.shape[1]), math.nan)
         empty = Followers.empty()
         per_item = [rows.get(b, empty) for b in range(first, max(rows) + 1)]
-        table = self.predictor.encoder.item_emb.weight.detach()
         order = self.predictor.cfg.transitions.order
         return derived_embeddings(table, [(f.items, f.lags, f.counts) for f in per_item], order)
 

@@ -90,6 +90,12 @@ class Settings(BaseSettings):
         description="how much the transition counts of an item registered after training weigh against "
         "a trained item's: its counts cover only the time since it first appeared (1 = the same)",
     )
+    new_item_embeddings: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="whether items registered after training get an embedding derived from the known items "
+        "before them, so that the encoder and the fusion score them: 'auto' only for a model with neither "
+        "the memory vote nor the transition channel (then its only way to rank a new item)",
+    )
     log_retention_days: float | None = Field(
         default=None,
         ge=0.0,

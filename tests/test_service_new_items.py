@@ -1,6 +1,7 @@
 """Item ids the model was not trained on (``MEMREC_NEW_ITEMS``): in ``accept`` mode /interactions
 registers them (ids past the vocabulary, one per item across replicas) and stores their events in
-histories, memories and transition counts like any other; /recommend skips ids nobody registered and
+histories, memories and transition counts like any other (as next items: the prefix items counted are
+the known ones, as a query reads them); /recommend skips ids nobody registered and
 answers with external ids both ways; in ``reject`` mode every unknown id is a 422 and nothing is stored.
 How new items are scored is the predictor's (tests/test_model_catalogue.py)."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -66,23 +68,33 @@ async def test_reject_mode_answers_422_and_stores_nothing(model_dir: Path, tmp_p
         assert (await client.post("/interactions", json={"events": events})).json()["accepted"] == 4
 
 
+def counted(row: Any) -> dict[tuple[int, int], int]:
+    """A follower row as {(next item, lag): count}."""
+    return {(int(i), int(k)): int(c) for i, k, c in zip(row.items, row.lags, row.counts, strict=True)}
+
+
 async def test_accept_mode_stores_new_items_like_any_other(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
     async with running_app(model_dir=model_dir, store_dir=tmp_path / "s") as (app, client):
         store = app.state.runtime.store
         before = (await store.stats()).memories
+        i3, i4 = app.state.runtime.vocab.item_ids(["i3", "i4"]).tolist()
+        (bank_i3,) = await store.followers([i3])
         # i3 → sku-a → i4 → sku-b → sku-a: the memories' next items and prefixes hold new ids
         sequence = ["i3", "sku-a", "i4", "sku-b", "sku-a"]
         events = [{"user_id": "w", "item_id": i, "event_id": f"w{j}"} for j, i in enumerate(sequence)]
         r = await client.post("/interactions", json={"events": events})
         assert r.json() == {"accepted": 5, "duplicates": 0}
         assert dict(await store.new_items()) == {"sku-a": NEW, "sku-b": NEW + 1}
-        i3, i4 = app.state.runtime.vocab.item_ids(["i3", "i4"]).tolist()
         assert await stored_history(app, "w") == [i3, NEW, i4, NEW + 1, NEW]
         assert (await store.stats()).memories == before + 4  # the first event only starts the history
         assert await held_items(app, "w") == sorted([NEW, i4, NEW + 1, NEW])
-        # transition counts name new items both as followers and as predecessors
-        after_i3, after_b = await store.followers([i3, NEW + 1])
-        assert NEW in after_i3.items.tolist() and NEW in after_b.items.tolist()
+        # transition counts name new items as followers; the prefix items counted are the known ones, as
+        # a query's channel reads them: i4 after (i3, sku-a) counts i3 at lag 1, not 2
+        after_i3, after_a, after_b = await store.followers([i3, NEW, NEW + 1])
+        gained = Counter(counted(after_i3))
+        gained.subtract(counted(bank_i3))
+        assert +gained == {(NEW, 1): 1, (i4, 1): 1, (NEW + 1, 2): 1, (NEW, 2): 1}
+        assert after_a.items.size == after_b.items.size == 0  # never a predecessor
         # answers speak external ids: the stored history as the page reads it
         shown = (await client.get("/users/w/history")).json()["items"]
         assert [it["item_id"] for it in shown] == sequence[::-1]
@@ -148,6 +160,43 @@ async def test_a_new_items_transition_counts_weigh_the_new_item_weight(
     for bad in (0.0, -1.0):
         with pytest.raises(ValidationError, match="new_item_weight"):
             Settings(model_dir=model, new_item_weight=bad)
+
+
+async def test_new_items_get_derived_embeddings_where_nothing_else_ranks_them(
+    model_dir: Path,  # noqa: F811
+    toy_root: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """``MEMREC_NEW_ITEM_EMBEDDINGS``: by default a model with the transition channel ranks a new item by
+    the channel alone (the encoder and the fusion give it no probability), and ``on`` derives its
+    embedding there too; a model with neither the channel nor the vote derives it (its only way to rank
+    one), and ``off`` leaves it unranked."""
+    channel = with_transitions(model_dir, toy_root / "new-items-weight")
+    events = [
+        {"user_id": f"fan{k}", "item_id": item, "event_id": f"fan{k}-{j}"}
+        for k in range(2)
+        for j, item in enumerate(("i7", "i3", "sku-w"))
+    ]
+    cases = {
+        (channel, "auto"): False,
+        (channel, "on"): True,
+        (model_dir, "auto"): True,
+        (model_dir, "off"): False,
+    }
+    for (model, mode), derived in cases.items():
+        async with running_app(
+            model_dir=model, store_dir=tmp_path / f"{model.name}-{mode}", new_item_embeddings=mode
+        ) as (app, client):
+            assert app.state.runtime.pipeline.new_items.derive is derived
+            assert (await client.post("/interactions", json={"events": events})).status_code == 200
+            body = {"user_id": "reader", "history": ["i1", "i3"], "n": 41, "explain": True}
+            answer = (await client.post("/recommend", json=body)).json()["items"]
+            why = {it["item_id"]: it["why"] for it in answer}
+            if model == channel:  # ranked by its transitions either way; by the model only if derived
+                assert why["sku-w"]["transitions"] > 0
+                assert (why["sku-w"]["model"] > 0) is derived
+            else:
+                assert ("sku-w" in why) is derived
 
 
 async def test_replicas_agree_on_new_item_ids(
