@@ -13,7 +13,9 @@ channel chosen on validation), then replay the later ones in time order through 
   ``MEMREC_NEW_ITEM_EMBEDDINGS=auto``);
 * ``live, new items accepted, weighted``: the same with new items' transition counts weighted
   ``WEIGHTED`` times (``MEMREC_NEW_ITEM_WEIGHT``: their counts cover only the time since they first
-  appeared).
+  appeared);
+* ``live, new items accepted, derived``: the defaults with derived embeddings for new items
+  (``MEMREC_NEW_ITEM_EMBEDDINGS=on``), so that the encoder and the fusion score them too.
 
 Reported: the share of later events whose item is new, HR@10 and NDCG@10 on all later events and on the
 new-item events, and paired differences with 95 % intervals (users resampled).
@@ -46,8 +48,9 @@ log = logging.getLogger("bench.new_items")
 
 NEW_ITEMS_REDIS_URL = "redis://127.0.0.1:6379/14"
 DEFAULT_WEIGHT: float = Settings.model_fields["new_item_weight"].default  # the service's
-EMBEDDINGS: str = Settings.model_fields["new_item_embeddings"].default  # the service's
 NewItems = Literal["accept", "reject"]
+Embeddings = Literal["auto", "on", "off"]
+EMBEDDINGS: Embeddings = Settings.model_fields["new_item_embeddings"].default  # the service's
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Arm:
     frozen: bool  # no memory written
     new_items: NewItems  # what /interactions does with an unknown item
     weight: float | None = None  # MEMREC_NEW_ITEM_WEIGHT; None: the service's default
+    embeddings: Embeddings | None = None  # MEMREC_NEW_ITEM_EMBEDDINGS; None: the service's default
 
 
 WEIGHTED = 5.0  # the weighted arm's MEMREC_NEW_ITEM_WEIGHT
@@ -68,12 +72,15 @@ ARMS = {
     "live_reject": Arm(False, "reject"),
     "live_accept": Arm(False, "accept"),
     "live_accept_weighted": Arm(False, "accept", WEIGHTED),
+    "live_accept_derived": Arm(False, "accept", embeddings="on"),
 }
 COMPARISONS = (
     ("live_accept", "live_reject"),
     ("live_accept_weighted", "live_reject"),
     ("live_accept_weighted", "live_accept"),
     ("live_accept_weighted", "frozen"),
+    ("live_accept_derived", "live_reject"),
+    ("live_accept_derived", "live_accept"),
     ("live_reject", "frozen"),
 )
 
@@ -105,6 +112,7 @@ async def replay(
         frozen_memory=spec.frozen,
         new_items=spec.new_items,
         new_item_weight=DEFAULT_WEIGHT if spec.weight is None else spec.weight,
+        new_item_embeddings=spec.embeddings or EMBEDDINGS,
         exact_threshold=EXACT_THRESHOLD,
     )
     app = create_app(settings)
@@ -248,6 +256,8 @@ def _weights(r: dict[str, Any]) -> str:
             if r["derived_embeddings"]
             else "new items get no derived embedding (the model has the vote or the channel to rank them)."
         )
+        if "live_accept_derived" in r["arms"]:
+            derived += " The *derived* arm sets it to `on`."
     return (
         f" Accepted new items' transition counts weigh {r['new_item_weight']:g} (the default of "
         f"`MEMREC_NEW_ITEM_WEIGHT`) or, *weighted*, {r['weighted_new_item_weight']:g}.{derived}"
