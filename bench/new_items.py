@@ -42,15 +42,14 @@ import numpy as np
 from bench.common import ROOT
 from bench.drift import paired, split_by_time
 from bench.serving import flush, model_card
-from service.settings import Settings
+from service.settings import NewItemEmbeddingsMode, Settings
 
 log = logging.getLogger("bench.new_items")
 
 NEW_ITEMS_REDIS_URL = "redis://127.0.0.1:6379/14"
 DEFAULT_WEIGHT: float = Settings.model_fields["new_item_weight"].default  # the service's
 NewItems = Literal["accept", "reject"]
-Embeddings = Literal["auto", "on", "off"]
-EMBEDDINGS: Embeddings = Settings.model_fields["new_item_embeddings"].default  # the service's
+EMBEDDINGS: NewItemEmbeddingsMode = Settings.model_fields["new_item_embeddings"].default  # the service's
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class Arm:
     frozen: bool  # no memory written
     new_items: NewItems  # what /interactions does with an unknown item
     weight: float | None = None  # MEMREC_NEW_ITEM_WEIGHT; None: the service's default
-    embeddings: Embeddings | None = None  # MEMREC_NEW_ITEM_EMBEDDINGS; None: the service's default
+    embeddings: NewItemEmbeddingsMode | None = None  # MEMREC_NEW_ITEM_EMBEDDINGS; None: the service's default
 
 
 WEIGHTED = 5.0  # the weighted arm's MEMREC_NEW_ITEM_WEIGHT

@@ -331,20 +331,28 @@ class NewItemEmbeddings:
 
     async def current(self) -> torch.Tensor | None:
         """(m, D) for ids n_items + 1 … n_items + m, NaN rows where nothing is known yet; None while no
-        memory names a new item."""
+        memory names a new item (without ``derive``: while none is registered)."""
         now = time.monotonic()
         if now - self._at >= self.refresh_s:
             self._at = now
-            self._value = self._derive(await self.store.predecessors(self.predictor.n_ids))
+            if self.derive:
+                self._value = self._derive(await self.store.predecessors(self.predictor.n_ids))
+            else:  # the replica's copy of the catalogue: no pass over the memories
+                self._value = self._unembedded(await self.store.new_items())
         return self._value
+
+    def _unembedded(self, registered: Mapping[str, int]) -> torch.Tensor | None:
+        """A NaN row for every registered new item: the encoder and the fusion give them nothing."""
+        if not registered:
+            return None
+        width = max(registered.values()) + 1 - self.predictor.n_ids
+        return torch.full((width, self.predictor.encoder.cfg.dim), math.nan)
 
     def _derive(self, rows: Mapping[int, Followers]) -> torch.Tensor | None:
         if not rows:
             return None
         first = self.predictor.n_ids
         table = self.predictor.encoder.item_emb.weight.detach()
-        if not self.derive:
-            return torch.full((max(rows) + 1 - first, table.shape[1]), math.nan)
         empty = Followers.empty()
         per_item = [rows.get(b, empty) for b in range(first, max(rows) + 1)]
         order = self.predictor.cfg.transitions.order

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from memory_store.config import IndexChoice
 
 _NAMESPACE_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+NewItemEmbeddingsMode = Literal["auto", "on", "off"]  # MEMREC_NEW_ITEM_EMBEDDINGS
 
 
 class Settings(BaseSettings):
@@ -90,7 +91,7 @@ class Settings(BaseSettings):
         description="how much the transition counts of an item registered after training weigh against "
         "a trained item's: its counts cover only the time since it first appeared (1 = the same)",
     )
-    new_item_embeddings: Literal["auto", "on", "off"] = Field(
+    new_item_embeddings: NewItemEmbeddingsMode = Field(
         default="auto",
         description="whether items registered after training get an embedding derived from the known items "
         "before them, so that the encoder and the fusion score them: 'auto' only for a model with neither "

@@ -79,7 +79,7 @@ async def test_accept_mode_stores_new_items_like_any_other(model_dir: Path, tmp_
         before = (await store.stats()).memories
         i3, i4 = app.state.runtime.vocab.item_ids(["i3", "i4"]).tolist()
         (bank_i3,) = await store.followers([i3])
-        # i3 → sku-a → i4 → sku-b → sku-a: the memories' next items and prefixes hold new ids
+        # i3 → sku-a → i4 → sku-b → sku-a: the histories and the memories' next items hold new ids
         sequence = ["i3", "sku-a", "i4", "sku-b", "sku-a"]
         events = [{"user_id": "w", "item_id": i, "event_id": f"w{j}"} for j, i in enumerate(sequence)]
         r = await client.post("/interactions", json={"events": events})
