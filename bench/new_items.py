@@ -148,15 +148,16 @@ class DriftSetup:
     flags: list[str]  # its training flags (data and output apart)
 
 
-def drift_setup(args: argparse.Namespace) -> DriftSetup:
-    """Split ml-100k at ``args.cut`` and train the model (once per cut: the replays share it)."""
+def drift_setup(args: argparse.Namespace, seed: int = 0) -> DriftSetup:
+    """Split ml-100k at ``args.cut`` and train the model with training seed ``seed`` (once per cut and
+    seed: the replays share it)."""
     data_dir = Path(args.data_dir or os.environ.get("MEMREC_DATA_DIR") or "../shared/data")
     work = ROOT / "artifacts" / "drift" / f"cut{round(args.cut * 100)}"
     work.mkdir(parents=True, exist_ok=True)
     early, later, known = split_by_time(data_dir / "ml-100k" / "ml-100k.inter", args.cut, work)
     later = later[: args.events] if args.events else later
-    model = work / "model-vote-transitions"
-    flags = train_flags(args.epochs, args.ft_epochs)
+    model = work / ("model-vote-transitions" + (f"-seed{seed}" if seed else ""))
+    flags = train_flags(args.epochs, args.ft_epochs) + (["--seed", str(seed)] if seed else [])
     train = [*TRAIN, "--dataset", str(early), "--out", str(model), *flags]
     if not (model / "config.json").is_file():
         subprocess.run(train, check=True, capture_output=True)
@@ -164,17 +165,27 @@ def drift_setup(args: argparse.Namespace) -> DriftSetup:
 
 
 def run_new_items(args: argparse.Namespace) -> dict[str, Any]:
-    setup = drift_setup(args)
-    later, known, model, train = setup.later, setup.known, setup.model, setup.train
+    """Every arm of ``args.arms`` (default all) replayed with the model of each training seed of
+    ``args.seeds`` (default 0). An arm's figures are means over its seeds; a comparison's interval
+    resamples users over each event's difference averaged over the seeds both arms ran: seeds differ in
+    the model (encoder, fusion and the choice of vote and channel), so they are independent draws of
+    the known items' noise while the new items' signal repeats."""
+    seeds = list(getattr(args, "seeds", None) or [0])
+    names = list(getattr(args, "arms", None) or ARMS)
+    setups = {seed: drift_setup(args, seed) for seed in seeds}
+    first = setups[seeds[0]]
+    later, known, model, train = first.later, first.known, first.model, first.train
     is_new = np.array([i not in known for _, i, _ in later])
     users = [u for u, _, _ in later]
     redis_url = args.redis_url or NEW_ITEMS_REDIS_URL
-    arms: dict[str, dict[str, Any]] = {}
-    for arm in ARMS:
-        flush(redis_url)
-        log.info("new-items replay, arm %s: %d events", arm, len(later))
-        arms[arm] = asyncio.run(replay(model, later, arm, redis_url))
+    runs: dict[str, dict[int, dict[str, Any]]] = {arm: {} for arm in names}
+    for seed, setup in setups.items():
+        for arm in names:
+            flush(redis_url)
+            log.info("new-items replay, seed %d, arm %s: %d events", seed, arm, len(later))
+            runs[arm][seed] = asyncio.run(replay(setup.model, later, arm, redis_url))
     flush(redis_url)
+    arms = {arm: pool_seeds(per_seed) for arm, per_seed in runs.items()}
     result: dict[str, Any] = {
         "dataset": "ml-100k",
         "cut_quantile": args.cut,
@@ -183,25 +194,47 @@ def run_new_items(args: argparse.Namespace) -> dict[str, Any]:
         "new_item_share": float(is_new.mean()),
         "new_items": len({i for (_, i, _), n in zip(later, is_new, strict=True) if n}),
         "model": model_card(model),
+        "seeds": seeds,
+        "models": {str(seed): model_card(setup.model) for seed, setup in setups.items()},
         "new_item_weight": DEFAULT_WEIGHT,
         "weighted_new_item_weight": WEIGHTED,
         "new_item_embeddings": EMBEDDINGS,
-        "derived_embeddings": arms["live_accept"]["derived"],  # what that setting made of this model
         "exact_search": True,
         "train_command": shlex.join(["memrec", *train[3:]]).replace(str(ROOT) + "/", ""),
         "arms": {arm: _metrics(r, is_new) for arm, r in arms.items()},
+        "arms_by_seed": {a: {str(s): _metrics(r, is_new) for s, r in rs.items()} for a, rs in runs.items()},
         "paired": {},
     }
+    if "live_accept" in runs:  # what the default setting made of each seed's model
+        derived = {str(seed): r["derived"] for seed, r in runs["live_accept"].items()}
+        result["derived_embeddings"] = derived[str(seeds[0])]
+        result["derived_embeddings_by_seed"] = derived
     for a, b in COMPARISONS:
+        if a not in runs or b not in runs:
+            continue
+        both = [seed for seed in seeds if seed in runs[a] and seed in runs[b]]
+        pa, pb = pool_seeds({s: runs[a][s] for s in both}), pool_seeds({s: runs[b][s] for s in both})
         result["paired"][f"{a} - {b}"] = {
             f"{metric}@10 {scope}": paired(
-                arms[a][key][m], arms[b][key][m], [u for u, k in zip(users, m, strict=True) if k]
+                pa[key][m], pb[key][m], [u for u, k in zip(users, m, strict=True) if k]
             )
             for metric, key in (("hr", "hit"), ("ndcg", "gain"))
             for scope, m in (("all", np.ones_like(is_new)), ("new items", is_new))
             if m.any()
         }
     return result
+
+
+def pool_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Each event's hit and gain averaged over the seeds' replays; the refusals of the first seed (the
+    same events are refused with any model)."""
+    first = next(iter(per_seed.values()))
+    return {
+        "hit": np.mean([r["hit"] for r in per_seed.values()], axis=0),
+        "gain": np.mean([r["gain"] for r in per_seed.values()], axis=0),
+        "refused": first["refused"],
+        "derived": first["derived"],
+    }
 
 
 def _metrics(r: dict[str, Any], is_new: np.ndarray) -> dict[str, Any]:
@@ -214,16 +247,32 @@ def _metrics(r: dict[str, Any], is_new: np.ndarray) -> dict[str, Any]:
 
 def new_items_md(key: str, r: dict[str, Any]) -> list[str]:
     """The report section of one cut."""
+    seeds = r.get("seeds", [0])
+    pooled = ""
+    if len(seeds) > 1:
+        derived = r.get("derived_embeddings_by_seed", {})
+        chosen = "; ".join(
+            f"seed {seed}: vote weight {m['vote']['weight']:g}, λ {m['transition_weight']:g}"
+            + (", new items with derived embeddings" if derived.get(seed) else "")
+            for seed, m in r["models"].items()
+        )
+        pooled = (
+            f" Each arm replayed with the models of {len(seeds)} training seeds (`--seed`; {chosen}); its "
+            "figures are their means, and a comparison's interval resamples users over each event's "
+            "difference averaged over the seeds."
+        )
     lines = [
-        f"## Drift replay with new items, {r['cut_quantile']:.0%} cut (`{r['command']}`, {r['date']}, "
-        f"{r.get('machine', 'machine not recorded')})",
+        f"## Drift replay with new items, {r['cut_quantile']:.0%} cut"
+        + (f", {len(seeds)} seeds" if len(seeds) > 1 else "")
+        + f" (`{r['command']}`, {r['date']}, {r.get('machine', 'machine not recorded')})",
         "",
         f"ml-100k split by time; the model trained on the earlier part (`{r['train_command']}`; vote "
         f"weight {r['model']['vote']['weight']:g}, transition λ {r['model']['transition_weight']:g}). The "
         f"first {r['events']} later interactions replayed in time order, /recommend (top 10) asked before "
         f"each: {r['new_item_events']} of them ({r['new_item_share']:.1%}) are with one of "
         f"{r['new_items']} items the model never saw.{_weights(r)}"
-        + (" Every memory search exact, so that a rerun repeats each arm." if r.get("exact_search") else ""),
+        + (" Every memory search exact, so that a rerun repeats each arm." if r.get("exact_search") else "")
+        + pooled,
         "",
         "| arm | HR@10 all | NDCG@10 all | HR@10 new items | NDCG@10 new items | events refused |",
         "|---|---:|---:|---:|---:|---:|",
@@ -249,7 +298,12 @@ def _weights(r: dict[str, Any]) -> str:
     if "weighted_new_item_weight" not in r:
         return ""
     derived = ""
-    if "derived_embeddings" in r:
+    if len(r.get("derived_embeddings_by_seed", {})) > 1:
+        derived = (
+            f" `MEMREC_NEW_ITEM_EMBEDDINGS={r['new_item_embeddings']}`: new items get derived embeddings "
+            "with a seed's model only where it has neither the vote nor the channel."
+        )
+    elif "derived_embeddings" in r:
         derived = f" `MEMREC_NEW_ITEM_EMBEDDINGS={r['new_item_embeddings']}`: " + (
             "new items get derived embeddings."
             if r["derived_embeddings"]
@@ -257,7 +311,10 @@ def _weights(r: dict[str, Any]) -> str:
         )
         if "live_accept_derived" in r["arms"]:
             derived += " The *derived* arm sets it to `on`."
+    weighted = ""
+    if "live_accept_weighted" in r["arms"]:
+        weighted = f" or, *weighted*, {r['weighted_new_item_weight']:g}"
     return (
         f" Accepted new items' transition counts weigh {r['new_item_weight']:g} (the default of "
-        f"`MEMREC_NEW_ITEM_WEIGHT`) or, *weighted*, {r['weighted_new_item_weight']:g}.{derived}"
+        f"`MEMREC_NEW_ITEM_WEIGHT`){weighted}.{derived}"
     )

@@ -35,6 +35,7 @@ import numpy as np
 
 from bench.drift import drift_section, run_drift
 from bench.loadgen import Connection, max_rate, mixed_traffic, open_loop, percentiles, run_fast, sweep
+from bench.new_items import ARMS as NEW_ITEM_ARMS
 from bench.new_items import run_new_items
 from bench.retrain import run_retrain
 from bench.service_report import write_reports
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     np_ = sub.add_parser("new-items", help="time-split replay with new items: frozen, refused, accepted")
     replay_args(np_, cut=0.5)
     np_.add_argument("--redis-url", help="a Redis database the replay may flush (default: db 14 on loopback)")
+    np_.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the model, pooled")
+    np_.add_argument("--arms", nargs="+", choices=list(NEW_ITEM_ARMS), help="arms to replay (default: all)")
     rp = sub.add_parser("retrain", help="drift replay with export, warm retrain and hot swap at the midpoint")
     replay_args(rp, cut=0.5)
     sp = sub.add_parser("swap", help="a hot model swap under open-loop load")
@@ -216,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         section = "swap_cold" if args.cold else "swap"
     if args.command in ("new-items", "retrain"):
         section = f"{args.command.replace('-', '_')}_cut{round(args.cut * 100)}"
+        if len(getattr(args, "seeds", [0])) > 1:
+            section += "_seeds"  # pooled over training seeds, beside the one-seed section
     write_reports(section, runner(args), command)
     return 0
 

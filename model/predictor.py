@@ -144,11 +144,13 @@ def select(
     users: np.ndarray | None = None,
     prefix_lens: IntArray | None = None,
     cross_user: bool = False,
+    usable: BoolArray | None = None,
 ) -> tuple[IntArray, BoolArray]:
     """The columns (B, width) of each row's first ``width`` surviving candidates, in similarity order,
     and whether each slot holds one. With ``cross_user`` a row's own users' memories are dropped; with
-    ``prefix_lens`` (offline) its own memories at or after its position (the leakage rule)."""
-    keep = hits.ids >= 0
+    ``prefix_lens`` (offline) its own memories at or after its position (the leakage rule); with
+    ``usable`` (B, F) the candidates it marks False."""
+    keep = hits.ids >= 0 if usable is None else (hits.ids >= 0) & usable
     if users is not None and (cross_user or prefix_lens is not None):
         same = hits.users == users[:, None]
         keep &= ~(same if cross_user else same & (hits.prefix_lens >= np.asarray(prefix_lens)[:, None]))
@@ -323,9 +325,11 @@ class Predictor:
         """The fusion's memories: the first k survivors of each query, cut to its depth."""
         assert hits.keys is not None, "the fusion reads the memories' keys: search with keys"
         k = self.cfg.k
-        cols, kept = select(hits, k, plan.users, plan.prefix_lens, self.cfg.cross_user)
+        # only memories whose value the model embeds (not an item registered since training): the
+        # fusion reads the value, so such a memory gives its slot to the next one
+        usable = hits.items < self.n_ids
+        cols, kept = select(hits, k, plan.users, plan.prefix_lens, self.cfg.cross_user, usable)
         present = kept & (np.arange(k)[None, :] < plan.depths[:, None])  # adaptive K
-        present &= take(hits.items, cols) < self.n_ids  # its value embedded: an item the model knows
         items = np.where(present, take(hits.items, cols), 0).astype(np.int64)
         sims = np.where(present, take(hits.scores, cols), 0.0).astype(np.float32)
         return Memories(cols, present, items, sims, take(hits.keys, cols))

@@ -94,6 +94,18 @@ def test_new_items_come_through_the_channel_the_vote_and_their_embedding() -> No
     np.testing.assert_array_equal(known.scores, base.scores)
 
 
+def test_the_fusion_passes_over_a_memory_of_a_new_item_to_the_next_one() -> None:
+    """The fusion reads a memory's value embedding, which a new item lacks: its slot goes to the next
+    memory, so a query still fuses k memories (the vote keeps counting the new item's)."""
+    new = N_ITEMS + 1
+    p = predictor(vote=0.9)
+    plan = p.prepare([[1, 2]], ["me"])
+    mem = p.memories(plan, hits([new, 3, 4]))
+    assert mem.cols.tolist() == [[1, 2]] and mem.items.tolist() == [[3, 4]] and mem.present.all()
+    items, _ = p.voters(plan, hits([new, 3, 4]))
+    assert items.tolist() == [[new, 3, 4]]
+
+
 def test_a_new_items_transition_counts_weigh_new_item_weight_times_and_known_ones_are_untouched() -> None:
     new = N_ITEMS + 1
     # after item 2 came item 3 four times and the new item twice: weighted 3, the new item's share is 6

@@ -11,6 +11,7 @@ import pytest
 
 from bench.drift import drift_section, groups, paired, time_split, transition_replay
 from bench.loadgen import max_rate, summarise
+from bench.new_items import pool_seeds
 from bench.service_report import render_md
 
 
@@ -204,3 +205,30 @@ def test_drift_report_shows_the_paired_gain_and_the_groups() -> None:
     assert "Validation refused the memory vote" in md
     assert "| reference | 0.3000 | 0.1000 | 0.2000 | 0.0500 | +0.2000 [+0.0100, +0.2500] |" in md
     assert "| mix 0.5 | 0.3000 | 0.1000 | 0.2000 | 0.0500 | +0.2000 [+0.0100, +0.2500] |" in md
+
+
+def test_new_item_replays_pool_their_seeds_event_by_event() -> None:
+    """Each event's hit averaged over the seeds' replays; the report names every seed's choice."""
+    hits = {0: [1.0, 0.0, 1.0], 2: [0.0, 0.0, 1.0]}
+    gains = {0: [1.0, 0.0, 0.5], 2: [0.0, 0.0, 0.5]}
+    runs = {s: {"hit": np.array(hits[s]), "gain": np.array(gains[s]), "refused": 1} for s in hits}
+    runs = {s: r | {"derived": False} for s, r in runs.items()}
+    pooled = pool_seeds(runs)
+    assert pooled["hit"].tolist() == [0.5, 0.0, 1.0] and pooled["gain"].tolist() == [0.5, 0.0, 0.5]
+    assert pooled["refused"] == 1
+    card = {"vote": {"weight": 0.2}, "transition_weight": 0.7}
+    figures = {"all": {"hr@10": 0.5, "ndcg@10": 0.3}}
+    report = {
+        "command": "python -m bench.service new-items", "date": "today", "machine": "cpu",
+        "cut_quantile": 0.8, "train_command": "memrec train", "model": card, "events": 3,
+        "new_item_events": 1, "new_item_share": 1 / 3, "new_items": 1, "seeds": [0, 2],
+        "models": {"0": card, "2": {"vote": {"weight": 0.0}, "transition_weight": 0.5}},
+        "new_item_weight": 1.0, "weighted_new_item_weight": 5.0,
+        "arms": {"live_reject": {**figures, "refused": 1}, "live_accept": {**figures, "refused": 0}},
+        "paired": {"live_accept - live_reject": {"hr@10 all": {"mean": 0.1, "ci95": [0.05, 0.2]}}},
+    }  # fmt: skip
+    md = render_md({"new_items_cut80_seeds": report})
+    assert "## Drift replay with new items, 80% cut, 2 seeds (" in md
+    assert "seed 0: vote weight 0.2, λ 0.7; seed 2: vote weight 0, λ 0.5" in md
+    assert "*weighted*" not in md  # that arm did not run
+    assert "| live_accept - live_reject | hr@10 all | +0.1000 | [+0.0500, +0.2000] |" in md
