@@ -170,8 +170,7 @@ def run_new_items(args: argparse.Namespace) -> dict[str, Any]:
     resamples users over each event's difference averaged over the seeds both arms ran: seeds differ in
     the model (encoder, fusion and the choice of vote and channel), so they are independent draws of
     the known items' noise while the new items' signal repeats."""
-    seeds = list(getattr(args, "seeds", None) or [0])
-    names = list(getattr(args, "arms", None) or ARMS)
+    seeds, names = list(args.seeds), list(args.arms or ARMS)
     setups = {seed: drift_setup(args, seed) for seed in seeds}
     first = setups[seeds[0]]
     later, known, model, train = first.later, first.known, first.model, first.train
