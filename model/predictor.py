@@ -326,7 +326,7 @@ class Predictor:
         assert hits.keys is not None, "the fusion reads the memories' keys: search with keys"
         k = self.cfg.k
         # only memories whose value the model embeds (not an item registered since training): the
-        # fusion reads the value, so such a memory gives its slot to the next one
+        # fusion reads the value, so such a memory gives its slot to the next one searched, if any
         usable = hits.items < self.n_ids
         cols, kept = select(hits, k, plan.users, plan.prefix_lens, self.cfg.cross_user, usable)
         present = kept & (np.arange(k)[None, :] < plan.depths[:, None])  # adaptive K
