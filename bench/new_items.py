@@ -167,7 +167,7 @@ def drift_setup(args: argparse.Namespace, seed: int = 0) -> DriftSetup:
 def run_new_items(args: argparse.Namespace) -> dict[str, Any]:
     """Every arm of ``args.arms`` (default all) replayed with the model of each training seed of
     ``args.seeds`` (default 0). An arm's figures are means over its seeds; a comparison's interval
-    resamples users over each event's difference averaged over the seeds both arms ran: seeds differ in
+    resamples users over each event's difference averaged over the seeds: seeds differ in
     the model (encoder, fusion and the choice of vote and channel), so they are independent draws of
     the known items' noise while the new items' signal repeats."""
     seeds, names = list(args.seeds), list(args.arms or ARMS)
@@ -209,13 +209,11 @@ def run_new_items(args: argparse.Namespace) -> dict[str, Any]:
         result["derived_embeddings"] = derived[str(seeds[0])]
         result["derived_embeddings_by_seed"] = derived
     for a, b in COMPARISONS:
-        if a not in runs or b not in runs:
+        if a not in arms or b not in arms:
             continue
-        both = [seed for seed in seeds if seed in runs[a] and seed in runs[b]]
-        pa, pb = pool_seeds({s: runs[a][s] for s in both}), pool_seeds({s: runs[b][s] for s in both})
         result["paired"][f"{a} - {b}"] = {
             f"{metric}@10 {scope}": paired(
-                pa[key][m], pb[key][m], [u for u, k in zip(users, m, strict=True) if k]
+                arms[a][key][m], arms[b][key][m], [u for u, k in zip(users, m, strict=True) if k]
             )
             for metric, key in (("hr", "hit"), ("ndcg", "gain"))
             for scope, m in (("all", np.ones_like(is_new)), ("new items", is_new))
