@@ -214,6 +214,11 @@ class Predictor:
         return self.fusion is not None and self.cfg.k > 0
 
     @property
+    def votes(self) -> bool:
+        """Whether the memory vote mixes into the scores: it is on, and it reads retrieved memories."""
+        return self.cfg.vote.on and self.retrieval
+
+    @property
     def fetch(self) -> int:
         """Candidates to search per query online, so that ``depth`` survive the cross-user rule."""
         if not self.retrieval:
@@ -400,9 +405,7 @@ class Predictor:
         mem = self.memories(plan, hits) if hits is not None and self.retrieval else None
         fused = self.fused(states, mem, user_items)
         voting = voters if voters is not None else hits
-        vote_in = (
-            self.voters(plan, voting) if self.cfg.vote.on and voting is not None and self.retrieval else None
-        )
+        vote_in = self.voters(plan, voting) if self.votes and voting is not None else None
         logits = self.encoder.scores(fused)
         if new_items is not None:  # the catalogue has grown since training: as wide as any id read
             extra = _widened(new_items, self.n_ids, vote_in, rows if self.cfg.transitions.on else None)

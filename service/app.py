@@ -100,8 +100,7 @@ def derives_new_items(settings: Settings, predictor: Predictor) -> bool:
     the model has neither the vote nor the transition channel to rank them by."""
     if settings.new_item_embeddings != "auto":
         return settings.new_item_embeddings == "on"
-    votes = predictor.cfg.vote.on and predictor.retrieval  # the vote reads the retrieved memories
-    return not (votes or predictor.cfg.transitions.on)
+    return not (predictor.votes or predictor.cfg.transitions.on)
 
 
 async def build_runtime(
