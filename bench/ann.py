@@ -86,7 +86,7 @@ def answer(
             else None
         )
         search_s += time.perf_counter() - t0
-        rows = followers(index, batch) if predictor.cfg.transitions.on else None
+        rows = followers(index, batch) if predictor.cfg.reads_transitions else None
         ranked = predictor.finish(batch, hits, rows, [masks[i] for i in idx], [10] * len(idx))
         tops.append(np.stack([np.pad(r.items, (0, 10 - len(r.items)), constant_values=-1) for r in ranked]))
         ids.append(fused_ids(hits, ranked, predictor.cfg.k))

@@ -157,6 +157,15 @@ def run_recorded(
     return True
 
 
+def stamp(records: list[dict[str, Any]]) -> tuple[str, str]:
+    """Result records → the latest of their dates and their machines, as a report heads them (now and
+    this machine when they carry none)."""
+    dates = [datetime.fromisoformat(r["date"]) for r in records if "date" in r]
+    when = (max(dates) if dates else datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
+    machines = sorted({machine_label(r["machine"]) for r in records if "machine" in r})
+    return when, "; ".join(machines) or machine_label(machine())
+
+
 def stat(values: list[float]) -> dict[str, Any]:
     arr = np.asarray(values, dtype=np.float64)
     std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0

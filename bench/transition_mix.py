@@ -23,7 +23,6 @@ import logging
 import shlex
 import sys
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch
 
 from bench import baselines
 from bench.accuracy import ENCODERS
-from bench.common import REPORTS, fmt, grouped_results, machine, machine_label, stat, write_result
+from bench.common import REPORTS, fmt, grouped_results, stamp, stat, write_result
 from model import artifact
 from model import transitions as tr
 from model.data import IntArray, Interactions, Samples, leave_one_out, load_dataset
@@ -206,13 +205,11 @@ def aggregate(command: str | None = None) -> dict[str, Any]:
                 arm: {m: stat([r[arm][p][m] for r in recs]) for m in ("ndcg@10", "hr@10")}
                 for arm in ("encoder", "mixed", "tuned")
             }
-    dates = [datetime.fromisoformat(r["date"]) for r in recs_all if "date" in r]
-    when = (max(dates) if dates else datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
-    machines = sorted({machine_label(r["machine"]) for r in recs_all if "machine" in r})
+    when, machines = stamp(recs_all)
     return {
         "command": command,
         "date": when,
-        "machine": "; ".join(machines) or machine_label(machine()),
+        "machine": machines,
         "runs": out,
         "baselines": baseline_rows(sorted({name.split(".")[0] for name in runs})),
     }

@@ -46,7 +46,9 @@ def explain_row(
 ) -> tuple[Why, ...]:
     """Each ranked item's sources in probability: exp(score) = model + vote + transitions when the
     vote or the channel is on (the scores are then log-probabilities); with both off, ``model`` is
-    the softmax probability of the fused logits."""
+    the softmax probability of the fused logits. Under the learned hybrid (model.hybrid) the score is
+    no mixture: ``model`` and ``vote`` are then the model's probability as the hybrid reads it and
+    ``transitions`` the channel's distribution, the evidence it weighs."""
     vote, mix = predictor.cfg.vote, predictor.cfg.transitions
     width = scored.logits.shape[1]
     ids = torch.from_numpy(items).to(scored.logits.device)
@@ -59,16 +61,21 @@ def explain_row(
     m_trans = torch.zeros_like(p_model)
     if scored.shares is not None:  # the channel renormalises the vote's scores: a row without
         # voters sums to 1 − w there
-        lam = mix.weight
+        lam = mix.weight if predictor.cfg.hybrid is None else 1.0
         scale = (1 - lam) / float((m_model + m_vote).sum())
-        m_model, m_vote = m_model * scale, m_vote * scale
+        if predictor.cfg.hybrid is None:
+            m_model, m_vote = m_model * scale, m_vote * scale
         dense = scored.shares.dense(width)[row]
         m_trans = lam * dense / dense.sum().clamp_min(1.0)
     plain = predictor.encoder.scores(torch.from_numpy(plan.states[row : row + 1]))[0]
     known = ids < len(plain)  # a new item has no rank of the plain encoder's: after all the others
     mine = torch.where(known, plain[ids.clamp(max=len(plain) - 1)], -math.inf)
     enc_rank = torch.where(known, (plain[None, :] > mine[:, None]).sum(1) + 1, len(plain))
-    follows = _follows(plan.recent[row], items, rows, mix.order) if scored.shares is not None else {}
+    follows = (
+        _follows(plan.recent[row], items, rows, predictor.cfg.transition_order)
+        if scored.shares is not None
+        else {}
+    )
     out = []
     for j, item in enumerate(items.tolist()):
         trans = float(m_trans[item])

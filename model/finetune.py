@@ -6,7 +6,8 @@ the predictor's own memory selection and fusion (model.predictor). The memory ba
 pairs while training and validating, and the training + validation pairs at test time (never a test
 target). Early stopping on validation HR@10 (unmasked), the best fusion weights kept. With
 ``tune_vote`` the memory vote is then chosen on validation over the trained fusion, and with
-``tune_transitions`` the transition channel over both (model.tuning); the chosen values make the
+``tune_transitions`` the transition channel over both, then the learned hybrid against that channel
+(model.tuning, model.hybrid); the chosen values make the
 final, frozen :class:`~model.predictor.InferenceConfig`.
 
 Under torchrun (model.distributed) every process prepares the training queries and trains the fusion on
@@ -29,6 +30,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from model import distributed, offline, tuning
+from model import hybrid as hy
 from model import transitions as tr
 from model.data import IntArray, Samples, Split
 from model.distributed import SINGLE, Dist
@@ -92,6 +94,7 @@ class FinetuneResult:
     vote_grid: VoteGrid | None = None  # the candidates the vote was chosen from
     vote: TuneResult | None = None  # their validation metrics, the winner and its z (None: not tuned)
     transitions: tr.TuneResult | None = None  # the same for the transition channel
+    hybrid: hy.TuneResult | None = None  # the learned hybrid against the chosen channel
 
 
 @dataclass
@@ -113,7 +116,7 @@ def build_bank(encoder: SASRec, samples: Samples, device: str) -> tuple[MemoryBa
 
 def untuned(cfg: InferenceConfig) -> InferenceConfig:
     """The config fine-tuning trains with: the vote and the transition channel off."""
-    return replace(cfg, vote=Vote(), transitions=tr.TransitionMix(0.0, cfg.transitions.order))
+    return replace(cfg, vote=Vote(), transitions=tr.TransitionMix(0.0, cfg.transitions.order), hybrid=None)
 
 
 def finetune(
@@ -174,6 +177,9 @@ def finetune(
         rows = offline.bank_rows(bank, max(tr.ORDERS))  # every order tuning tries reads them
         result.transitions = tuning.tune_transitions(voting, valid_q, split.valid, rows, vote_min_z)
         chosen = replace(chosen, transitions=result.transitions.best)
+        channel = result.transitions.best
+        result.hybrid = tuning.tune_hybrid(voting, valid_q, split.valid, rows, channel, vote_min_z)
+        chosen = replace(chosen, hybrid=result.hybrid.best)
     return replace(model, predictor=Predictor(encoder, fusion, chosen)), result
 
 
@@ -332,7 +338,9 @@ def evaluate_on_test(
     full = model.bank.concat(valid_bank)
     test_items = model.user_items(split.test)
     queries = offline.prepare(predictor, full, split.test, device, user_items=test_items, retrieve=retrieve)
-    rows = offline.bank_rows(full, predictor.cfg.transitions.order) if predictor.cfg.transitions.on else None
+    rows = (
+        offline.bank_rows(full, predictor.cfg.transition_order) if predictor.cfg.reads_transitions else None
+    )
     head = head_items(split.train.targets, predictor.encoder.cfg.n_items)
     metrics = offline.evaluate_predictor(predictor, queries, split.test, split.test_seen, rows, device, head)
     return TestRun(predictor, full, queries, rows, metrics)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from model import hybrid as hy
 from model import transitions as tr
 from model import vote as vt
 from model.adaptive import AdaptiveKConfig
@@ -27,6 +28,7 @@ class InferenceConfig:
     user_memories: bool = False  # the user's own memories (RAMRec) join the fused ones
     vote: vt.Vote = field(default_factory=vt.Vote)
     transitions: tr.TransitionMix = field(default_factory=tr.TransitionMix)
+    hybrid: hy.Hybrid | None = None  # learned per-query weights of the sources; replaces the channel's λ
 
     def __post_init__(self) -> None:
         if self.k < 0 or self.fetch_factor < 1 or not 1 <= self.k_min:
@@ -37,18 +39,36 @@ class InferenceConfig:
         """Memories a query uses: the fusion's k, or more when more vote."""
         return max(self.k, self.vote.depth if self.vote.on else 0)
 
+    @property
+    def reads_transitions(self) -> bool:
+        """Whether scoring reads the follower rows: the channel is on, or the hybrid weighs them."""
+        return self.transitions.on or self.hybrid is not None
+
+    @property
+    def transition_order(self) -> int:
+        """The order the follower rows are read at: the hybrid reads every position and lag."""
+        return tr.MAX_ORDER if self.hybrid is not None else self.transitions.order
+
     def adaptive(self) -> AdaptiveKConfig | None:
         return AdaptiveKConfig(k_base=self.k, k_min=self.k_min, k_max=self.k) if self.adaptive_k else None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["hybrid"] = self.hybrid.to_json() if self.hybrid is not None else None
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> InferenceConfig:
         fields = dict(data)
         vote = vt.Vote(**fields.pop("vote", {}))
         transitions = tr.TransitionMix(**fields.pop("transitions", {}))
-        return cls(**fields, vote=vote, transitions=transitions)
+        hybrid = fields.pop("hybrid", None)
+        return cls(
+            **fields,
+            vote=vote,
+            transitions=transitions,
+            hybrid=hy.Hybrid.from_json(hybrid) if hybrid else None,
+        )
 
 
 LEGACY_KEYS = ("k", "fetch_factor", "adaptive_k", "k_min", "cross_user", "user_memories")

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model import hybrid as hy
 from model import transitions as tr
 from model import vote as vt
 from model.adaptive import adaptive_k
@@ -76,7 +77,7 @@ class Plan:
     warm: IntArray  # (W,) the rows with a history: the only ones encoded, searched and scored
     states: FloatArray  # (W, D) encoder states
     depths: IntArray  # (W,) memories the fusion reads per query (k, or adaptive K)
-    recent: IntArray  # (W, MAX_ORDER) each history's last items, most recent first, 0 = none
+    window: IntArray  # (W, ≤ max_len) each history's window, most recent first, 0 = none
     users: np.ndarray | None  # (W,) the querying users, for the cross-user and leakage rules
     prefix_lens: IntArray | None  # (W,) offline only: the leakage rule's positions
     fetch: int  # candidates to search per warm query; 0 = no search
@@ -88,11 +89,19 @@ class Plan:
             warm=np.arange(len(idx), dtype=np.int64),
             states=self.states[idx],
             depths=self.depths[idx],
-            recent=self.recent[idx],
+            window=self.window[idx],
             users=None if self.users is None else self.users[idx],
             prefix_lens=None if self.prefix_lens is None else self.prefix_lens[idx],
             fetch=self.fetch,
         )
+
+    @property
+    def recent(self) -> IntArray:
+        """(W, MAX_ORDER) each history's last items, most recent first: what the channel reads."""
+        out: IntArray = self.window[:, : tr.MAX_ORDER]
+        if out.shape[1] < tr.MAX_ORDER:
+            out = np.pad(out, ((0, 0), (0, tr.MAX_ORDER - out.shape[1])))
+        return out
 
     @property
     def wanted(self) -> list[int]:
@@ -287,7 +296,7 @@ class Predictor:
             warm=np.arange(n, dtype=np.int64) if warm is None else warm,
             states=states,
             depths=self.depths(windows),  # over the whole set at once offline: one batching
-            recent=tr.last_items(windows),
+            window=tr.last_items(windows, self.max_len),
             users=users,
             prefix_lens=prefix_lens,
             fetch=self.fetch,
@@ -408,27 +417,39 @@ class Predictor:
         vote_in = self.voters(plan, voting) if self.votes and voting is not None else None
         logits = self.encoder.scores(fused)
         if new_items is not None:  # the catalogue has grown since training: as wide as any id read
-            extra = _widened(new_items, self.n_ids, vote_in, rows if self.cfg.transitions.on else None)
+            extra = _widened(new_items, self.n_ids, vote_in, rows if self.cfg.reads_transitions else None)
             logits = torch.cat([logits, (fused @ extra.to(dev).T).nan_to_num(nan=-math.inf)], dim=1)
         scores, shares = logits, None
         if vote_in is not None:
             items, sims = vote_in
             vote_in = (items.where(items < logits.shape[1], 0).to(dev), sims.to(dev))  # a newer item: no vote
             scores = vt.mix(scores, vote_in[0], vote_in[1], self.cfg.vote)
-        if self.cfg.transitions.on and rows is not None:
+        if self.cfg.hybrid is not None and rows is not None:
+            by_position = self.position_shares(plan.recent, rows, logits.shape[1]).to(dev)
+            shares = by_position.combined()  # what the explanations read of the channel
+            window = torch.from_numpy(plan.window).to(dev)
+            scores = hy.score(self.cfg.hybrid, scores, by_position, window)
+        elif self.cfg.transitions.on and rows is not None:
             shares = self.shares(plan.recent, rows, logits.shape[1]).to(dev)
             scores = tr.mix(scores, shares, self.cfg.transitions)
         return Scored(scores, logits, mem, vote_in, shares)
 
+    def position_shares(
+        self, recent: IntArray, rows: Mapping[int, tr.Row], width: int | None = None, order: int | None = None
+    ) -> tr.PositionShares:
+        """The transition shares of queries whose last items are ``recent`` (B, MAX_ORDER) by query
+        position, over the first ``width`` ids (default: the model's vocabulary), at ``order`` (default:
+        what the model reads); the items past the vocabulary (registered since training) weighted by
+        ``new_item_weight``."""
+        order = order or self.cfg.transition_order
+        shares = tr.position_shares(recent, rows, width or self.n_ids, order)
+        return tr.weigh_from(shares, self.n_ids, self.new_item_weight)
+
     def shares(
         self, recent: IntArray, rows: Mapping[int, tr.Row], width: int | None = None, order: int | None = None
     ) -> tr.Shares:
-        """The transition shares of queries whose last items are ``recent`` (B, MAX_ORDER), over the
-        first ``width`` ids (default: the model's vocabulary), at ``order`` (default: the model's); the
-        items past the vocabulary (registered since training) weighted by ``new_item_weight``."""
-        order = order or self.cfg.transitions.order
-        shares = tr.shares_from_rows(recent, rows, width or self.n_ids, order)
-        return tr.weigh_from(shares, self.n_ids, self.new_item_weight)
+        """The channel's shares (:meth:`position_shares` summed over the positions)."""
+        return self.position_shares(recent, rows, width, order).combined()
 
     @torch.inference_mode()
     def finish(

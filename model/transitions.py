@@ -125,22 +125,54 @@ class Shares:
         return out.scatter_add_(1, self.items, self.values)
 
 
-def _pack(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int) -> Shares:
-    """(row, column, value) triples, sorted by row then column, columns unique per row → Shares."""
+def _pack(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int) -> PositionShares:
+    """(row, column, values (order,)) triples, sorted by row then column, columns unique per row."""
     counts = np.bincount(rows, minlength=n_rows)
     width = int(counts.max(initial=0))
     slot = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)  # position in its row
-    items, values = np.zeros((n_rows, width), np.int64), np.zeros((n_rows, width), np.float64)
+    items = np.zeros((n_rows, width), np.int64)
+    values = np.zeros((n_rows, width, vals.shape[1]), np.float64)
     items[rows, slot], values[rows, slot] = cols, vals
-    return Shares(torch.from_numpy(items), torch.from_numpy(values))
+    return PositionShares(torch.from_numpy(items), torch.from_numpy(values))
+
+
+@dataclass(frozen=True)
+class PositionShares:
+    """Each query's shares split by the position of the query item they follow: ``values[i, m, j]`` =
+    Σ_k w(k) · count_k(q_{j+1} → items[i, m]) (exact integers in float64, 0 at padding), ``items`` as in
+    :class:`Shares`. The learned hybrid (model.hybrid) weighs the positions itself; the channel sums
+    them with the weights w(j) (:meth:`combined`)."""
+
+    items: Tensor  # (B, M) int64
+    values: Tensor  # (B, M, order) float64
+
+    @property
+    def order(self) -> int:
+        return int(self.values.shape[2])
+
+    def combined(self) -> Shares:
+        """The channel's shares: Σ_j w(j) · values[..., j], the same integers :func:`shares_from_rows`
+        gives at this order."""
+        w = torch.from_numpy(lag_weights(self.order).astype(np.float64)).to(self.values.device)
+        return Shares(self.items, self.values @ w)
+
+    def to(self, device: torch.device | str) -> PositionShares:
+        return PositionShares(self.items.to(device), self.values.to(device))
 
 
 def shares_from_rows(
     query_recent: IntArray, rows: Mapping[int, Row], n_ids: int, order: int = MAX_ORDER
 ) -> Shares:
     """The same shares from the store's rows: ``rows[a]`` = (next items, lags, counts), one entry per
-    (next item, lag), for every item a of ``query_recent`` (B, ≥ order). Vectorised over the batch: a
-    Python loop per (query, item) cost more than the rest of the request path."""
+    (next item, lag), for every item a of ``query_recent`` (B, ≥ order)."""
+    return position_shares(query_recent, rows, n_ids, order).combined()
+
+
+def position_shares(
+    query_recent: IntArray, rows: Mapping[int, Row], n_ids: int, order: int = MAX_ORDER
+) -> PositionShares:
+    """The shares of :func:`shares_from_rows` before the positions are summed. Vectorised over the
+    batch: a Python loop per (query, item) cost more than the rest of the request path."""
     w = lag_weights(order)
     query_recent = query_recent[:, :order]
     q_row, q_slot = np.nonzero(query_recent)  # (S,) the present (query, j) slots
@@ -148,7 +180,7 @@ def shares_from_rows(
     lengths = np.asarray([rows[a][0].size for a in keys], np.int64)
     if not q_row.size or not lengths.sum():
         none = np.zeros(0, np.int64)
-        return _pack(none, none, np.zeros(0, np.float64), len(query_recent))
+        return _pack(none, none, np.zeros((0, order), np.float64), len(query_recent))
     nxt, lags, counts = (np.concatenate([rows[a][f] for a in keys]) for f in range(3))
     ok = (lags <= order) & (nxt < n_ids)  # an item newer than the catalogue scored gets no share
     nxt = np.where(nxt < n_ids, nxt, 0)  # its weight is 0 at column 0, dropped with the zero totals
@@ -160,14 +192,16 @@ def shares_from_rows(
     slot = np.repeat(np.arange(q_row.size), per_slot)  # (T,) the slot of each (slot, entry) pair
     entry = starts[k][slot] + np.arange(slot.size) - np.repeat(np.cumsum(per_slot) - per_slot, per_slot)
     cells = q_row[slot] * n_ids + nxt[entry]
-    vals = w[q_slot[slot]] * weighted[entry]  # integers, so any summation order is exact
     code, inverse = np.unique(cells, return_inverse=True)
-    total = np.bincount(inverse, vals.astype(np.float64), minlength=code.size)
-    nonzero = total > 0
+    # (U, order): each cell's share per query position; integers, so any summation order is exact
+    cell_position = inverse * order + q_slot[slot]
+    total = np.bincount(cell_position, weighted[entry].astype(np.float64), minlength=code.size * order)
+    total = total.reshape(code.size, order)
+    nonzero = total.sum(1) > 0
     return _pack(code[nonzero] // n_ids, code[nonzero] % n_ids, total[nonzero], len(query_recent))
 
 
-def weigh_from(shares: Shares, first: int, weight: float) -> Shares:
+def weigh_from(shares: PositionShares, first: int, weight: float) -> PositionShares:
     """The shares with the part of every item ≥ ``first`` multiplied by ``weight``: the service's items
     registered after training (model.catalogue), whose counts cover only the time since they first
     appeared while a trained item's cover the whole bank. Items below ``first`` keep their exact
@@ -175,7 +209,7 @@ def weigh_from(shares: Shares, first: int, weight: float) -> Shares:
     if weight == 1.0:
         return shares
     scale = torch.where(shares.items >= first, weight, 1.0).to(shares.values.dtype)
-    return Shares(shares.items, shares.values * scale)
+    return PositionShares(shares.items, shares.values * scale[..., None])
 
 
 def mix(scores: Tensor, shares: Shares, transitions: TransitionMix) -> Tensor:

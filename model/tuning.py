@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model import hybrid as hy
 from model import offline
 from model import transitions as tr
 from model import vote as vt
 from model.data import Samples
+from model.evaluate import target_ranks
 from model.memory import MemoryBank
 from model.predictor import Predictor
 
@@ -91,6 +93,54 @@ def tune_transitions(
     return result
 
 
+def tune_hybrid(
+    predictor: Predictor,
+    queries: offline.Queries,
+    samples: Samples,
+    rows: Mapping[int, tr.Row],
+    channel: tr.TransitionMix,
+    min_z: float = 2.0,
+    batch_size: int = BATCH,
+) -> hy.TuneResult:
+    """The learned hybrid (model.hybrid) over the predictor's scores with its vote on ``samples``
+    (validation), against ``channel`` (the tuned transition channel, or off); ``rows`` are the follower
+    rows of the training pairs at order MAX_ORDER. ``result.best`` is the hybrid to serve, or None."""
+    t0 = time.perf_counter()
+
+    def batches() -> Iterator[hy.Batch]:
+        return hybrid_batches(predictor, queries, samples, rows, batch_size=batch_size)
+
+    with torch.inference_mode():
+        channel_ranks = [
+            target_ranks(tr.mix(scores, shares.combined(), channel), targets).cpu().numpy()
+            for scores, shares, _, targets in hybrid_batches(
+                predictor, queries, samples, rows, channel.order, batch_size
+            )
+        ]
+        result = hy.tune(batches, np.concatenate(channel_ranks), min_z=min_z)
+    _log_hybrid(result, min_z, time.perf_counter() - t0)
+    return result
+
+
+def hybrid_batches(
+    predictor: Predictor,
+    queries: offline.Queries,
+    samples: Samples,
+    rows: Mapping[int, tr.Row],
+    order: int = tr.MAX_ORDER,
+    batch_size: int = BATCH,
+) -> Iterator[hy.Batch]:
+    """What the hybrid reads of ``samples``, batch by batch: the predictor's scores with its vote, the
+    position shares at ``order``, the windows and the targets."""
+    dev = predictor.encoder.item_emb.weight.device
+    for idx in _batches(samples, batch_size):
+        q = queries.batch(idx)
+        scores = predictor.score(q.plan, q.hits, None, q.voters, q.user_items).scores
+        shares = predictor.position_shares(q.plan.recent, offline.wanted_rows(rows, q.plan), order=order)
+        window = torch.from_numpy(q.plan.window).to(dev)
+        yield scores, shares.to(dev), window, torch.from_numpy(samples.targets[idx]).to(dev)
+
+
 def _log_vote(result: vt.TuneResult, grid: vt.VoteGrid, min_z: float, seconds: float) -> None:
     best, cand = result.best, result.candidate
     off, chosen = result.table[0], result.table[grid.votes().index(best)]
@@ -138,5 +188,21 @@ def _log_transitions(result: tr.TuneResult, min_z: float, seconds: float) -> Non
         off["ndcg@10"],
         off["hr@10"],
         verdict,
+        seconds,
+    )
+
+
+def _log_hybrid(result: hy.TuneResult, min_z: float, seconds: float) -> None:
+    channel, hybrid = result.table
+    log.info(
+        "learned hybrid: %s; valid ndcg@10 %.4f hr@10 %.4f cross-fitted (channel: %.4f, %.4f; gain %.1f "
+        "standard errors, needs %.1f) in %.0fs",
+        "kept" if result.best is not None else "refused",
+        hybrid["ndcg@10"],
+        hybrid["hr@10"],
+        channel["ndcg@10"],
+        channel["hr@10"],
+        result.z,
+        min_z,
         seconds,
     )

@@ -100,7 +100,7 @@ def derives_new_items(settings: Settings, predictor: Predictor) -> bool:
     the model has neither the vote nor the transition channel to rank them by."""
     if settings.new_item_embeddings != "auto":
         return settings.new_item_embeddings == "on"
-    return not (predictor.votes or predictor.cfg.transitions.on)
+    return not (predictor.votes or predictor.cfg.reads_transitions)
 
 
 async def build_runtime(

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from model import artifact, distributed, offline
+from model import hybrid as hy
 from model import transitions as tr
 from model.data import DataError, Interactions, Split, first_items, leave_one_out, load_dataset
 from model.distributed import Dist
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="choose the transition channel (the memories' item transitions mixed into the scores) on "
-        "validation after the vote, by the vote's rule; it stays off where it does not help there",
+        "validation after the vote, by the vote's rule, then the learned hybrid (per-query weights of the "
+        "model and the transitions) against it; each stays off where it does not help there",
     )
     f.add_argument("--ft-epochs", type=int, default=100)
     f.add_argument("--ft-patience", type=int, default=10)
@@ -368,10 +370,25 @@ def _finetune(
             vote["test_without_vote"] = run.evaluate(replace(chosen, vote=Vote()), split, args.device)
     if result.transitions is not None:
         metrics["transitions"] = _transitions_report(result.transitions, args.vote_min_z)
-        if chosen.transitions.on:  # the same model without the channel, on the same test queries
-            off = replace(chosen, transitions=replace(chosen.transitions, weight=0.0))
+        if chosen.reads_transitions:  # the same model without the channel, on the same test queries
+            off = replace(chosen, transitions=replace(chosen.transitions, weight=0.0), hybrid=None)
             metrics["transitions"]["test_without_transitions"] = run.evaluate(off, split, args.device)
+    if result.hybrid is not None:
+        metrics["hybrid"] = _hybrid_report(result.hybrid, args.vote_min_z)
+        if chosen.hybrid is not None:  # the same model with the tuned channel instead: the paired effect
+            channel = replace(chosen, hybrid=None)
+            metrics["hybrid"]["test_with_channel"] = run.evaluate(channel, split, args.device)
     return run, metrics, cfg
+
+
+def _hybrid_report(tuned: hy.TuneResult, min_z: float) -> dict[str, Any]:
+    return {
+        "kept": tuned.best is not None,
+        "valid": tuned.table,  # the tuned channel, then the hybrid cross-fitted on validation
+        "z": tuned.z,
+        "min_z": min_z,
+        "fitted": tuned.fitted.to_json() if tuned.fitted is not None else None,
+    }
 
 
 def _transitions_report(tuned: tr.TuneResult, min_z: float) -> dict[str, Any]:
@@ -457,15 +474,15 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         um_cfg = FinetuneConfig.from_json(art.finetune_config).user_memory()
         user_items = build_table(art.encoder, split, um_cfg, _store_rules(), args.device).lookup(samples)
     rows = None
-    if cfg.transitions.on:
+    if cfg.reads_transitions:
         # The bank holds the validation pairs too; counted, they would hand each validation query its
         # own target. Validation counts the training pairs' transitions, as tuning did.
         train = split.train
         counted = (train.targets, tr.recent_items(train.inputs, train.lengths))
         rows = (
-            tr.follower_rows(*counted, cfg.transitions.order)
+            tr.follower_rows(*counted, cfg.transition_order)
             if args.split == "valid"
-            else offline.bank_rows(art.bank, cfg.transitions.order)
+            else offline.bank_rows(art.bank, cfg.transition_order)
         )
     queries = offline.prepare(predictor, art.bank, samples, args.device, user_items=user_items)
     out.update(offline.evaluate_predictor(predictor, queries, samples, seen, rows, args.device, head))

@@ -292,7 +292,7 @@ class Pipeline:
         """The plan's nearest memories and its follower rows, read from the store concurrently."""
         predictor = self.predictor
         search = predictor.retrieval and plan.fetch > 0 and len(plan.warm) > 0
-        wanted = plan.wanted if predictor.cfg.transitions.on and len(plan.warm) else None
+        wanted = plan.wanted if predictor.cfg.reads_transitions and len(plan.warm) else None
         with self._stage("retrieve"):
             found = await asyncio.gather(
                 self.store.search(plan.states, plan.fetch, with_keys=True) if search else _none(),
@@ -355,7 +355,7 @@ class NewItemEmbeddings:
         table = self.predictor.encoder.item_emb.weight.detach()
         empty = Followers.empty()
         per_item = [rows.get(b, empty) for b in range(first, max(rows) + 1)]
-        order = self.predictor.cfg.transitions.order
+        order = self.predictor.cfg.transition_order
         return derived_embeddings(table, [(f.items, f.lags, f.counts) for f in per_item], order)
 
 

@@ -26,7 +26,7 @@ def serving_predictor(art: Artifact, frozen: bool = True, new_item_weight: float
             f"model {art.model_version} fuses per-user memories but keeps no first items, from which "
             "its users' memories are replayed; train it again"
         )
-    if cfg.transitions.on and (art.bank is None or art.bank.recent is None):
+    if cfg.reads_transitions and (art.bank is None or art.bank.recent is None):
         raise ArtifactError(
             f"model {art.model_version} mixes item transitions, but its memory bank has no prefix items"
         )

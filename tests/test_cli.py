@@ -376,3 +376,11 @@ def test_transitions_are_tuned_on_validation_and_reproduced_on_reload(
     assert out["unmasked"] == config["metrics"]["test"]["unmasked"]
     off = report["test_without_transitions"]["unmasked"]
     assert out["unmasked"]["ndcg@10"] > off["ndcg@10"]
+    # the learned hybrid was cross-fitted against the chosen channel; on these cycles the channel alone
+    # ranks nearly every target first, and the hybrid is kept only by the channel's rule
+    hybrid = config["metrics"]["hybrid"]
+    channel_row, hybrid_row = hybrid["valid"]
+    assert channel_row["source"] == "channel" and hybrid_row["source"] == "hybrid (2-fold cross-fit)"
+    rule = hybrid_row["ndcg@10"] > channel_row["ndcg@10"] and hybrid_row["hr@10"] >= channel_row["hr@10"]
+    assert hybrid["kept"] == (rule and hybrid["z"] >= 2.0) and hybrid["fitted"] is not None
+    assert (inference["hybrid"] is not None) == hybrid["kept"]

@@ -125,7 +125,7 @@ def _batches(n: int, informative: bool, seed: int) -> list[tr.Batch]:
     dense[np.arange(n), hot] = 5.0
     dense[:, 1:] += rng.integers(0, 2, (n, n_ids - 1))
     rows, cols = np.nonzero(dense)
-    shares = tr._pack(rows, cols, dense[rows, cols], n)
+    shares = tr._pack(rows, cols, dense[rows, cols][:, None], n).combined()  # one position
     return [(scores, dict.fromkeys(tr.ORDERS, shares), targets)]
 
 

@@ -18,6 +18,7 @@ from test_service_support import (  # noqa: F401
     running_app,
     toy_root,
     train_toy_model,
+    with_hybrid,
     with_transitions,
     with_vote,
 )
@@ -41,7 +42,7 @@ def offline_scores(predictor: Predictor, art: artifact.Artifact, samples: Sample
     """The offline evaluator's scores of ``samples`` (N, n_ids): the bank searched, the predictor scoring."""
     assert art.bank is not None
     queries = offline.prepare(predictor, art.bank, samples)
-    rows = offline.bank_rows(art.bank) if predictor.cfg.transitions.on else None
+    rows = offline.bank_rows(art.bank) if predictor.cfg.reads_transitions else None
     with torch.inference_mode():
         scores = offline.scores(predictor, queries, rows, np.arange(len(samples)))
     return scores.clone()  # outside inference mode: a tensor the caller may mask in place
@@ -100,7 +101,9 @@ def all_vote_model_dir(model_dir: Path, toy_root: Path) -> Path:  # noqa: F811
     return with_vote(model_dir, toy_root / "all-vote", ALL_VOTE)
 
 
-@pytest.mark.parametrize("which", ["fixed-k", "adaptive-k", "vote", "transitions", "vote-transitions"])
+@pytest.mark.parametrize(
+    "which", ["fixed-k", "adaptive-k", "vote", "transitions", "vote-transitions", "vote-hybrid"]
+)
 async def test_service_ranking_equals_offline(
     which: str,
     model_dir: Path,  # noqa: F811
@@ -115,6 +118,7 @@ async def test_service_ranking_equals_offline(
         "vote": lambda: all_vote_model_dir,
         "transitions": lambda: with_transitions(model_dir, toy_root / "transitions"),
         "vote-transitions": lambda: with_transitions(all_vote_model_dir, toy_root / "vote-transitions", 0.7),
+        "vote-hybrid": lambda: with_hybrid(all_vote_model_dir, toy_root / "vote-hybrid"),
     }[which]()
     async with running_app(model_dir=path, store_dir=tmp_path / "s", exact_threshold=1_000_000) as (
         _,
@@ -149,7 +153,9 @@ def cross_user_model_dir(toy_root: Path) -> Path:  # noqa: F811
     return train_toy_model(toy_root, "cross-user", "--cross-user")
 
 
-@pytest.mark.parametrize("which", ["own-and-others", "cross-user", "cross-user-vote", "transitions"])
+@pytest.mark.parametrize(
+    "which", ["own-and-others", "cross-user", "cross-user-vote", "transitions", "hybrid"]
+)
 async def test_known_users_are_ranked_as_their_offline_test_sample(
     which: str,
     model_dir: Path,  # noqa: F811
@@ -165,6 +171,7 @@ async def test_known_users_are_ranked_as_their_offline_test_sample(
         "cross-user": lambda: cross_user_model_dir,
         "cross-user-vote": lambda: with_vote(cross_user_model_dir, toy_root / "cross-user-vote", ALL_VOTE),
         "transitions": lambda: with_transitions(model_dir, toy_root / "transitions"),
+        "hybrid": lambda: with_hybrid(model_dir, toy_root / "hybrid"),
     }[which]()
     want = offline_test_rankings(path, toy_root / "toy.txt", 15)
     async with running_app(model_dir=path, store_dir=tmp_path / "s", exact_threshold=1_000_000) as (

@@ -136,6 +136,31 @@ def with_transitions(src: Path, dst: Path, weight: float = 0.5) -> Path:
     return dst
 
 
+# A hybrid set by hand: the model, the last item's followers and the channel weigh in, a seen item is
+# pushed down, and every weight moves with the query (model.hybrid's FEATURES × QUERY_FEATURES).
+HYBRID = {
+    "weights": [1.0, 2.0, 0.5, 0.3, 0.2, 0.1, 4.0, -1.5, -0.5],
+    "gates": [
+        [0.2, -0.3, 0.1, 0.0, 0.0, 0.0, 0.5, 0.1, 0.0],
+        [-0.1, 0.4, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.2],
+        [0.1, 0.0, -0.2, 0.0, 0.1, 0.0, 0.3, -0.2, 0.0],
+    ],
+    "query_mean": [3.0, 2.0, 1.5],
+    "query_std": [1.0, 1.5, 0.5],
+}
+
+
+def with_hybrid(src: Path, dst: Path) -> Path:
+    """A copy of model ``src`` scored by the learned hybrid :data:`HYBRID`, set by hand as in
+    :func:`with_vote`."""
+    if not dst.is_dir():
+        shutil.copytree(src, dst)
+        inference = json.loads((dst / "inference.json").read_text())
+        inference["hybrid"] = HYBRID
+        (dst / "inference.json").write_text(json.dumps(inference))
+    return dst
+
+
 @pytest.fixture(scope="session")
 def vote_model_dir(model_dir: Path, toy_root: Path) -> Path:
     """16 voters, more than the 5 memories the fusion reads."""

@@ -77,7 +77,7 @@ class ModelFacts:
             return cls(dataset=dataset)
         if inference is not None:
             cfg = InferenceConfig.from_json(inference)
-            return cls(dataset, True, cfg.k, cfg.vote.on, cfg.transitions.on)
+            return cls(dataset, True, cfg.k, cfg.vote.on, cfg.reads_transitions)
         legacy = config.get("finetune", {})
         vote = float(legacy.get("vote_weight", 0.0)) > 0 and int(legacy.get("vote_depth", 0)) > 0
         return cls(
