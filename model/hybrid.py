@@ -110,6 +110,14 @@ def log_model(scores: Tensor) -> Tensor:
     return torch.log_softmax(scores.float(), dim=-1)
 
 
+def model_term(logp: Tensor) -> Tensor:
+    """The model's feature, finite: log p_model, and for an item the model cannot score (no embedding
+    yet: a new item, model.catalogue) the row's lowest finite value, so that its transitions alone
+    lift it (the channel's mixture does the same)."""
+    floor = logp.masked_fill(~torch.isfinite(logp), math.inf).amin(1, keepdim=True)
+    return torch.where(torch.isfinite(logp), logp, floor)
+
+
 def share_features(shares: tr.PositionShares) -> Tensor:
     """(B, M, MAX_ORDER + 1) float32 at the share slots: log(1 + S_j) per position, then p_trans; 0 at
     padding."""
@@ -140,16 +148,20 @@ def seen_mask(window: Tensor, width: int) -> Tensor:
 def score(hybrid: Hybrid, scores: Tensor, shares: tr.PositionShares, window: Tensor) -> Tensor:
     """Model scores (B, n_ids) (column 0 = −inf), the queries' position shares at order MAX_ORDER and
     their windows (B, L) (most recent first, 0 = padding) → the hybrid's ranking scores (B, n_ids)
-    float32; −inf wherever the model's score is (padding, items without an embedding)."""
+    float32; −inf at the padding column and wherever the model cannot score an item that has no
+    transitions either."""
     logp = log_model(scores)
     a = hybrid.coefficients(query_features(logp, shares, window))  # (B, F)
-    out = a[:, :1] * logp.nan_to_num(neginf=0.0)
+    out = a[:, :1] * model_term(logp)
     contrib = (share_features(shares) * a[:, None, _SHARE]).sum(-1)  # (B, M), 0 at padding
     out.scatter_add_(1, shares.items, contrib)
     out += a[:, -2:-1] * seen_mask(window, out.shape[1])
     last = window[:, :1]
     out.scatter_add_(1, last, torch.where(last > 0, a[:, -1:], 0.0))
-    return out.masked_fill(~torch.isfinite(scores), -math.inf)
+    never = ~torch.isfinite(scores)
+    never.scatter_(1, shares.items, shares.values.sum(-1) <= 0)  # an item with transitions can come
+    never[:, 0] = True
+    return out.masked_fill(never, -math.inf)
 
 
 def dense_features(scores: Tensor, shares: tr.PositionShares, window: Tensor) -> tuple[Tensor, Tensor]:
@@ -158,7 +170,7 @@ def dense_features(scores: Tensor, shares: tr.PositionShares, window: Tensor) ->
     logp = log_model(scores)
     b, width = logp.shape
     x = torch.zeros(b, width, len(FEATURES))
-    x[..., 0] = logp.nan_to_num(neginf=-1e4)
+    x[..., 0] = model_term(logp)
     on_slots = share_features(shares)
     for f in range(on_slots.shape[-1]):
         x[..., 1 + f].scatter_add_(1, shares.items, on_slots[..., f])

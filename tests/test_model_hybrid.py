@@ -74,19 +74,28 @@ def _query_batch(seed: int, b: int = 6) -> tuple[torch.Tensor, tr.PositionShares
     shares = tr.position_shares(window[:, : tr.MAX_ORDER], rows, RNG_ITEMS)
     scores = torch.from_numpy(rng.normal(size=(b, RNG_ITEMS)).astype(np.float32))
     scores[:, 0] = -math.inf
-    scores[0, 3] = -math.inf  # an item without an embedding
     return scores, shares, torch.from_numpy(window)
 
 
 def test_the_sparse_scores_equal_the_dense_features_weighed_by_the_querys_coefficients() -> None:
     h = _hybrid(1)
     scores, shares, window = _query_batch(2)
+    with_share = shares.items[0][shares.values[0].sum(-1) > 0]
+    new, unknown = int(with_share[0]), int(with_share[1])
+    scores[0, new] = -math.inf  # items without an embedding: one with transitions, one without
+    has = torch.zeros(scores.shape, dtype=torch.bool).scatter_(1, shares.items, shares.values.sum(-1) > 0)
+    has[0, unknown] = False
+    shares.values[0, shares.items[0] == unknown] = 0.0
+    scores[0, unknown] = -math.inf
     got = hy.score(h, scores, shares, window)
     x, query = hy.dense_features(scores, shares, window)
     want = (x * h.coefficients(query)[:, None, :]).sum(-1)
-    finite = torch.isfinite(scores)
-    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-4)
-    assert torch.isneginf(got[~finite]).all()  # padding and items without embedding never come
+    scorable = (torch.isfinite(scores) | has) & (torch.arange(scores.shape[1]) > 0)
+    torch.testing.assert_close(got[scorable], want[scorable], rtol=1e-5, atol=1e-4)
+    assert torch.isneginf(got[~scorable]).all()  # padding, and no embedding without transitions
+    assert torch.isfinite(got[0, new]) and torch.isneginf(got[0, unknown])
+    # the model's term of an item it cannot score is the row's lowest: its transitions lift it
+    assert x[0, new, 0] == x[0, torch.isfinite(scores[0]), 0].min()
     # the features say what they claim: the window's items are seen, its first one the last item
     assert x[0, window[0, 0], -1] == 1 and x[0, window[0, 0], -2] == 1
     assert float(x[:, 0, 1:].abs().sum()) == 0.0

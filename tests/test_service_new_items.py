@@ -26,6 +26,7 @@ from test_service_support import (  # noqa: F401  (fixtures)
     start_server,
     toy_root,
     wait_ready,
+    with_hybrid,
     with_transitions,
 )
 
@@ -197,6 +198,30 @@ async def test_new_items_get_derived_embeddings_where_nothing_else_ranks_them(
                 assert (why["sku-w"]["model"] > 0) is derived
             else:
                 assert ("sku-w" in why) is derived
+
+
+async def test_a_hybrid_model_ranks_a_new_item_by_its_transitions(
+    model_dir: Path,  # noqa: F811
+    toy_root: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The learned hybrid has no model probability for an item without an embedding: its transitions
+    alone rank it, as the channel's mixture does; with none it stays out of every answer."""
+    model = with_hybrid(model_dir, toy_root / "new-items-hybrid")
+    events = [
+        {"user_id": f"fan{k}", "item_id": item, "event_id": f"fan{k}-{j}"}
+        for k in range(12)
+        for j, item in enumerate((f"i{k % 3 + 5}", "i3", "sku-h"))
+    ]
+    async with running_app(model_dir=model, store_dir=tmp_path / "s") as (app, client):
+        assert app.state.runtime.pipeline.new_items.derive is False  # the hybrid reads transitions
+        assert (await client.post("/interactions", json={"events": events})).status_code == 200
+        after_i3 = {"user_id": "reader", "history": ["i1", "i3"], "n": 10}
+        items = [it["item_id"] for it in (await client.post("/recommend", json=after_i3)).json()["items"]]
+        assert "sku-h" in items
+        elsewhere = {"user_id": "other", "history": ["i30", "i31"], "n": 41}
+        items = [it["item_id"] for it in (await client.post("/recommend", json=elsewhere)).json()["items"]]
+        assert "sku-h" not in items and len(items) == 38  # every unseen known item, none without evidence
 
 
 async def test_replicas_agree_on_new_item_ids(
