@@ -285,10 +285,9 @@ def tune(
     hybrid is kept when that gain is at least ``min_z`` standard errors and ``guard`` is no lower."""
     cands = candidates(batches())
     n = len(cands.x)
-    ranks = np.zeros(n, np.int64)
-    for held, fitted_on in (folds(n), folds(n)[::-1]):
-        h = fit(_subset(cands, fitted_on))
-        ranks[held] = _ranks(h, batches, held)
+    halves = folds(n)
+    # each half ranked by the hybrid fitted on the other, in one more pass over the batches
+    ranks = _cross_ranks([fit(_subset(cands, half)) for half in halves[::-1]], halves, batches)
     base, mine = metrics_from_ranks(channel_ranks, ks), metrics_from_ranks(ranks, ks)
     table: list[dict[str, Any]] = [
         {"source": "channel", **base},
@@ -306,14 +305,22 @@ def _subset(c: Candidates, idx: np.ndarray) -> Candidates:
     return Candidates(c.x[i], c.query[i], c.present[i], c.target[i])
 
 
-def _ranks(h: Hybrid, batches: Callable[[], Iterable[Batch]], wanted: np.ndarray) -> np.ndarray:
-    """The targets' ranks (full catalogue) of the queries ``wanted`` (indices over all batches)."""
-    out, start = [], 0
+def _cross_ranks(
+    fitted: list[Hybrid], halves: tuple[np.ndarray, np.ndarray], batches: Callable[[], Iterable[Batch]]
+) -> np.ndarray:
+    """The targets' ranks (full catalogue) of every query (N,), the queries of ``halves[i]`` (indices
+    over all batches) scored by ``fitted[i]``."""
+    n = sum(len(h) for h in halves)
+    which = np.zeros(n, np.int64)
+    which[halves[1]] = 1
+    out, start = np.zeros(n, np.int64), 0
     for scores, shares, window, targets in batches():
-        rows = wanted[(wanted >= start) & (wanted < start + len(targets))] - start
-        if rows.size:
-            r = torch.from_numpy(rows)
-            part = tr.PositionShares(shares.items[r], shares.values[r])
-            out.append(target_ranks(score(h, scores[r], part, window[r]), targets[r]).cpu().numpy())
+        for i, h in enumerate(fitted):
+            rows = np.flatnonzero(which[start : start + len(targets)] == i)
+            if rows.size:
+                r = torch.from_numpy(rows)
+                part = tr.PositionShares(shares.items[r], shares.values[r])
+                ranked = target_ranks(score(h, scores[r], part, window[r]), targets[r])
+                out[start + rows] = ranked.cpu().numpy()
         start += len(targets)
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+    return out
