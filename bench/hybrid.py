@@ -39,6 +39,7 @@ import torch
 from bench import baselines, transition_mix
 from bench.accuracy import ENCODERS
 from bench.common import REPORTS, fmt, stamp, stat, write_result
+from bench.retrieval import RESULTS as RETRIEVAL_RUNS
 from model import artifact, offline, tuning
 from model import hybrid as hy
 from model import transitions as tr
@@ -61,6 +62,17 @@ ABLATIONS = {
 }
 PROTOCOLS = ("unmasked", "masked")
 STRONGEST = "transitions_tuned_popularity_tiebreak"  # the strongest parameter-free baseline (bench.baselines)
+# The baselines of a dataset's table (bench.baselines keys): under the models' tie rule (ties against
+# the target), and with the popularity tie-break that makes the last two the strongest of their kind.
+BASELINE_ROWS = (
+    "popularity",
+    "last_item_markov",
+    "last_item_markov_popularity_tiebreak",
+    "transitions_tuned",
+    STRONGEST,
+)
+# The default before the hybrid (fusion + vote + tuned channel): bench.retrieval's variant of that name.
+BEFORE_HYBRID = "transitions"
 
 
 def queries(predictor: Predictor, samples: Samples) -> offline.Queries:
@@ -219,27 +231,90 @@ def aggregate(command: str | None = None) -> dict[str, Any]:
                 r["test"]["default"][p]["ndcg@10"] - r["test"]["with channel"][p]["ndcg@10"] for r in recs
             ]
         recs_all += recs
+    tables = {
+        name.split(".")[0]: dataset_rows(name, runs[name], defaults.get(name.split(".")[0], []), measured)
+        for name in runs
+    }
     when, machines = stamp(recs_all)
     return {
         "command": command,
         "date": when,
         "machine": machines,
+        "tables": tables,
         "runs": out,
         "defaults": default_out,
     }
+
+
+def dataset_rows(
+    name: str, recs: list[dict[str, Any]], defaults: list[dict[str, Any]], measured: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One dataset's table, top to bottom: the parameter-free baselines, the encoder ``name`` alone,
+    with the tuned channel, the default before the hybrid (bench.retrieval's runs on that encoder), with
+    the hybrid, the product default and the hybrid's ablations. A row: its label, its seeds and
+    {protocol: {metric: stat}}; rows without results are left out."""
+    dataset, encoder = name.split(".", 1)
+
+    def row(label: str, seeds: list[int], tests: list[dict[str, Any]]) -> dict[str, Any]:
+        by_protocol = {
+            p: {m: stat([t[p][m] for t in tests]) for m in ("ndcg@10", "hr@10")} for p in PROTOCOLS
+        }
+        return {"label": label, "seeds": seeds, **by_protocol}
+
+    rows = []
+    entries = baselines.entries(measured[dataset]) if dataset in measured else {}
+    for key in BASELINE_ROWS:
+        if key in entries:
+            test = {p: {m: s["mean"] for m, s in entries[key]["test"][p].items()} for p in PROTOCOLS}
+            rows.append(row(entries[key]["label"], [], [test]))
+    seeds = [int(r["seed"]) for r in recs]
+    rows.append(row("encoder alone", seeds, [r["test"]["encoder"] for r in recs]))
+    rows.append(row("encoder + tuned channel", seeds, [r["test"]["channel"] for r in recs]))
+    before = [
+        json.loads(f.read_text(encoding="utf-8"))
+        for f in sorted(RETRIEVAL_RUNS.glob(f"{dataset}.{encoder}.{BEFORE_HYBRID}.seed*.json"))
+    ]
+    if before:
+        label = "default before the hybrid: fusion + vote + tuned channel"
+        rows.append(row(label, [int(r["seed"]) for r in before], [r["test"] for r in before]))
+    rows.append(row("encoder + learned hybrid", seeds, [r["test"]["hybrid"] for r in recs]))
+    if defaults:
+        d_seeds = [int(r["seed"]) for r in defaults]
+        rows.append(
+            row(
+                "product default: fusion + vote + learned hybrid",
+                d_seeds,
+                [r["test"]["default"] for r in defaults],
+            )
+        )
+        label = "the same models, tuned channel in the hybrid's place"
+        rows.append(row(label, d_seeds, [r["test"]["with channel"] for r in defaults]))
+    for ablation in ABLATIONS:
+        if all(ablation in r["test"] for r in recs):
+            rows.append(row(f"encoder + hybrid, {ablation}", seeds, [r["test"][ablation] for r in recs]))
+    return rows
 
 
 def render(report: dict[str, Any]) -> str:
     lines = [
         "# The learned hybrid on the archived encoders",
         "",
-        f"`{report['command']}`, {report['date']}, {report['machine']}. Test NDCG@10 and HR@10, mean ± std "
-        "over encoder seeds. *channel*: the transition channel with its order and λ tuned on validation, "
-        "as `memrec train` tunes it; *hybrid*: the learned hybrid (model.hybrid) fitted on validation; "
+        f"`{report['command']}`, {report['date']}, {report['machine']}. Test NDCG@10 and HR@10 over the "
+        "whole catalogue, mean ± std over encoder seeds (seeds differ in the whole encoder). *unmasked*: "
+        "the paper protocol, items the user has seen compete; *masked*: they are removed. Baselines are "
+        "deterministic (one run, `python -m bench.baselines`, reports/baselines.md), ranked by the same "
+        "evaluator. *encoder*: the archived encoder alone; *tuned channel*: the transition channel with "
+        "its order and λ tuned on validation, as `memrec train` tunes it; *learned hybrid*: model.hybrid "
+        "fitted on validation; *default before the hybrid*: `memrec train --stage finetune --vote "
+        "--transitions` before the hybrid existed (reports/retrieval.md); *product default*: the same "
+        "command today (below); *no gates*, *no history*, *no positions*: the ablations (below).",
+        *dataset_tables(report.get("tables", {}), report["runs"]),
+        "",
+        "## All runs",
+        "",
         "*baseline*: the strongest parameter-free baseline (transitions alone, order tuned on validation, "
-        "popularity tie-break; reports/baselines.md), deterministic. *gain*: the hybrid's NDCG@10 over "
-        "the baseline's, per seed; *− encoder*: the hybrid's NDCG@10 minus the encoder's, per seed, "
-        "paired on the same encoder.",
+        "popularity tie-break). *gain*: the hybrid's NDCG@10 over the baseline's, per seed; *− encoder*: "
+        "the hybrid's NDCG@10 minus the encoder's, per seed, paired on the same encoder.",
         "",
         "| run | protocol | baseline NDCG@10 | encoder NDCG@10 | channel NDCG@10 | hybrid NDCG@10 "
         "| baseline HR@10 | encoder HR@10 | channel HR@10 | hybrid HR@10 | gain per seed "
@@ -288,6 +363,24 @@ def render(report: dict[str, Any]) -> str:
         transition_mix.baseline_rows(sorted({n.split(".")[0] for n in report["runs"]}))
     )
     return "\n".join(lines) + "\n"
+
+
+def dataset_tables(tables: dict[str, list[dict[str, Any]]], runs: dict[str, Any]) -> list[str]:
+    """One table per dataset: every row under both protocols, NDCG@10 and HR@10."""
+    lines: list[str] = []
+    for (dataset, rows), name in zip(tables.items(), runs, strict=True):
+        lines += [
+            "",
+            f"## {dataset} ({name.split('.', 1)[1]} encoder)",
+            "",
+            "| model | seeds | NDCG@10 | HR@10 | masked NDCG@10 | masked HR@10 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            seeds = ", ".join(map(str, r["seeds"])) or "–"
+            cells = [fmt(r[p][m]) for p in PROTOCOLS for m in ("ndcg@10", "hr@10")]
+            lines.append(f"| {r['label']} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def default_table(defaults: dict[str, Any]) -> list[str]:

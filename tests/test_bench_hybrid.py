@@ -58,6 +58,13 @@ def test_the_report_gives_each_seeds_gain_over_the_strongest_baseline(
     monkeypatch.setattr(hybrid, "REPORTS", tmp_path)
     monkeypatch.setattr(hybrid, "RESULTS", runs)
     monkeypatch.setattr(hybrid, "DEFAULTS", runs / "default")
+    retrieval_runs = tmp_path / "retrieval_runs"
+    retrieval_runs.mkdir()
+    before = {"seed": 2, "test": result(2, 0.3, True)["test"]["channel"]}  # another encoder's run: left out
+    (retrieval_runs / "beauty.sasrec.transitions.seed2.json").write_text(json.dumps(before))
+    before["test"] = {p: {"ndcg@10": 0.22, "hr@10": 0.4} for p in hybrid.PROTOCOLS}
+    (retrieval_runs / "beauty.pretrain.transitions.seed2.json").write_text(json.dumps(before))
+    monkeypatch.setattr(hybrid, "RETRIEVAL_RUNS", retrieval_runs)
     report = hybrid.aggregate()
     entry = report["runs"]["beauty.pretrain"]
     assert entry["unmasked"]["gain_over_baseline"] == pytest.approx([0.2, 0.1])  # over 0.25
@@ -77,3 +84,16 @@ def test_the_report_gives_each_seeds_gain_over_the_strongest_baseline(
         "| beauty | 1 | unmasked | 0.3000 | 0.2400 | 0.6000 | 0.4800 | +20.0% | +0.0600 | yes |" in md
         and "| beauty.pretrain | 0, 1 | 3/0.5, 3/0.5 | yes, no |" in md
     )
+    # one table per dataset: the baselines, then the models from the encoder up, then the ablations
+    labels = [r["label"] for r in report["tables"]["beauty"]]
+    assert labels[:3] == [
+        "popularity",
+        "transitions alone, order tuned on validation, popularity tie-break",
+        "encoder alone",
+    ]
+    assert labels.index("default before the hybrid: fusion + vote + tuned channel") == 4
+    assert labels[-len(hybrid.ABLATIONS) :] == [f"encoder + hybrid, {a}" for a in hybrid.ABLATIONS]
+    assert "| encoder + learned hybrid | 0, 1 | 0.2875 ± 0.0177 | 0.5750 ± 0.0354 |" in md
+    assert "| default before the hybrid: fusion + vote + tuned channel | 2 | 0.2200 | 0.4000 | 0.2200 |" in md
+    assert "| product default: fusion + vote + learned hybrid | 1 | 0.3000 | 0.6000 |" in md
+    assert md.index("## beauty (pretrain encoder)") < md.index("## All runs")
