@@ -250,6 +250,7 @@ def new_items_md(key: str, r: dict[str, Any]) -> list[str]:
         derived = r.get("derived_embeddings_by_seed", {})
         chosen = "; ".join(
             f"seed {seed}: vote weight {m['vote']['weight']:g}, λ {m['transition_weight']:g}"
+            + (", learned hybrid" if m.get("hybrid") else "")
             + (", new items with derived embeddings" if derived.get(seed) else "")
             for seed, m in r["models"].items()
         )
@@ -264,7 +265,9 @@ def new_items_md(key: str, r: dict[str, Any]) -> list[str]:
         + f" (`{r['command']}`, {r['date']}, {r.get('machine', 'machine not recorded')})",
         "",
         f"ml-100k split by time; the model trained on the earlier part (`{r['train_command']}`; vote "
-        f"weight {r['model']['vote']['weight']:g}, transition λ {r['model']['transition_weight']:g}). The "
+        f"weight {r['model']['vote']['weight']:g}, transition λ {r['model']['transition_weight']:g}"
+        + (", learned hybrid" if r["model"].get("hybrid") else "")
+        + "). The "
         f"first {r['events']} later interactions replayed in time order, /recommend (top 10) asked before "
         f"each: {r['new_item_events']} of them ({r['new_item_share']:.1%}) are with one of "
         f"{r['new_items']} items the model never saw.{_weights(r)}"

@@ -109,8 +109,9 @@ def model_card(model: Path) -> dict[str, Any]:
     if path.is_file():
         inference = json.loads(path.read_text(encoding="utf-8"))
         k, vote, weight = inference["k"], inference["vote"], inference["transitions"]["weight"]
+        hybrid = inference.get("hybrid") is not None
     else:
-        k, weight = finetune.get("k"), finetune.get("transition_weight", 0.0)
+        k, weight, hybrid = finetune.get("k"), finetune.get("transition_weight", 0.0), False
         vote = {key: finetune.get(f"vote_{key}", 0) for key in ("weight", "temperature", "depth")}
     return {
         "model_version": config.get("model_version", ""),
@@ -118,6 +119,7 @@ def model_card(model: Path) -> dict[str, Any]:
         "k": k,
         "vote": vote,
         "transition_weight": weight,
+        "hybrid": hybrid,  # the learned hybrid ranks in the channel's place (model.hybrid)
         "objective": config.get("train", {}).get("objective"),
         "scheme": config.get("train", {}).get("scheme"),
     }

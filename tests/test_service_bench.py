@@ -222,13 +222,13 @@ def test_new_item_replays_pool_their_seeds_event_by_event() -> None:
         "command": "python -m bench.service new-items", "date": "today", "machine": "cpu",
         "cut_quantile": 0.8, "train_command": "memrec train", "model": card, "events": 3,
         "new_item_events": 1, "new_item_share": 1 / 3, "new_items": 1, "seeds": [0, 2],
-        "models": {"0": card, "2": {"vote": {"weight": 0.0}, "transition_weight": 0.5}},
+        "models": {"0": card, "2": {"vote": {"weight": 0.0}, "transition_weight": 0.5, "hybrid": True}},
         "new_item_weight": 1.0, "weighted_new_item_weight": 5.0,
         "arms": {"live_reject": {**figures, "refused": 1}, "live_accept": {**figures, "refused": 0}},
         "paired": {"live_accept - live_reject": {"hr@10 all": {"mean": 0.1, "ci95": [0.05, 0.2]}}},
     }  # fmt: skip
     md = render_md({"new_items_cut80_seeds": report})
     assert "## Drift replay with new items, 80% cut, 2 seeds (" in md
-    assert "seed 0: vote weight 0.2, λ 0.7; seed 2: vote weight 0, λ 0.5" in md
+    assert "seed 0: vote weight 0.2, λ 0.7; seed 2: vote weight 0, λ 0.5, learned hybrid" in md
     assert "*weighted*" not in md  # that arm did not run
     assert "| live_accept - live_reject | hr@10 all | +0.1000 | [+0.0500, +0.2000] |" in md
