@@ -1,6 +1,7 @@
 """The learned hybrid on the archived encoders → ``reports/hybrid.json`` and ``.md``.
 
-    python -m bench.hybrid --runs beauty.pretrain ml-100k.sasrec_allpos sports.pretrain_warm --seeds 0 1 2
+    python -m bench.hybrid --runs beauty.pretrain ml-100k.sasrec_allpos sports.pretrain_warm \
+        toys.pretrain_warm --seeds 0 1 2
 
 Each archived encoder (reports/encoders/, seeds differ in the whole encoder) goes through the product's
 tuning (model.tuning) exactly as ``memrec train`` runs it after fine-tuning, here without the fusion and
@@ -433,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in [] if args.report_only else args.runs:
         for seed in args.seeds:
             path = RESULTS / f"{name}.seed{seed}.json"
+            if not (ENCODERS / f"{name}.seed{seed}").is_dir():
+                log.warning(
+                    "%s seed %d: no archived encoder yet (python -m bench.accuracy trains it)", name, seed
+                )
+                continue
             if not path.is_file() or "no gates" not in json.loads(path.read_text())["test"]:
                 rec = run_one(name, seed, args.data_dir)
                 write_result(path, rec)  # with the machine and the date

@@ -97,3 +97,17 @@ def test_the_report_gives_each_seeds_gain_over_the_strongest_baseline(
     assert "| default before the hybrid: fusion + vote + tuned channel | 2 | 0.2200 | 0.4000 | 0.2200 |" in md
     assert "| product default: fusion + vote + learned hybrid | 1 | 0.3000 | 0.6000 |" in md
     assert md.index("## beauty (pretrain encoder)") < md.index("## All runs")
+
+
+def test_a_seed_without_an_archived_encoder_is_skipped_so_seeds_accumulate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = tmp_path / "hybrid_runs"
+    runs.mkdir()
+    (runs / "beauty.pretrain.seed0.json").write_text(json.dumps(result(0, 0.3, True)))
+    for name, value in (("REPORTS", tmp_path), ("RESULTS", runs), ("DEFAULTS", runs / "default")):
+        monkeypatch.setattr(hybrid, name, value)
+    monkeypatch.setattr(hybrid, "ENCODERS", tmp_path / "encoders")  # holds no encoder
+    assert hybrid.main(["--runs", "beauty.pretrain", "--seeds", "0", "1"]) == 0
+    assert sorted(f.name for f in runs.glob("*.json")) == ["beauty.pretrain.seed0.json"]
+    assert json.loads((tmp_path / "hybrid.json").read_text())["runs"]["beauty.pretrain"]["seeds"] == [0]
