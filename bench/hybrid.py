@@ -232,9 +232,8 @@ def aggregate(command: str | None = None) -> dict[str, Any]:
                 r["test"]["default"][p]["ndcg@10"] - r["test"]["with channel"][p]["ndcg@10"] for r in recs
             ]
         recs_all += recs
-    tables = {
-        name.split(".")[0]: dataset_rows(name, runs[name], defaults.get(name.split(".")[0], []), measured)
-        for name in runs
+    tables = {  # by run: one dataset may have runs on several encoders
+        name: dataset_rows(name, runs[name], defaults.get(name.split(".")[0], []), measured) for name in runs
     }
     when, machines = stamp(recs_all)
     return {
@@ -309,7 +308,7 @@ def render(report: dict[str, Any]) -> str:
         "fitted on validation; *default before the hybrid*: `memrec train --stage finetune --vote "
         "--transitions` before the hybrid existed (reports/retrieval.md); *product default*: the same "
         "command today (below); *no gates*, *no history*, *no positions*: the ablations (below).",
-        *dataset_tables(report.get("tables", {}), report["runs"]),
+        *dataset_tables(report.get("tables", {})),
         "",
         "## All runs",
         "",
@@ -366,13 +365,14 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def dataset_tables(tables: dict[str, list[dict[str, Any]]], runs: dict[str, Any]) -> list[str]:
-    """One table per dataset: every row under both protocols, NDCG@10 and HR@10."""
+def dataset_tables(tables: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """One table per run (a dataset and its encoder): every row under both protocols, NDCG@10 and HR@10."""
     lines: list[str] = []
-    for (dataset, rows), name in zip(tables.items(), runs, strict=True):
+    for name, rows in tables.items():
+        dataset, encoder = name.split(".", 1)
         lines += [
             "",
-            f"## {dataset} ({name.split('.', 1)[1]} encoder)",
+            f"## {dataset} ({encoder} encoder)",
             "",
             "| model | seeds | NDCG@10 | HR@10 | masked NDCG@10 | masked HR@10 |",
             "|---|---|---|---|---|---|",

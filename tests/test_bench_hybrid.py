@@ -85,7 +85,7 @@ def test_the_report_gives_each_seeds_gain_over_the_strongest_baseline(
         and "| beauty.pretrain | 0, 1 | 3/0.5, 3/0.5 | yes, no |" in md
     )
     # one table per dataset: the baselines, then the models from the encoder up, then the ablations
-    labels = [r["label"] for r in report["tables"]["beauty"]]
+    labels = [r["label"] for r in report["tables"]["beauty.pretrain"]]
     assert labels[:3] == [
         "popularity",
         "transitions alone, order tuned on validation, popularity tie-break",
