@@ -54,12 +54,14 @@ log = logging.getLogger("bench.hybrid")
 RESULTS = REPORTS / "hybrid_runs"
 DEFAULTS = RESULTS / "default"  # the product default, as memrec train builds it
 ARMS = ("encoder", "channel", "hybrid")
-# What each part of the hybrid adds: refitted on validation without it (its features set to 0, so its
-# weights stay 0), scored on test like the others.
-ABLATIONS = {
-    "no gates": hy.QUERY_FEATURES,  # one weight per source for every query
-    "no history": ("seen", "last"),  # no feature of the query's own window
-    "no positions": tuple(f"share_{j}" for j in range(1, tr.MAX_ORDER + 1)),  # the channel's p_trans alone
+# What each part of the hybrid adds: refitted on validation with the gates forced on or off, or without
+# some features (set to 0, so their weights stay 0) in the form validation chose (None), scored on test
+# like the others: {name: (features dropped, gated)}.
+ABLATIONS: dict[str, tuple[tuple[str, ...], bool | None]] = {
+    "with gates": ((), True),  # the weights move with the query, whether or not validation chose it
+    "no gates": ((), False),  # one weight per source for every query
+    "no history": (("seen", "last"), None),  # no feature of the query's own window
+    "no positions": (tuple(f"share_{j}" for j in range(1, tr.MAX_ORDER + 1)), None),  # p_trans alone
 }
 PROTOCOLS = ("unmasked", "masked")
 STRONGEST = "transitions_tuned_popularity_tiebreak"  # the strongest parameter-free baseline (bench.baselines)
@@ -110,8 +112,9 @@ def run_one(name: str, seed: int, data_dir: str | None) -> dict[str, Any]:
     }
     with torch.inference_mode():
         cands = hy.candidates(tuning.hybrid_batches(encoder, valid_q, split.valid, valid_rows))
-    for ablation, dropped in ABLATIONS.items():
-        configs[ablation] = replace(with_channel, hybrid=hy.fit(without(cands, dropped)))
+    for ablation, (dropped, gated) in ABLATIONS.items():
+        form = hybrid.gated if gated is None else gated
+        configs[ablation] = replace(with_channel, hybrid=hy.fit(without(cands, dropped), form))
     test_q = queries(encoder, split.test)
     test_rows = counted([split.train, split.valid])
     ranks = {
@@ -125,8 +128,10 @@ def run_one(name: str, seed: int, data_dir: str | None) -> dict[str, Any]:
         "seed": seed,
         "channel": channel.best.to_json(),
         "kept": hybrid.best is not None,
+        "gated": hybrid.gated,  # validation chose the form with gates
         "valid": hybrid.table,
         "z": hybrid.z,
+        "z_gates": hybrid.z_gates,
         "tune_seconds": round(tuned_s, 1),
         "hybrid": hybrid.fitted.to_json(),
         "test": {arm: {p: m[p] for p in PROTOCOLS} for arm, m in ranks.items()},
@@ -147,6 +152,7 @@ def default_record(model_dir: Path) -> dict[str, Any]:
         "seed": int(config["train"]["seed"]),  # the encoder's, which the fine-tune shares
         "model_version": config["model_version"],
         "kept": hybrid["kept"],
+        "gated": hybrid.get("gated", True),  # a model trained before the gates had to earn their place
         "vote": metrics["vote"]["chosen"] if "vote" in metrics else None,
         "channel": metrics["transitions"]["chosen"],
         "test": {
@@ -179,13 +185,14 @@ def aggregate(command: str | None = None) -> dict[str, Any]:
         args = ["--runs", *runs, "--seeds", *map(str, seeds)] if runs else []
         command = shlex.join(["python", "-m", "bench.hybrid", *args])
     measured = baselines.load(REPORTS / "baselines.json")
+    strongest_of = {d: baselines.entries(m).get(STRONGEST) for d, m in measured.items()}
     out: dict[str, Any] = {}
     for name, recs in runs.items():
-        dataset = name.split(".")[0]
-        strongest = baselines.entries(measured[dataset])[STRONGEST] if dataset in measured else None
+        strongest = strongest_of.get(name.split(".")[0])
         entry: dict[str, Any] = {
             "seeds": [r["seed"] for r in recs],
             "kept": [r["kept"] for r in recs],
+            "gated": [r.get("gated", True) for r in recs],  # a run from before the choice: gates
             "channels": [f"{r['channel']['order']}/{r['channel']['weight']:g}" for r in recs],
             "strongest_baseline": strongest["label"] if strongest else None,
         }
@@ -210,10 +217,11 @@ def aggregate(command: str | None = None) -> dict[str, Any]:
         defaults.setdefault(r["dataset"], []).append(r)
     default_out: dict[str, Any] = {}
     for dataset, recs in defaults.items():
-        strongest = baselines.entries(measured[dataset])[STRONGEST] if dataset in measured else None
+        strongest = strongest_of.get(dataset)
         default_out[dataset] = {
             "seeds": [r["seed"] for r in recs],
             "kept": [r["kept"] for r in recs],
+            "gated": [r.get("gated", True) for r in recs],
             **{
                 p: {
                     arm: {m: stat([r["test"][arm][p][m] for r in recs]) for m in ("ndcg@10", "hr@10")}
@@ -262,11 +270,11 @@ def dataset_rows(
         return {"label": label, "seeds": seeds, **by_protocol}
 
     rows = []
-    entries = baselines.entries(measured[dataset]) if dataset in measured else {}
+    measured_here = transition_mix.baseline_rows([dataset], measured).get(dataset, {})
     for key in BASELINE_ROWS:
-        if key in entries:
-            test = {p: {m: s["mean"] for m, s in entries[key]["test"][p].items()} for p in PROTOCOLS}
-            rows.append(row(entries[key]["label"], [], [test]))
+        if key in measured_here:
+            base = measured_here[key]
+            rows.append(row(base["label"], [], [{p: base[p] for p in PROTOCOLS}]))
     seeds = [int(r["seed"]) for r in recs]
     rows.append(row("encoder alone", seeds, [r["test"]["encoder"] for r in recs]))
     rows.append(row("encoder + tuned channel", seeds, [r["test"]["channel"] for r in recs]))
@@ -335,18 +343,20 @@ def render(report: dict[str, Any]) -> str:
     lines += [
         "",
         "Per run: seeds, the channel each seed's validation chose (order/λ), and whether validation kept "
-        "the hybrid.",
+        "the hybrid (*gated*: in the form with gates, which beat the form without them).",
         "",
     ]
     lines += ["| run | seeds | channel per seed | hybrid kept per seed |", "|---|---|---|---|"]
     for name, r in report["runs"].items():
-        kept = ", ".join("yes" if k else "no" for k in r["kept"])
+        kept = kept_cell(r)
         lines.append(f"| {name} | {', '.join(map(str, r['seeds']))} | {', '.join(r['channels'])} | {kept} |")
     lines += [
         "",
-        "Ablations: the hybrid refitted on validation without one of its parts. *no gates*: one weight "
-        "per source for every query; *no history*: without the seen and last-item features; *no "
-        "positions*: the channel's distribution without the per-position shares. Test NDCG@10 / HR@10.",
+        "Ablations: the hybrid refitted on validation with one of its parts changed. *with gates*: the "
+        "weights move with the query features, whether or not validation chose that form; *no gates*: "
+        "one weight per source for every query; *no history*: without the seen and last-item features; "
+        "*no positions*: the channel's distribution without the per-position shares (these two in the "
+        "form validation chose). Test NDCG@10 / HR@10.",
         "",
         "| run | protocol | " + " | ".join(("hybrid", *ABLATIONS)) + " |",
         "|---|---|" + "---|" * (1 + len(ABLATIONS)),
@@ -398,11 +408,11 @@ def default_table(defaults: dict[str, Any]) -> list[str]:
         "default's NDCG@10 over the strongest baseline's, per seed.",
         "",
         "| dataset | seeds | protocol | default NDCG@10 | with channel NDCG@10 | default HR@10 "
-        "| with channel HR@10 | gain per seed | − channel per seed | hybrid kept |",
+        "| with channel HR@10 | gain per seed | − channel per seed | hybrid kept per seed |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dataset, r in defaults.items():
-        kept = ", ".join("yes" if k else "no" for k in r["kept"])
+        kept = kept_cell(r)
         for p in PROTOCOLS:
             e = r[p]
             cells = [dataset, ", ".join(map(str, r["seeds"])), p]
@@ -411,6 +421,14 @@ def default_table(defaults: dict[str, Any]) -> list[str]:
             cells += [", ".join(f"{d:+.4f}" for d in e["minus_channel"]), kept]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def kept_cell(entry: dict[str, Any]) -> str:
+    """Per seed: whether validation kept the hybrid, and in which form."""
+    gated = entry.get("gated", [True] * len(entry["kept"]))
+    return ", ".join(
+        ("yes (gated)" if g else "yes") if k else "no" for k, g in zip(entry["kept"], gated, strict=True)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                     "%s seed %d: no archived encoder yet (python -m bench.accuracy trains it)", name, seed
                 )
                 continue
-            if not path.is_file() or "no gates" not in json.loads(path.read_text())["test"]:
+            if not path.is_file() or "with gates" not in json.loads(path.read_text())["test"]:
                 rec = run_one(name, seed, args.data_dir)
                 write_result(path, rec)  # with the machine and the date
                 ndcg = [rec["test"][arm]["unmasked"]["ndcg@10"] for arm in ARMS]

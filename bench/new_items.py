@@ -300,8 +300,8 @@ def _weights(r: dict[str, Any]) -> str:
     derived = ""
     if len(r.get("derived_embeddings_by_seed", {})) > 1:
         derived = (
-            f" `MEMREC_NEW_ITEM_EMBEDDINGS={r['new_item_embeddings']}`: new items get derived embeddings "
-            "with a seed's model only where it has neither the vote nor the channel."
+            f" `MEMREC_NEW_ITEM_EMBEDDINGS={r['new_item_embeddings']}`: whether a seed's model gave new "
+            "items derived embeddings is said with its seed."
         )
     elif "derived_embeddings" in r:
         derived = f" `MEMREC_NEW_ITEM_EMBEDDINGS={r['new_item_embeddings']}`: " + (

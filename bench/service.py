@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     np_.add_argument("--redis-url", help="a Redis database the replay may flush (default: db 14 on loopback)")
     np_.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the model, pooled")
     np_.add_argument("--arms", nargs="+", choices=list(NEW_ITEM_ARMS), help="arms to replay (default: all)")
+    np_.add_argument(
+        "--section", help="report key, new_items_* (default: new_items_cut<percent>, + _seeds when pooled)"
+    )
     rp = sub.add_parser("retrain", help="drift replay with export, warm retrain and hot swap at the midpoint")
     replay_args(rp, cut=0.5)
     sp = sub.add_parser("swap", help="a hot model swap under open-loop load")
@@ -221,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         section = f"{args.command.replace('-', '_')}_cut{round(args.cut * 100)}"
         if len(getattr(args, "seeds", [0])) > 1:
             section += "_seeds"  # pooled over training seeds, beside the one-seed section
+        if getattr(args, "section", None):
+            if not args.section.startswith("new_items"):
+                parser.error("--section: a new-items report key starts with new_items")
+            section = args.section
     write_reports(section, runner(args), command)
     return 0
 

@@ -160,10 +160,11 @@ def baseline_table(by_dataset: dict[str, Any]) -> list[str]:
     return lines
 
 
-def baseline_rows(datasets: list[str]) -> dict[str, Any]:
+def baseline_rows(datasets: list[str], measured: dict[str, Any] | None = None) -> dict[str, Any]:
     """{dataset: {baseline: its label, tie rule and test NDCG@10 and HR@10 per protocol}} for the
-    datasets bench.baselines measured, ties against first."""
-    measured = baselines.load(REPORTS / "baselines.json")
+    datasets bench.baselines measured (``measured``: its report, read from reports/ when None), ties
+    against first."""
+    measured = baselines.load(REPORTS / "baselines.json") if measured is None else measured
     out: dict[str, Any] = {}
     for dataset in datasets:
         if dataset not in measured:

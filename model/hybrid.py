@@ -16,7 +16,11 @@ whose weights depend on the query::
                           log(window length) ]
 
 So each source's trust can move with the query: with how sure the model is, how much the last item's
-followers have been seen, how long the history is. w and U are fitted on the
+followers have been seen, how long the history is. The gates are linear, so they are trusted only
+over the range of query features they were fitted on: a query outside it (a history shorter than any
+validation user's, a last item with more followers than any had at training, both of which a live
+service meets as counts and users arrive) is clipped to that range before its coefficients are read,
+rather than extrapolated. w and U are fitted on the
 validation queries by the listwise softmax over candidate items (the model's top items, every item with
 a share and the window's items), and kept only if a 2-fold cross-fit beats the tuned channel on
 validation (:func:`tune`, the channel's rule: z ≥ ``min_z``, HR@10 no lower). On the archived Beauty
@@ -61,13 +65,17 @@ class Hybrid:
     gates: tuple[tuple[float, ...], ...]  # (Q, F) U: how each query feature moves each weight
     query_mean: tuple[float, ...]  # (Q,)
     query_std: tuple[float, ...]  # (Q,)
+    query_low: tuple[float, ...]  # (Q,) the lowest value of each query feature the fit saw
+    query_high: tuple[float, ...]  # (Q,) and the highest: a query is clipped to [low, high]
 
     def __post_init__(self) -> None:
         f, q = len(FEATURES), len(QUERY_FEATURES)
         if len(self.weights) != f or len(self.gates) != q or any(len(g) != f for g in self.gates):
             raise ValueError(f"a hybrid has {f} weights and {q}×{f} gates")
-        if len(self.query_mean) != q or len(self.query_std) != q:
-            raise ValueError(f"a hybrid standardises {q} query features")
+        if any(len(v) != q for v in (self.query_mean, self.query_std, self.query_low, self.query_high)):
+            raise ValueError(f"a hybrid standardises and clips {q} query features")
+        if any(lo > hi for lo, hi in zip(self.query_low, self.query_high, strict=True)):
+            raise ValueError("a hybrid's query range has its low above its high")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,31 +83,40 @@ class Hybrid:
             "gates": [list(g) for g in self.gates],
             "query_mean": list(self.query_mean),
             "query_std": list(self.query_std),
+            "query_low": list(self.query_low),
+            "query_high": list(self.query_high),
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Hybrid:
+        """A hybrid saved before the query range was recorded reads its gates unclipped, as it did."""
+        q = len(QUERY_FEATURES)
         return cls(
             tuple(map(float, data["weights"])),
             tuple(tuple(map(float, g)) for g in data["gates"]),
             tuple(map(float, data["query_mean"])),
             tuple(map(float, data["query_std"])),
+            tuple(map(float, data.get("query_low", [-math.inf] * q))),
+            tuple(map(float, data.get("query_high", [math.inf] * q))),
         )
 
     @cached_property
-    def _tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """w (F,), U (Q, F), the query features' mean and std (Q,): built once, read per batch."""
-        return (
-            torch.tensor(self.weights),
-            torch.tensor(self.gates),
-            torch.tensor(self.query_mean),
-            torch.tensor(self.query_std),
-        )
+    def _tensors(self) -> tuple[Tensor, ...]:
+        """w (F,), U (Q, F), the query features' mean, std, low and high (Q,): built once, read per
+        batch."""
+        values = (self.weights, self.gates, self.query_mean, self.query_std, self.query_low, self.query_high)
+        return tuple(torch.tensor(v) for v in values)
+
+    @cached_property
+    def gated(self) -> bool:
+        """Whether any weight moves with the query (else :func:`score` skips the query features)."""
+        return any(g != 0.0 for row in self.gates for g in row)
 
     def coefficients(self, query: Tensor) -> Tensor:
-        """Query features (B, Q) → each query's weights a(q) (B, F)."""
-        w, gates, mean, std = (t.to(query.device, query.dtype) for t in self._tensors)
-        return w + ((query - mean) / std) @ gates
+        """Query features (B, Q) → each query's weights a(q) (B, F), the features clipped to the fitted
+        range first: a linear gate is not extrapolated."""
+        w, gates, mean, std, low, high = (t.to(query.device, query.dtype) for t in self._tensors)
+        return w + ((query.clamp(low, high) - mean) / std) @ gates
 
 
 # --- features --------------------------------------------------------------------------------------
@@ -151,7 +168,11 @@ def score(hybrid: Hybrid, scores: Tensor, shares: tr.PositionShares, window: Ten
     float32; −inf at the padding column and wherever the model cannot score an item that has no
     transitions either."""
     logp = log_model(scores)
-    a = hybrid.coefficients(query_features(logp, shares, window))  # (B, F)
+    if hybrid.gated:
+        query = query_features(logp, shares, window)
+    else:  # every query reads w: the entropy pass over the catalogue is not needed
+        query = logp.new_zeros(len(logp), len(QUERY_FEATURES))
+    a = hybrid.coefficients(query)  # (B, F)
     out = a[:, :1] * model_term(logp)
     contrib = (share_features(shares) * a[:, None, _SHARE]).sum(-1)  # (B, M), 0 at padding
     out.scatter_add_(1, shares.items, contrib)
@@ -217,10 +238,11 @@ def candidates(batches: Iterable[Batch], width: int = CANDIDATES) -> Candidates:
     return Candidates(*(torch.cat([p[i] for p in parts]) for i in range(4)))
 
 
-def fit(data: Candidates, gate_l2: float = 1e-3, max_iter: int = 200) -> Hybrid:
+def fit(data: Candidates, gated: bool = True, gate_l2: float = 1e-3, max_iter: int = 200) -> Hybrid:
     """w and U by the listwise softmax over each query's candidates (queries whose target is one of
-    them), L-BFGS on standardised features; returned for the raw features. Runs with autograd on even
-    when called under ``torch.inference_mode`` (the tuning's)."""
+    them), L-BFGS on standardised features; returned for the raw features. ``gated=False``: U stays 0,
+    one weight per feature for every query. Runs with autograd on even when called under
+    ``torch.inference_mode`` (the tuning's)."""
     with torch.inference_mode(False), torch.enable_grad():
         keep = data.target.any(1)
         x, query = data.x[keep].clone(), data.query[keep].clone()
@@ -234,8 +256,8 @@ def fit(data: Candidates, gate_l2: float = 1e-3, max_iter: int = 200) -> Hybrid:
         w = torch.zeros(len(FEATURES))
         w[0] = 1.0  # start from the model alone
         w.requires_grad_(True)
-        u = torch.zeros(len(QUERY_FEATURES), len(FEATURES), requires_grad=True)
-        opt = torch.optim.LBFGS([w, u], max_iter=max_iter, line_search_fn="strong_wolfe")
+        u = torch.zeros(len(QUERY_FEATURES), len(FEATURES), requires_grad=gated)
+        opt = torch.optim.LBFGS([w, u] if gated else [w], max_iter=max_iter, line_search_fn="strong_wolfe")
 
         def loss() -> Tensor:
             opt.zero_grad()
@@ -253,15 +275,22 @@ def fit(data: Candidates, gate_l2: float = 1e-3, max_iter: int = 200) -> Hybrid:
         tuple(tuple(r) for r in u_raw.tolist()),
         tuple(q_mean.tolist()),
         tuple(q_std.tolist()),
+        tuple(query.amin(0).tolist()),
+        tuple(query.amax(0).tolist()),
     )
 
 
 @dataclass
 class TuneResult:
     best: Hybrid | None  # the hybrid to serve; None: the tuned channel stays
-    fitted: Hybrid | None  # the hybrid fitted on all validation queries, kept or refused
-    table: list[dict[str, Any]] = field(default_factory=list)  # channel, then the cross-fitted hybrid
-    z: float = 0.0  # the cross-fitted hybrid's paired NDCG@10 gain over the channel in standard errors
+    fitted: Hybrid | None  # the chosen form fitted on all validation queries, kept or refused
+    table: list[dict[str, Any]] = field(default_factory=list)  # channel, then each cross-fitted form
+    z: float = 0.0  # the chosen form's paired NDCG@10 gain over the channel in standard errors
+    gated: bool = False  # the chosen form has gates: they beat the same hybrid without them
+    z_gates: float = 0.0  # the gates' paired NDCG@10 gain over the hybrid without them
+
+
+FORMS = {False: "hybrid without gates (2-fold cross-fit)", True: "hybrid with gates (2-fold cross-fit)"}
 
 
 def folds(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -281,23 +310,33 @@ def tune(
     """The hybrid against the tuned channel on the same validation queries (``channel_ranks`` (N,): the
     target's rank under the channel, or the model alone when the channel is off; ``batches()`` yields
     the validation batches anew, in that order: the scores are not held). Each half of the
-    queries is ranked by the hybrid fitted on the other half, so the comparison is out of sample; the
-    hybrid is kept when that gain is at least ``min_z`` standard errors and ``guard`` is no lower."""
+    queries is ranked by the hybrid fitted on the other half, so every comparison is out of sample.
+
+    Two forms are cross-fitted: without gates (one weight per feature) and with them. The gates are
+    the larger model (Q × F more weights, fitted on one query per user), so they must earn their
+    place by the channel's rule against the form without them; the chosen form is then kept over the
+    channel by the same rule: a gain of at least ``min_z`` standard errors with ``guard`` no lower."""
     cands = candidates(batches())
-    n = len(cands.x)
-    halves = folds(n)
-    # each half ranked by the hybrid fitted on the other, in one more pass over the batches
-    ranks = _cross_ranks([fit(_subset(cands, half)) for half in halves[::-1]], halves, batches)
-    base, mine = metrics_from_ranks(channel_ranks, ks), metrics_from_ranks(ranks, ks)
-    table: list[dict[str, Any]] = [
-        {"source": "channel", **base},
-        {"source": "hybrid (2-fold cross-fit)", **mine},
-    ]
-    z = paired_z(ranks, channel_ranks, metric)
-    better = mine[metric] > base[metric] and (guard is None or mine[guard] >= base[guard])
-    fitted = fit(cands)
-    keep = better and math.isfinite(z) and z >= min_z
-    return TuneResult(fitted if keep else None, fitted, table, z if math.isfinite(z) else 0.0)
+    halves = folds(len(cands.x))
+    # each half ranked by the forms fitted on the other half, in one more pass over the batches
+    cross = {gated: [fit(_subset(cands, half), gated) for half in halves[::-1]] for gated in FORMS}
+    ranks = _cross_ranks(cross, halves, batches)
+    base = metrics_from_ranks(channel_ranks, ks)
+    forms = {gated: metrics_from_ranks(r, ks) for gated, r in ranks.items()}
+
+    def wins(
+        mine: np.ndarray, other: np.ndarray, m: Mapping[str, float], o: Mapping[str, float]
+    ) -> tuple[bool, float]:
+        """Whether ``mine`` beats ``other`` by the rule, and its paired z (0 where it has no spread)."""
+        z = paired_z(mine, other, metric)
+        better = m[metric] > o[metric] and (guard is None or m[guard] >= o[guard])
+        return better and math.isfinite(z) and z >= min_z, z if math.isfinite(z) else 0.0
+
+    gated, z_gates = wins(ranks[True], ranks[False], forms[True], forms[False])
+    keep, z = wins(ranks[gated], channel_ranks, forms[gated], base)
+    fitted = fit(cands, gated)
+    table = [{"source": "channel", **base}, *({"source": FORMS[g], **forms[g]} for g in FORMS)]
+    return TuneResult(fitted if keep else None, fitted, table, z, gated, z_gates)
 
 
 def _subset(c: Candidates, idx: np.ndarray) -> Candidates:
@@ -306,21 +345,25 @@ def _subset(c: Candidates, idx: np.ndarray) -> Candidates:
 
 
 def _cross_ranks(
-    fitted: list[Hybrid], halves: tuple[np.ndarray, np.ndarray], batches: Callable[[], Iterable[Batch]]
-) -> np.ndarray:
-    """The targets' ranks (full catalogue) of every query (N,), the queries of ``halves[i]`` (indices
-    over all batches) scored by ``fitted[i]``."""
+    fitted: Mapping[bool, list[Hybrid]],
+    halves: tuple[np.ndarray, np.ndarray],
+    batches: Callable[[], Iterable[Batch]],
+) -> dict[bool, np.ndarray]:
+    """Per form, the targets' ranks (full catalogue) of every query (N,), the queries of ``halves[i]``
+    (indices over all batches) scored by that form's ``fitted[i]``: one pass over the batches."""
     n = sum(len(h) for h in halves)
     which = np.zeros(n, np.int64)
     which[halves[1]] = 1
-    out, start = np.zeros(n, np.int64), 0
+    out, start = {form: np.zeros(n, np.int64) for form in fitted}, 0
     for scores, shares, window, targets in batches():
-        for i, h in enumerate(fitted):
+        for i in range(len(halves)):
             rows = np.flatnonzero(which[start : start + len(targets)] == i)
-            if rows.size:
-                r = torch.from_numpy(rows)
-                part = tr.PositionShares(shares.items[r], shares.values[r])
-                ranked = target_ranks(score(h, scores[r], part, window[r]), targets[r])
-                out[start + rows] = ranked.cpu().numpy()
+            if not rows.size:
+                continue
+            r = torch.from_numpy(rows)
+            part = tr.PositionShares(shares.items[r], shares.values[r])
+            for form, pair in fitted.items():
+                ranked = target_ranks(score(pair[i], scores[r], part, window[r]), targets[r])
+                out[form][start + rows] = ranked.cpu().numpy()
         start += len(targets)
     return out

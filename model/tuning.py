@@ -193,11 +193,14 @@ def _log_transitions(result: tr.TuneResult, min_z: float, seconds: float) -> Non
 
 
 def _log_hybrid(result: hy.TuneResult, min_z: float, seconds: float) -> None:
-    channel, hybrid = result.table
+    channel, flat, gated = result.table
+    hybrid = gated if result.gated else flat
     log.info(
-        "learned hybrid: %s; valid ndcg@10 %.4f hr@10 %.4f cross-fitted (channel: %.4f, %.4f; gain %.1f "
-        "standard errors, needs %.1f) in %.0fs",
+        "learned hybrid: %s, %s gates (gates' gain %.1f standard errors); valid ndcg@10 %.4f hr@10 %.4f "
+        "cross-fitted (channel: %.4f, %.4f; gain %.1f standard errors, needs %.1f) in %.0fs",
         "kept" if result.best is not None else "refused",
+        "with" if result.gated else "without",
+        result.z_gates,
         hybrid["ndcg@10"],
         hybrid["hr@10"],
         channel["ndcg@10"],

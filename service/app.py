@@ -96,11 +96,13 @@ def store_config(
 
 
 def derives_new_items(settings: Settings, predictor: Predictor) -> bool:
-    """Whether new items get derived embeddings (``MEMREC_NEW_ITEM_EMBEDDINGS``): by default only where
-    the model has neither the vote nor the transition channel to rank them by."""
+    """Whether new items get derived embeddings (``MEMREC_NEW_ITEM_EMBEDDINGS``): by default where the
+    model has neither the vote nor the transition channel to rank them by, and where it ranks with
+    the learned hybrid, whose weights are fitted on items the model scores: an item without a score
+    sits at the row's lowest model term, which its transitions do not lift past the known items."""
     if settings.new_item_embeddings != "auto":
         return settings.new_item_embeddings == "on"
-    return not (predictor.votes or predictor.cfg.reads_transitions)
+    return predictor.cfg.hybrid is not None or not (predictor.votes or predictor.cfg.reads_transitions)
 
 
 async def build_runtime(

@@ -384,8 +384,10 @@ def _finetune(
 def _hybrid_report(tuned: hy.TuneResult, min_z: float) -> dict[str, Any]:
     return {
         "kept": tuned.best is not None,
-        "valid": tuned.table,  # the tuned channel, then the hybrid cross-fitted on validation
-        "z": tuned.z,
+        "valid": tuned.table,  # the tuned channel, then the hybrid without and with gates, cross-fitted
+        "gated": tuned.gated,  # the gates beat the hybrid without them by the rule (z_gates ≥ min_z)
+        "z_gates": tuned.z_gates,
+        "z": tuned.z,  # the chosen form over the channel
         "min_z": min_z,
         "fitted": tuned.fitted.to_json() if tuned.fitted is not None else None,
     }

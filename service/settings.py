@@ -94,8 +94,9 @@ class Settings(BaseSettings):
     new_item_embeddings: NewItemEmbeddingsMode = Field(
         default="auto",
         description="whether items registered after training get an embedding derived from the known items "
-        "before them, so that the encoder and the fusion score them: 'auto' only for a model with neither "
-        "the memory vote nor the transition channel (then its only way to rank a new item)",
+        "before them, so that the encoder and the fusion score them: 'auto' for a model with neither the "
+        "memory vote nor the transition channel (then its only way to rank a new item) and for one that "
+        "ranks with the learned hybrid (its transition weights cannot lift an item the model does not score)",
     )
     log_retention_days: float | None = Field(
         default=None,

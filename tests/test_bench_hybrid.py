@@ -23,6 +23,7 @@ def result(seed: int, hybrid_ndcg: float, kept: bool) -> dict[str, Any]:
         "seed": seed,
         "channel": {"weight": 0.5, "order": 3},
         "kept": kept,
+        "gated": seed == 0,
         "test": {
             "encoder": arm(0.2),
             "channel": arm(0.24),
@@ -49,6 +50,7 @@ def test_the_report_gives_each_seeds_gain_over_the_strongest_baseline(
         "dataset": "beauty",
         "seed": 1,
         "kept": True,
+        "gated": False,
         "test": {
             "default": result(1, 0.3, True)["test"]["hybrid"],
             "with channel": result(1, 0.3, True)["test"]["channel"],
@@ -82,7 +84,7 @@ def test_the_report_gives_each_seeds_gain_over_the_strongest_baseline(
     assert "+20.0%, +10.0%" in md
     assert (
         "| beauty | 1 | unmasked | 0.3000 | 0.2400 | 0.6000 | 0.4800 | +20.0% | +0.0600 | yes |" in md
-        and "| beauty.pretrain | 0, 1 | 3/0.5, 3/0.5 | yes, no |" in md
+        and "| beauty.pretrain | 0, 1 | 3/0.5, 3/0.5 | yes (gated), no |" in md
     )
     # one table per dataset: the baselines, then the models from the encoder up, then the ablations
     labels = [r["label"] for r in report["tables"]["beauty.pretrain"]]

@@ -379,8 +379,15 @@ def test_transitions_are_tuned_on_validation_and_reproduced_on_reload(
     # the learned hybrid was cross-fitted against the chosen channel; on these cycles the channel alone
     # ranks nearly every target first, and the hybrid is kept only by the channel's rule
     hybrid = config["metrics"]["hybrid"]
-    channel_row, hybrid_row = hybrid["valid"]
-    assert channel_row["source"] == "channel" and hybrid_row["source"] == "hybrid (2-fold cross-fit)"
+    channel_row, flat_row, gated_row = hybrid["valid"]
+    assert [r["source"] for r in hybrid["valid"]] == [
+        "channel",
+        "hybrid without gates (2-fold cross-fit)",
+        "hybrid with gates (2-fold cross-fit)",
+    ]
+    hybrid_row = gated_row if hybrid["gated"] else flat_row
     rule = hybrid_row["ndcg@10"] > channel_row["ndcg@10"] and hybrid_row["hr@10"] >= channel_row["hr@10"]
     assert hybrid["kept"] == (rule and hybrid["z"] >= 2.0) and hybrid["fitted"] is not None
+    assert not hybrid["gated"] or hybrid["z_gates"] >= 2.0
+    assert hybrid["gated"] or all(g == 0.0 for row in hybrid["fitted"]["gates"] for g in row)
     assert (inference["hybrid"] is not None) == hybrid["kept"]

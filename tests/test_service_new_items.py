@@ -205,16 +205,22 @@ async def test_a_hybrid_model_ranks_a_new_item_by_its_transitions(
     toy_root: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    """The learned hybrid has no model probability for an item without an embedding: its transitions
-    alone rank it, as the channel's mixture does; with none it stays out of every answer."""
+    """The learned hybrid has no model probability for an item without an embedding: without derived
+    embeddings its transitions alone rank it, as the channel's mixture does, and with none it stays
+    out of every answer. By default (``auto``) a hybrid model derives them."""
     model = with_hybrid(model_dir, toy_root / "new-items-hybrid")
+    async with running_app(model_dir=model, store_dir=tmp_path / "auto") as (app, _):
+        assert app.state.runtime.pipeline.new_items.derive is True
     events = [
         {"user_id": f"fan{k}", "item_id": item, "event_id": f"fan{k}-{j}"}
         for k in range(12)
         for j, item in enumerate((f"i{k % 3 + 5}", "i3", "sku-h"))
     ]
-    async with running_app(model_dir=model, store_dir=tmp_path / "s") as (app, client):
-        assert app.state.runtime.pipeline.new_items.derive is False  # the hybrid reads transitions
+    async with running_app(model_dir=model, store_dir=tmp_path / "s", new_item_embeddings="off") as (
+        app,
+        client,
+    ):
+        assert app.state.runtime.pipeline.new_items.derive is False
         assert (await client.post("/interactions", json={"events": events})).status_code == 200
         after_i3 = {"user_id": "reader", "history": ["i1", "i3"], "n": 10}
         items = [it["item_id"] for it in (await client.post("/recommend", json=after_i3)).json()["items"]]
