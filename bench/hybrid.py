@@ -405,7 +405,8 @@ def default_table(defaults: dict[str, Any]) -> list[str]:
         "--transitions` (fusion, vote, channel and hybrid, each kept where validation finds a gain), "
         "fine-tuned with the encoder's seed. *with channel*: the same model with its tuned channel in "
         "the hybrid's place; *− channel*: their paired NDCG@10 difference per seed; *gain*: the "
-        "default's NDCG@10 over the strongest baseline's, per seed.",
+        "default's NDCG@10 over the strongest baseline's, per seed; *yes (gated)*: the hybrid kept with "
+        "gates (a model trained before the gates had to beat the form without them always has them).",
         "",
         "| dataset | seeds | protocol | default NDCG@10 | with channel NDCG@10 | default HR@10 "
         "| with channel HR@10 | gain per seed | − channel per seed | hybrid kept per seed |",
