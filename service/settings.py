@@ -96,7 +96,7 @@ class Settings(BaseSettings):
         description="whether items registered after training get an embedding derived from the known items "
         "before them, so that the encoder and the fusion score them: 'auto' for a model with neither the "
         "memory vote nor the transition channel (then its only way to rank a new item) and for one that "
-        "ranks with the learned hybrid (its transition weights cannot lift an item the model does not score)",
+        "ranks with the learned hybrid (whose transition weights rarely lift an item the model cannot score)",
     )
     log_retention_days: float | None = Field(
         default=None,
