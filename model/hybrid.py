@@ -15,19 +15,20 @@ whose weights may depend on the query::
                           log(1 + Σ_v S_1(v)),   how much transition evidence the last item has
                           log(window length) ]
 
-With the gates U, each source's trust can move with the query: with how sure the model is, how much
-the last item's followers have been seen, how long the history is. w and U are fitted on the
-validation queries by the listwise softmax over candidate items (the model's top items, every item with
-a share and the window's items). Two forms are cross-fitted on validation (:func:`tune`): without
-gates (U = 0) and with them. The gates are kept only if they beat the form without them out of sample
-by the channel's rule (z ≥ ``min_z``, HR@10 no lower), and the chosen form replaces the tuned channel
-only by the same rule. On the archived encoders of Beauty, Sports, ml-100k and Toys the gates never
-won (reports/hybrid.md), and in a live service, where users arrive with short histories and follower
-counts grow, gates fitted on one validation query per user did worse than the channel: so the hybrid
-mostly ships without them. A gated hybrid clips its query features to the range it was fitted on
-rather than extrapolate a linear gate. On the archived Beauty encoders the hybrid lifted test NDCG@10
-from the tuned channel's 0.0530 to 0.0618 (3 seeds). Much of that is the seen feature: an item
-already in the user's window is rarely the next one, which the channel cannot say.
+With the gates U, each source's trust can move with the query: with how sure the model is, how much the
+last item's followers have been seen, how long the history is. w and U are fitted on the validation
+queries by the listwise softmax over candidate items (the model's top items, every item with a share
+and the window's items). Two forms are cross-fitted on validation (:func:`tune`): without gates (U = 0)
+and with them. The gates are kept only if they beat the form without them out of sample by the
+channel's rule (z ≥ ``min_z``, HR@10 no lower), and the chosen form replaces the tuned channel only by
+the same rule. On the archived encoders of Beauty, Sports, ml-100k and Toys the gates never won
+(reports/hybrid.md), and in a live service, where users arrive with short histories and follower counts
+grow, gates fitted on one validation query per user did worse than the channel; so the hybrid mostly
+ships without them (one Beauty product default of six kept them). A gated hybrid clips its query
+features to the range it was fitted on rather than extrapolate a linear gate. On the archived Beauty
+encoders the hybrid lifted test NDCG@10 from the tuned channel's 0.0530 to 0.0618 (3 seeds). Much of
+that is the seen feature: an item already in the user's window is rarely the next one, which the
+channel cannot say.
 
 The scores are computed sparsely, as the channel's are: the model's term over the catalogue, the
 transition terms on the share slots and the seen terms on the window, scattered in. Items with neither
