@@ -425,10 +425,10 @@ def default_table(defaults: dict[str, Any]) -> list[str]:
 
 
 def kept_cell(entry: dict[str, Any]) -> str:
-    """Per seed: whether validation kept the hybrid, and in which form."""
-    gated = entry.get("gated", [True] * len(entry["kept"]))
+    """Per seed: whether validation kept the hybrid, and in which form (an :func:`aggregate` entry)."""
     return ", ".join(
-        ("yes (gated)" if g else "yes") if k else "no" for k, g in zip(entry["kept"], gated, strict=True)
+        ("yes (gated)" if g else "yes") if k else "no"
+        for k, g in zip(entry["kept"], entry["gated"], strict=True)
     )
 
 
